@@ -105,6 +105,7 @@ impl<'a> TensorRef<'a> {
     /// As `f32` elements.
     pub fn as_f32(&self) -> Result<&'a [f32]> {
         match self.dtype {
+            Dtype::F32 if self.bytes.is_empty() => Ok(&[]),
             // SAFETY: alignment and length were checked in `from_abi`; every bit pattern is an f32.
             Dtype::F32 => Ok(unsafe { std::slice::from_raw_parts(self.bytes.as_ptr() as *const f32, self.numel()) }),
             other => Err(Error::invalid(format!("expected f32 tensor, got {other:?}"))),
@@ -114,6 +115,7 @@ impl<'a> TensorRef<'a> {
     /// As `i64` elements.
     pub fn as_i64(&self) -> Result<&'a [i64]> {
         match self.dtype {
+            Dtype::I64 if self.bytes.is_empty() => Ok(&[]),
             // SAFETY: alignment and length were checked in `from_abi`; every bit pattern is an i64.
             Dtype::I64 => Ok(unsafe { std::slice::from_raw_parts(self.bytes.as_ptr() as *const i64, self.numel()) }),
             other => Err(Error::invalid(format!("expected i64 tensor, got {other:?}"))),

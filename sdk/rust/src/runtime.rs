@@ -165,7 +165,7 @@ fn need<'a, 'b>(d: Option<&'b DatasetRef<'a>>, op: &str) -> Result<&'b DatasetRe
 }
 
 fn wrong_op(op: u32, kind: &str) -> Error {
-    Error::unsupported(format!("operation {op} is not supported by a {kind} plugin"))
+    Error::unsupported(format!("operation {op} is not supported by this {kind} plugin"))
 }
 
 fn check_same_len(what: &str, got: usize, want: usize) -> Result<()> {

@@ -1,0 +1,43 @@
+# The two commands a new machine needs: `make demo` and `make test`. Both run set-up first.
+SHELL := /bin/bash
+CARGO ?= cargo
+RELEASE := target/release
+PLUGIN_DIR := $(RELEASE)/plugins
+SETUP_STAMP := .venv/.audit-setup-done
+
+.PHONY: setup build test demo bench header examples fmt lint
+
+# scripts/setup is idempotent; the stamp only skips re-checking on every make call.
+$(SETUP_STAMP): scripts/setup
+	bash scripts/setup
+	touch $@
+
+setup: $(SETUP_STAMP)
+
+# Builds the binary and every bundled plugin, then installs the plugins beside the binary
+# (library + manifest), exactly as a third-party plugin is installed.
+build: setup
+	$(CARGO) build --release --workspace
+	$(RELEASE)/audit plugins install --force --dir $(PLUGIN_DIR) $(RELEASE)/libaudit_plugin_*.so
+
+test: build
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) test --release --workspace
+
+demo: build
+	bash scripts/demo
+
+bench: build
+	bash scripts/bench
+
+# Regenerates sdk/include/audit_plugin.h from sdk/abi.
+header:
+	AUDIT_UPDATE_HEADER=1 $(CARGO) test -p audit-abi --test header
+
+# Re-renders examples/rust-plugin and examples/c-plugin from examples/templates.
+examples:
+	AUDIT_UPDATE_EXAMPLES=1 $(CARGO) test -p audit --lib examples_are_fresh
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,68 @@
+//! The command line: clap types here, one module per command family.
+
+mod doctor;
+mod plugins;
+mod templates;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{self, EXIT_OK};
+
+/// Audit image classifiers for backdoors and harden them.
+#[derive(Debug, Parser)]
+#[command(name = "audit", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Also search this folder for plugins (before AUDIT_PLUGIN_PATH and the folder beside the binary).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List, inspect, check, install, run and create plugins.
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
+    /// Show what this installation has: libtorch, onnxruntime, devices, plugins, data.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { error::EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    crate::progress::install_ctrlc();
+    let result = match cli.command {
+        Command::Plugins(cmd) => plugins::run(cmd, &cli.global),
+        Command::Doctor { json } => doctor::run(&cli.global, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("audit: error: {err:#}");
+            if let Some(hint) = error::hint(&err) {
+                eprintln!("\nhint: {hint}");
+            }
+            error::exit_code(&err)
+        }
+    }
+}

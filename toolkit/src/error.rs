@@ -1,0 +1,59 @@
+//! Error kinds that decide the exit code, converted once at the edge (`cli::main`).
+
+use std::fmt;
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: runtime failure.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code: usage or input error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: `scan` flagged the model.
+pub const EXIT_FLAGGED: i32 = 3;
+
+/// A mistake the user can fix (bad flag, bad file, bad parameter): exit code 2.
+#[derive(Debug)]
+pub struct InputError {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for InputError {}
+
+/// Builds an [`InputError`] as an `anyhow::Error`.
+pub fn input_error(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(InputError { message: message.into(), hint: None })
+}
+
+/// Builds an [`InputError`] with a hint line.
+pub fn input_error_hint(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(InputError { message: message.into(), hint: Some(hint.into()) })
+}
+
+/// Maps an error to its exit code by looking through the chain.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<InputError>().is_some() {
+            return EXIT_USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::plugin::PluginError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<crate::data::DataError>() {
+            let _ = e;
+            return EXIT_USAGE;
+        }
+    }
+    EXIT_FAILURE
+}
+
+/// The hint attached anywhere in the chain, if any.
+pub fn hint(err: &anyhow::Error) -> Option<String> {
+    err.chain().find_map(|c| c.downcast_ref::<InputError>().and_then(|e| e.hint.clone()))
+}

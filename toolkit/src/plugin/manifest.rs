@@ -1,0 +1,196 @@
+//! Plugin manifests (`NAME.plugin.json` beside each library) and discovery.
+//!
+//! Listing reads manifests only, so it runs no plugin code. Search order: `--plugin-dir` (in the
+//! order given), `AUDIT_PLUGIN_PATH` (colon-separated), then `plugins/` beside the binary. When
+//! two folders hold a plugin of the same name, the first wins and the others are reported shadowed.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{load, Kind, LoadedPlugin, PluginError};
+
+/// File name suffix of a manifest.
+pub const MANIFEST_SUFFIX: &str = ".plugin.json";
+/// Manifest format version written by this host.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What a manifest says about its plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    pub name: String,
+    pub kind: Kind,
+    pub version: String,
+    pub abi_version: u32,
+    /// Library file, relative to the manifest's folder (or absolute).
+    pub library: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+impl Manifest {
+    /// The manifest describing a loaded plugin whose library is `library` (file name).
+    pub fn of(p: &LoadedPlugin, library: &str) -> Manifest {
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            name: p.name.clone(),
+            kind: p.kind,
+            version: p.version.clone(),
+            abi_version: p.abi_version,
+            library: library.to_string(),
+            description: p.description.clone(),
+            capabilities: super::capability_names(p.capabilities).into_iter().map(String::from).collect(),
+        }
+    }
+}
+
+/// One manifest found during discovery.
+#[derive(Debug)]
+pub struct Discovered {
+    pub manifest_path: PathBuf,
+    /// The library the manifest points at (when the manifest could be read).
+    pub library_path: Option<PathBuf>,
+    pub manifest: Result<Manifest, String>,
+    /// Set when an earlier folder already had a plugin of this name.
+    pub shadowed_by: Option<PathBuf>,
+}
+
+impl Discovered {
+    /// Problems visible without running plugin code (bad manifest, missing library, ABI).
+    pub fn problem(&self) -> Option<String> {
+        match &self.manifest {
+            Err(e) => Some(e.clone()),
+            Ok(m) => {
+                if m.abi_version != audit_abi::AUDIT_ABI_VERSION {
+                    return Some(format!(
+                        "built for plugin ABI v{}, this audit speaks v{}",
+                        m.abi_version,
+                        audit_abi::AUDIT_ABI_VERSION
+                    ));
+                }
+                match &self.library_path {
+                    Some(p) if !p.is_file() => Some(format!("library {} is missing", p.display())),
+                    _ => self.shadowed_by.as_ref().map(|s| format!("shadowed by {}", s.display())),
+                }
+            }
+        }
+    }
+
+    /// Loads and negotiates the plugin, checking that it is the one its manifest describes.
+    pub fn load(&self) -> Result<std::sync::Arc<LoadedPlugin>, PluginError> {
+        let bad = |reason: String| PluginError::BadManifest {
+            path: self.library_path.clone().unwrap_or_else(|| self.manifest_path.clone()),
+            manifest: self.manifest_path.clone(),
+            reason,
+        };
+        let m = self.manifest.as_ref().map_err(|e| bad(e.clone()))?;
+        let lib = self.library_path.as_ref().ok_or_else(|| bad("no library".into()))?;
+        let p = load(lib)?;
+        if p.name != m.name || p.kind != m.kind {
+            return Err(bad(format!(
+                "says {} `{}` but the library is {} `{}`; reinstall it with `audit plugins install`",
+                m.kind, m.name, p.kind, p.name
+            )));
+        }
+        Ok(p)
+    }
+}
+
+/// The folders searched, in order, with where each came from.
+pub fn search_dirs(cli: &[PathBuf]) -> Vec<(PathBuf, &'static str)> {
+    let mut dirs: Vec<(PathBuf, &'static str)> = cli.iter().map(|d| (d.clone(), "--plugin-dir")).collect();
+    if let Some(env) = std::env::var_os("AUDIT_PLUGIN_PATH") {
+        dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()).map(|p| (p, "AUDIT_PLUGIN_PATH")));
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.join("plugins"))) {
+        dirs.push((dir, "beside the binary"));
+    }
+    dirs
+}
+
+fn read_manifest(path: &Path) -> Result<Manifest, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("manifest {}: {e}", path.display()))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| format!("manifest {}: {e}", path.display()))?;
+    if m.manifest_version != MANIFEST_VERSION {
+        return Err(format!(
+            "manifest {}: manifest_version {} (this audit reads {MANIFEST_VERSION})",
+            path.display(),
+            m.manifest_version
+        ));
+    }
+    Ok(m)
+}
+
+/// Reads every manifest in `dirs` (missing folders are skipped). Runs no plugin code.
+pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
+    let mut found: Vec<Discovered> = Vec::new();
+    for (dir, _) in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(MANIFEST_SUFFIX)))
+            .collect();
+        paths.sort();
+        for manifest_path in paths {
+            let manifest = read_manifest(&manifest_path);
+            let library_path = manifest.as_ref().ok().map(|m| dir.join(&m.library));
+            let shadowed_by = manifest.as_ref().ok().and_then(|m| {
+                found
+                    .iter()
+                    .find(|d| d.manifest.as_ref().is_ok_and(|o| o.name == m.name) && d.shadowed_by.is_none())
+                    .map(|d| d.manifest_path.clone())
+            });
+            found.push(Discovered { manifest_path, library_path, manifest, shadowed_by });
+        }
+    }
+    found
+}
+
+/// Writes `bytes` to `path` atomically (temporary file beside it, then rename).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".audit-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Installs a plugin library into `dir`: loads and negotiates it (so a broken plugin is refused
+/// here), copies the library, and writes its manifest. Refuses to replace another plugin's files
+/// unless `force`.
+pub fn install(lib: &Path, dir: &Path, force: bool) -> anyhow::Result<(Manifest, PathBuf)> {
+    use anyhow::Context;
+    let plugin = load(lib)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file_name = lib
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| crate::error::input_error(format!("{}: not a file name", lib.display())))?;
+    let dest = dir.join(file_name);
+    let manifest_path = dir.join(format!("{}{MANIFEST_SUFFIX}", plugin.name));
+    let same_file = std::fs::canonicalize(lib).ok() == std::fs::canonicalize(&dest).ok();
+    if !force {
+        for existing in [&manifest_path, &dest] {
+            if existing.exists() && !(same_file && *existing == dest) {
+                return Err(crate::error::input_error_hint(
+                    format!("{} already exists", existing.display()),
+                    "pass --force to replace it",
+                ));
+            }
+        }
+    }
+    if !same_file {
+        let bytes = std::fs::read(lib).with_context(|| format!("reading {}", lib.display()))?;
+        write_atomic(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
+    }
+    let manifest = Manifest::of(&plugin, file_name);
+    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+    write_atomic(&manifest_path, text.as_bytes()).with_context(|| format!("writing {}", manifest_path.display()))?;
+    Ok((manifest, manifest_path))
+}
