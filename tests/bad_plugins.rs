@@ -25,7 +25,16 @@ fn bad_dir() -> BadDir {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let fixtures = root().join("tests/fixtures/c");
-    for stem in ["abi_v2", "no_entry", "null_descriptor", "bad_schema", "null_response", "inconsistent", "small_descriptor", "run_fails"] {
+    for stem in [
+        "abi_v2",
+        "no_entry",
+        "null_descriptor",
+        "bad_schema",
+        "null_response",
+        "inconsistent",
+        "small_descriptor",
+        "run_fails",
+    ] {
         let lib = format!("lib{stem}.so");
         compile_c(&fixtures.join(format!("{stem}.c")), &dir.join(&lib), &[]);
         // A plugin that negotiates v1 claims v1 in its manifest; abi_v2 claims 1 too, as a lying
@@ -48,7 +57,12 @@ fn check(bad: &BadDir) -> (i32, Value) {
 }
 
 fn error_of(v: &Value, name: &str) -> String {
-    let row = v["plugins"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{name} missing: {v:#}"));
+    let row = v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing: {v:#}"));
     assert_eq!(row["ok"], false, "{name} should be broken: {row}");
     row["error"].as_str().unwrap().to_string()
 }
@@ -71,8 +85,20 @@ fn check_reports_each_broken_plugin_with_file_and_reason() {
         assert!(e.contains(file) && e.contains(reason), "{name}: {e}");
     }
     // The plugins that load fine are reported fine, and the bundled ones still work.
-    for ok in ["null-response", "inconsistent", "run-fails", "panicky", "badnets", "wanet"] {
-        let row = v["plugins"].as_array().unwrap().iter().find(|p| p["name"] == ok).unwrap();
+    for ok in [
+        "null-response",
+        "inconsistent",
+        "run-fails",
+        "panicky",
+        "badnets",
+        "wanet",
+    ] {
+        let row = v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == ok)
+            .unwrap();
         assert_eq!(row["ok"], true, "{row}");
     }
     assert_eq!(v["broken"], 6);
@@ -82,7 +108,9 @@ fn check_reports_each_broken_plugin_with_file_and_reason() {
 fn list_reads_manifests_without_running_plugin_code() {
     let bad = bad_dir();
     manifest(&bad.dir, "future", "libabi_v2.so", 2);
-    let v = audit(&["--plugin-dir", bad.dir.to_str().unwrap(), "plugins", "list", "--json"]).expect_code(0).json();
+    let v = audit(&["--plugin-dir", bad.dir.to_str().unwrap(), "plugins", "list", "--json"])
+        .expect_code(0)
+        .json();
     let rows = v["plugins"].as_array().unwrap();
     let future = rows.iter().find(|p| p["name"] == "future").unwrap();
     assert!(future["problem"].as_str().unwrap().contains("ABI v2"), "{future}");
@@ -92,25 +120,57 @@ fn list_reads_manifests_without_running_plugin_code() {
 }
 
 fn run_bad(bad: &BadDir, name: &str, op: &str) -> audit_tests::Run {
-    audit(&["--plugin-dir", bad.dir.to_str().unwrap(), "plugins", "run", name, "--op", op, "--data", "synthetic", "--limit", "16"])
+    audit(&[
+        "--plugin-dir",
+        bad.dir.to_str().unwrap(),
+        "plugins",
+        "run",
+        name,
+        "--op",
+        op,
+        "--data",
+        "synthetic",
+        "--limit",
+        "16",
+    ])
 }
 
 #[test]
 fn failures_at_run_time_are_reported_and_contained() {
     let bad = bad_dir();
     let r = run_bad(&bad, "panicky", "trigger").expect_code(1);
-    assert!(r.stderr.contains("panicky") && r.stderr.contains("panicked: deliberate panic in trigger"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("panicky") && r.stderr.contains("panicked: deliberate panic in trigger"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("libpanicky.so"), "{}", r.stderr);
     let r = run_bad(&bad, "panicky", "poison").expect_code(1);
     assert!(r.stderr.contains("plugin bug"), "{}", r.stderr);
     let r = run_bad(&bad, "null-response", "trigger").expect_code(1);
-    assert!(r.stderr.contains("invalid response") && r.stderr.contains("no images returned"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("invalid response") && r.stderr.contains("no images returned"),
+        "{}",
+        r.stderr
+    );
     let r = run_bad(&bad, "inconsistent", "trigger").expect_code(1);
-    assert!(r.stderr.contains("invalid response") && r.stderr.contains("byte_len 10"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("invalid response") && r.stderr.contains("byte_len 10"),
+        "{}",
+        r.stderr
+    );
     let r = run_bad(&bad, "run-fails", "trigger").expect_code(1);
-    assert!(r.stderr.contains("model exploded on purpose") && r.stderr.contains("librun_fails.so"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("model exploded on purpose") && r.stderr.contains("librun_fails.so"),
+        "{}",
+        r.stderr
+    );
     let r = run_bad(&bad, "abi-v2", "trigger").expect_code(2);
-    assert!(r.stderr.contains("libabi_v2.so") && r.stderr.contains("ABI v2"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("libabi_v2.so") && r.stderr.contains("ABI v2"),
+        "{}",
+        r.stderr
+    );
     let r = run_bad(&bad, "text", "trigger").expect_code(2);
     assert!(r.stderr.contains("libtext.so"), "{}", r.stderr);
     // With all of that on the search path, a good plugin still runs.
@@ -122,15 +182,80 @@ fn install_refuses_a_broken_plugin_and_installs_a_good_one() {
     let bad = bad_dir();
     let dest = tempfile::tempdir().unwrap();
     let d = dest.path().to_str().unwrap();
-    let r = audit(&["plugins", "install", "--dir", d, bad.dir.join("libabi_v2.so").to_str().unwrap()]).expect_code(2);
+    let r = audit(&[
+        "plugins",
+        "install",
+        "--dir",
+        d,
+        bad.dir.join("libabi_v2.so").to_str().unwrap(),
+    ])
+    .expect_code(2);
     assert!(r.stderr.contains("ABI v2"), "{}", r.stderr);
     let good = bundled_plugins().join("libaudit_plugin_badnets.so");
     audit(&["plugins", "install", "--dir", d, good.to_str().unwrap()]).expect_code(0);
-    let m: Value = serde_json::from_str(&std::fs::read_to_string(dest.path().join("badnets.plugin.json")).unwrap()).unwrap();
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(dest.path().join("badnets.plugin.json")).unwrap()).unwrap();
     assert_eq!(m["abi_version"], 1);
     assert_eq!(m["library"], "libaudit_plugin_badnets.so");
     // A second install without --force refuses, with a hint.
     let r = audit(&["plugins", "install", "--dir", d, good.to_str().unwrap()]).expect_code(2);
     assert!(r.stderr.contains("--force"), "{}", r.stderr);
     audit(&["plugins", "install", "--force", "--dir", d, good.to_str().unwrap()]).expect_code(0);
+}
+
+#[test]
+fn ctrl_c_cancels_a_running_plugin_and_leaves_no_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    compile_c(
+        &root().join("tests/fixtures/c/slow_cancel.c"),
+        &dir.join("libslow_cancel.so"),
+        &[],
+    );
+    audit(&[
+        "plugins",
+        "install",
+        "--dir",
+        dir.to_str().unwrap(),
+        dir.join("libslow_cancel.so").to_str().unwrap(),
+    ])
+    .expect_code(0);
+    let out = dir.join("never.npz");
+    let started = std::time::Instant::now();
+    let child = std::process::Command::new(audit_tests::audit_bin())
+        .args([
+            "--plugin-dir",
+            dir.to_str().unwrap(),
+            "plugins",
+            "run",
+            "slow-cancel",
+            "--data",
+            "synthetic",
+            "--limit",
+            "4",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let res = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("slow-cancel") && stderr.contains("was cancelled"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "cancellation took {:?}",
+        started.elapsed()
+    );
+    assert!(!out.exists(), "a cancelled run left an output file");
 }

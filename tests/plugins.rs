@@ -14,7 +14,10 @@ fn list_json_shows_bundled_plugins_with_abi_version() {
     assert_eq!(v["schema_version"], 1);
     let plugins = v["plugins"].as_array().unwrap();
     for name in BUNDLED {
-        let p = plugins.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{name} not listed: {v:#}"));
+        let p = plugins
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {v:#}"));
         assert_eq!(p["abi_version"], 1, "{p}");
         assert_eq!(p["kind"], "attack");
         assert_eq!(p["status"], "ok", "{p}");
@@ -26,7 +29,16 @@ fn list_json_shows_bundled_plugins_with_abi_version() {
 #[test]
 fn list_prints_a_table() {
     let r = audit(&["plugins", "list"]).expect_code(0);
-    for col in ["name", "kind", "version", "ABI", "path", "description", "badnets", "wanet"] {
+    for col in [
+        "name",
+        "kind",
+        "version",
+        "ABI",
+        "path",
+        "description",
+        "badnets",
+        "wanet",
+    ] {
         assert!(r.stdout.contains(col), "missing {col}:\n{}", r.stdout);
     }
 }
@@ -34,7 +46,15 @@ fn list_prints_a_table() {
 #[test]
 fn info_shows_parameters_with_types_and_defaults() {
     let r = audit(&["plugins", "info", "badnets"]).expect_code(0);
-    for s in ["badnets", "attack", "ABI v1", "patch_size", "integer", "poison_rate", "target"] {
+    for s in [
+        "badnets",
+        "attack",
+        "ABI v1",
+        "patch_size",
+        "integer",
+        "poison_rate",
+        "target",
+    ] {
         assert!(r.stdout.contains(s), "missing {s}:\n{}", r.stdout);
     }
     let v = audit(&["plugins", "info", "blend", "--json"]).expect_code(0).json();
@@ -52,33 +72,76 @@ fn check_loads_every_bundled_plugin() {
 #[test]
 fn unknown_plugin_is_a_usage_error_listing_what_exists() {
     let r = audit(&["plugins", "info", "nope"]).expect_code(2);
-    assert!(r.stderr.contains("no plugin named `nope`") && r.stderr.contains("badnets"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no plugin named `nope`") && r.stderr.contains("badnets"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("hint:"), "{}", r.stderr);
 }
 
 #[test]
 fn parameters_are_validated_before_the_plugin_runs() {
-    let base = ["plugins", "run", "badnets", "--op", "trigger", "--data", "synthetic", "--limit", "8"];
+    let base = [
+        "plugins",
+        "run",
+        "badnets",
+        "--op",
+        "trigger",
+        "--data",
+        "synthetic",
+        "--limit",
+        "8",
+    ];
     let with = |extra: &[&str]| {
         let mut a: Vec<&str> = base.to_vec();
         a.extend_from_slice(extra);
         audit(&a)
     };
     let r = with(&["--param", "colour=3"]).expect_code(2);
-    assert!(r.stderr.contains("unknown parameter `colour`") && r.stderr.contains("patch_size"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown parameter `colour`") && r.stderr.contains("patch_size"),
+        "{}",
+        r.stderr
+    );
     let r = with(&["--param", "poison_rate=2"]).expect_code(2);
-    assert!(r.stderr.contains("`poison_rate`") && r.stderr.contains("maximum"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`poison_rate`") && r.stderr.contains("maximum"),
+        "{}",
+        r.stderr
+    );
     let r = with(&["--param", "patch_size=big"]).expect_code(2);
-    assert!(r.stderr.contains("`patch_size`") && r.stderr.contains("not a integer"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`patch_size`") && r.stderr.contains("not a integer"),
+        "{}",
+        r.stderr
+    );
     let r = with(&["--param", "position=middle"]).expect_code(2);
-    assert!(r.stderr.contains("`position`") && r.stderr.contains("not one of"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`position`") && r.stderr.contains("not one of"),
+        "{}",
+        r.stderr
+    );
     // A value only the plugin can judge (target beyond the 10 classes) comes back as input error.
     let r = with(&["--param", "target=12"]).expect_code(2);
     assert!(r.stderr.contains("target"), "{}", r.stderr);
 }
 
 fn poison(name: &str, seed: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["plugins", "run", name, "--op", "poison", "--data", data(), "--limit", "3000", "--seed", seed, "--json"];
+    let mut args = vec![
+        "plugins",
+        "run",
+        name,
+        "--op",
+        "poison",
+        "--data",
+        data(),
+        "--limit",
+        "3000",
+        "--seed",
+        seed,
+        "--json",
+    ];
     args.extend_from_slice(extra);
     audit(&args).expect_code(0).json()
 }
@@ -88,7 +151,11 @@ fn every_bundled_attack_poisons_fashion_mnist_deterministically() {
     for name in BUNDLED {
         // SIG poisons only target-class images: at 5% of 3000 there are more candidates (282) than
         // picks (150), so the seed matters.
-        let rate: &[&str] = if name == "sig" { &["--param", "poison_rate=0.05"] } else { &[] };
+        let rate: &[&str] = if name == "sig" {
+            &["--param", "poison_rate=0.05"]
+        } else {
+            &[]
+        };
         let a = poison(name, "1", rate);
         let b = poison(name, "1", rate);
         let c = poison(name, "2", rate);
@@ -97,7 +164,11 @@ fn every_bundled_attack_poisons_fashion_mnist_deterministically() {
         assert_eq!(a["indices"], b["indices"], "{name}: same seed, different indices");
         assert_ne!(a["indices"], c["indices"], "{name}: seed ignored");
         let changed = a["changed_images"].as_u64().unwrap() as usize;
-        assert!(changed >= ix.len() * 9 / 10, "{name}: {changed} images changed for {} poisoned", ix.len());
+        assert!(
+            changed >= ix.len() * 9 / 10,
+            "{name}: {changed} images changed for {} poisoned",
+            ix.len()
+        );
         if name == "sig" {
             assert_eq!(a["changed_labels"], 0, "SIG is clean-label");
         } else {
@@ -111,9 +182,22 @@ fn every_bundled_attack_poisons_fashion_mnist_deterministically() {
 
 #[test]
 fn trigger_stamps_every_image_and_returns_target_labels() {
-    let v = audit(&["plugins", "run", "badnets", "--op", "trigger", "--data", data(), "--limit", "500", "--json", "--param", "target=3"])
-        .expect_code(0)
-        .json();
+    let v = audit(&[
+        "plugins",
+        "run",
+        "badnets",
+        "--op",
+        "trigger",
+        "--data",
+        data(),
+        "--limit",
+        "500",
+        "--json",
+        "--param",
+        "target=3",
+    ])
+    .expect_code(0)
+    .json();
     assert_eq!(v["data"]["split"], "test");
     // A white 3x3 corner patch changes every image that was not already white there.
     assert!(v["changed_images"].as_u64().unwrap() >= 450, "{v:#}");
@@ -127,9 +211,11 @@ fn poisoned_npz_round_trips_through_numpy_and_the_loader() {
     let v = poison("badnets", "5", &["--out", out_s]);
     assert_eq!(v["output"], out_s);
     // The file feeds straight back into --data.
-    let back = audit(&["plugins", "run", "blend", "--op", "poison", "--data", out_s, "--limit", "100", "--json"])
-        .expect_code(0)
-        .json();
+    let back = audit(&[
+        "plugins", "run", "blend", "--op", "poison", "--data", out_s, "--limit", "100", "--json",
+    ])
+    .expect_code(0)
+    .json();
     assert_eq!(back["data"]["n"], 100);
     if let Some(py) = python() {
         let script = "import numpy as np, sys\n\
@@ -150,16 +236,35 @@ fn outputs_are_never_clobbered_without_force() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.npz");
     std::fs::write(&out, b"precious").unwrap();
-    let args = ["plugins", "run", "badnets", "--op", "trigger", "--data", "synthetic", "--limit", "4", "--out", "x.npz"];
+    let args = [
+        "plugins",
+        "run",
+        "badnets",
+        "--op",
+        "trigger",
+        "--data",
+        "synthetic",
+        "--limit",
+        "4",
+        "--out",
+        "x.npz",
+    ];
     let r = audit_in(dir.path(), &args).expect_code(2);
-    assert!(r.stderr.contains("already exists") && r.stderr.contains("--force"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("already exists") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     let mut forced = args.to_vec();
     forced.push("--force");
     audit_in(dir.path(), &forced).expect_code(0);
     assert_ne!(std::fs::read(&out).unwrap(), b"precious");
     // No temporary files are left behind.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 

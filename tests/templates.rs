@@ -21,7 +21,15 @@ fn build_rust(project: &Path) -> PathBuf {
 }
 
 fn install(lib: &Path, plugin_dir: &Path) {
-    audit(&["plugins", "install", "--force", "--dir", plugin_dir.to_str().unwrap(), lib.to_str().unwrap()]).expect_code(0);
+    audit(&[
+        "plugins",
+        "install",
+        "--force",
+        "--dir",
+        plugin_dir.to_str().unwrap(),
+        lib.to_str().unwrap(),
+    ])
+    .expect_code(0);
 }
 
 fn run_json(plugin_dir: &Path, args: &[&str]) -> Value {
@@ -32,47 +40,89 @@ fn run_json(plugin_dir: &Path, args: &[&str]) -> Value {
 }
 
 /// A real ONNX model shipped by the `onnx` wheel that scripts/setup installs.
-fn some_onnx_model() -> Option<PathBuf> {
-    let py = python()?;
+fn some_onnx_model() -> PathBuf {
+    let py = python().expect("scripts/setup creates .venv");
     let out = sh(Command::new(py).args(["-c", "import onnx, os; print(os.path.dirname(onnx.__file__))"]));
-    let p = Path::new(out.trim()).join("backend/test/data/node/test_relu/model.onnx");
-    p.is_file().then_some(p)
+    let p = Path::new(out.trim()).join("backend/test/data/light/light_squeezenet.onnx");
+    assert!(p.is_file(), "{} missing from the onnx wheel", p.display());
+    p
 }
 
 /// Poisons a Fashion-MNIST subset with the bundled BadNets and returns the NPZ path.
 fn poisoned_npz(dir: &Path) -> PathBuf {
     let out = dir.join("badnets.npz");
-    audit(&["plugins", "run", "badnets", "--op", "poison", "--data", data(), "--limit", "3000", "--out", out.to_str().unwrap()])
-        .expect_code(0);
+    let out_s = out.to_str().unwrap();
+    let args = [
+        "plugins",
+        "run",
+        "badnets",
+        "--op",
+        "poison",
+        "--data",
+        data(),
+        "--limit",
+        "3000",
+        "--force",
+        "--out",
+        out_s,
+    ];
+    audit(&args).expect_code(0);
     out
 }
 
 fn exercise(kind: &str, name: &str, plugin_dir: &Path, work: &Path) {
     match kind {
         "attack" => {
-            let v = run_json(plugin_dir, &[name, "--op", "poison", "--data", data(), "--limit", "1000"]);
+            let v = run_json(
+                plugin_dir,
+                &[name, "--op", "poison", "--data", data(), "--limit", "1000"],
+            );
             let n = v["indices"].as_array().unwrap().len();
             assert_eq!(n, 50, "{name}: 5% of 1000: {v:#}");
             assert_eq!(v["changed_labels"].as_u64().unwrap() as usize, n, "{v:#}");
-            let v = run_json(plugin_dir, &[name, "--op", "trigger", "--data", data(), "--limit", "100"]);
+            let v = run_json(
+                plugin_dir,
+                &[name, "--op", "trigger", "--data", data(), "--limit", "100"],
+            );
             assert!(v["changed_images"].as_u64().unwrap() >= 90, "{v:#}");
         }
         "detector" => {
             let npz = poisoned_npz(work);
             let v = run_json(plugin_dir, &[name, "--data", npz.to_str().unwrap()]);
-            assert_eq!(v["report"]["backdoored"], true, "{name} missed BadNets poisoning: {v:#}");
+            assert_eq!(
+                v["report"]["backdoored"], true,
+                "{name} missed BadNets poisoning: {v:#}"
+            );
             assert_eq!(v["report"]["target_classes"], serde_json::json!([0]), "{v:#}");
-            let flagged: std::collections::HashSet<i64> =
-                v["indices"].as_array().unwrap().iter().map(|i| i.as_i64().unwrap()).collect();
-            assert!(flagged.len() >= 100, "{name}: flagged {} of 150 poisoned", flagged.len());
+            let flagged: std::collections::HashSet<i64> = v["indices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_i64().unwrap())
+                .collect();
+            assert!(
+                flagged.len() >= 100,
+                "{name}: flagged {} of 150 poisoned",
+                flagged.len()
+            );
         }
         "defense" => {
-            let Some(model) = some_onnx_model() else {
-                eprintln!("skipping the defense run: no onnx wheel (run scripts/setup)");
-                return;
-            };
-            let out = work.join("hardened.onnx");
-            let v = run_json(plugin_dir, &[name, "--model", model.to_str().unwrap(), "--data", "synthetic", "--limit", "64", "--out", out.to_str().unwrap()]);
+            let model = some_onnx_model();
+            let out = work.join(format!("{name}.hardened.onnx"));
+            let v = run_json(
+                plugin_dir,
+                &[
+                    name,
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--data",
+                    "synthetic",
+                    "--limit",
+                    "64",
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            );
             assert_eq!(v["report"]["changed"], false, "{v:#}");
             assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&model).unwrap());
         }
@@ -88,7 +138,18 @@ fn every_template_builds_loads_and_runs() {
         for kind in ["attack", "detector", "defense"] {
             let name = format!("my-{kind}-{lang}");
             let project = tmp.path().join(&name);
-            audit(&["plugins", "new", &name, "--kind", kind, "--lang", lang, "--out", project.to_str().unwrap()]).expect_code(0);
+            audit(&[
+                "plugins",
+                "new",
+                &name,
+                "--kind",
+                kind,
+                "--lang",
+                lang,
+                "--out",
+                project.to_str().unwrap(),
+            ])
+            .expect_code(0);
             let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
             let lib_file = format!("libaudit_plugin_{}.so", name.replace('-', "_"));
             let lib = if lang == "rust" {
@@ -101,7 +162,16 @@ fn every_template_builds_loads_and_runs() {
             };
             assert!(lib.is_file(), "{} not built", lib.display());
             install(&lib, &plugin_dir);
-            let info = audit(&["--plugin-dir", plugin_dir.to_str().unwrap(), "plugins", "info", &name, "--json"]).expect_code(0).json();
+            let info = audit(&[
+                "--plugin-dir",
+                plugin_dir.to_str().unwrap(),
+                "plugins",
+                "info",
+                &name,
+                "--json",
+            ])
+            .expect_code(0)
+            .json();
             assert_eq!(info["kind"], kind);
             assert_eq!(info["abi_version"], 1);
             exercise(kind, &name, &plugin_dir, tmp.path());
@@ -109,7 +179,16 @@ fn every_template_builds_loads_and_runs() {
     }
     // A second `new` into the same folder refuses.
     let again = tmp.path().join("my-attack-rust");
-    let r = audit(&["plugins", "new", "my-attack-rust", "--kind", "attack", "--out", again.to_str().unwrap()]).expect_code(2);
+    let r = audit(&[
+        "plugins",
+        "new",
+        "my-attack-rust",
+        "--kind",
+        "attack",
+        "--out",
+        again.to_str().unwrap(),
+    ])
+    .expect_code(2);
     assert!(r.stderr.contains("not empty"), "{}", r.stderr);
 }
 
@@ -120,7 +199,11 @@ fn committed_examples_build_and_run() {
     let lib = build_rust(&root().join("examples/rust-plugin")).join("libaudit_plugin_checkerboard.so");
     install(&lib, &plugin_dir);
     exercise("attack", "checkerboard", &plugin_dir, tmp.path());
-    let c = compile_c(&root().join("examples/c-plugin/plugin.c"), &tmp.path().join("libaudit_plugin_c_pixel_outlier.so"), &[]);
+    let c = compile_c(
+        &root().join("examples/c-plugin/plugin.c"),
+        &tmp.path().join("libaudit_plugin_c_pixel_outlier.so"),
+        &[],
+    );
     install(&c, &plugin_dir);
     exercise("detector", "c-pixel-outlier", &plugin_dir, tmp.path());
 }

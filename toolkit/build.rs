@@ -5,15 +5,22 @@
 use std::path::PathBuf;
 
 fn main() {
-    let venv = std::env::var("AUDIT_VENV").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../.venv"));
+    let venv = std::env::var("AUDIT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("../.venv"));
     let env_file = venv.join("audit-paths.env");
     println!("cargo:rerun-if-changed={}", env_file.display());
     println!("cargo:rerun-if-env-changed=AUDIT_VENV");
     let text = std::fs::read_to_string(&env_file).unwrap_or_else(|e| {
-        panic!("{}: {e}; run scripts/setup (make build does) before building audit", env_file.display())
+        panic!(
+            "{}: {e}; run scripts/setup (make build does) before building audit",
+            env_file.display()
+        )
     });
     for line in text.lines() {
-        let Some((key, value)) = line.split_once('=') else { continue };
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
         match key {
             "LIBTORCH_LIB" => {
                 println!("cargo:rustc-link-arg=-Wl,-rpath,{value}");

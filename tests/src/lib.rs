@@ -6,18 +6,27 @@ use std::process::{Command, Output};
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The cargo target folder.
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 /// The release binary; the tests need `make build` (or `make test`) to have run.
 pub fn audit_bin() -> PathBuf {
     let bin = target_dir().join("release/audit");
-    assert!(bin.is_file(), "{} is missing: run `make build` (make test does) before these tests", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `make build` (make test does) before these tests",
+        bin.display()
+    );
     bin
 }
 
@@ -45,13 +54,18 @@ impl Run {
 
     /// Asserts the exit code, printing everything on failure.
     pub fn expect_code(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "exit code {} (wanted {code})\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "exit code {} (wanted {code})\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        );
         self
     }
 
     /// Parses stdout as one JSON document.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
 }
 
@@ -76,7 +90,11 @@ pub fn audit(args: &[&str]) -> Run {
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let run = Run::from(out);
-    assert_eq!(run.code, 0, "{cmd:?} failed\nstdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.code, 0,
+        "{cmd:?} failed\nstdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
     run.stdout
 }
 

@@ -28,12 +28,18 @@ impl std::error::Error for InputError {}
 
 /// Builds an [`InputError`] as an `anyhow::Error`.
 pub fn input_error(message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(InputError { message: message.into(), hint: None })
+    anyhow::Error::new(InputError {
+        message: message.into(),
+        hint: None,
+    })
 }
 
 /// Builds an [`InputError`] with a hint line.
 pub fn input_error_hint(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(InputError { message: message.into(), hint: Some(hint.into()) })
+    anyhow::Error::new(InputError {
+        message: message.into(),
+        hint: Some(hint.into()),
+    })
 }
 
 /// Maps an error to its exit code by looking through the chain.
@@ -55,5 +61,6 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// The hint attached anywhere in the chain, if any.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
-    err.chain().find_map(|c| c.downcast_ref::<InputError>().and_then(|e| e.hint.clone()))
+    err.chain()
+        .find_map(|c| c.downcast_ref::<InputError>().and_then(|e| e.hint.clone()))
 }

@@ -8,9 +8,11 @@ use anyhow::{anyhow, Result};
 
 /// The onnxruntime shared library: `ORT_DYLIB_PATH` when set, else the path embedded at build time.
 pub fn ort_dylib() -> Option<PathBuf> {
-    std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .or_else(|| option_env!("AUDIT_ORT_DYLIB").filter(|s| !s.is_empty()).map(PathBuf::from))
+    std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| {
+        option_env!("AUDIT_ORT_DYLIB")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// Loads onnxruntime once; returns its build information string.
@@ -19,10 +21,15 @@ pub fn init_ort() -> Result<&'static str> {
     INIT.get_or_init(|| {
         let path = ort_dylib().ok_or("no onnxruntime library known: run scripts/setup or set ORT_DYLIB_PATH")?;
         if !path.is_file() {
-            return Err(format!("{} does not exist: run scripts/setup or set ORT_DYLIB_PATH", path.display()));
+            return Err(format!(
+                "{} does not exist: run scripts/setup or set ORT_DYLIB_PATH",
+                path.display()
+            ));
         }
         let env = ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
-        env.with_name("audit").build().map_err(|e| format!("starting onnxruntime: {e}"))?;
+        env.with_name("audit")
+            .build()
+            .map_err(|e| format!("starting onnxruntime: {e}"))?;
         Ok(())
     })
     .clone()

@@ -113,9 +113,8 @@ pub struct AuditTensor {
 /// Writes one log line. `ctx` is `AuditHostApi::ctx`.
 pub type AuditLogFn = Option<unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const u8, len: usize)>;
 /// Reports progress of a phase (`done` out of `total` steps). A new `phase` name starts a new bar.
-pub type AuditProgressFn = Option<
-    unsafe extern "C" fn(ctx: *mut c_void, phase: *const u8, phase_len: usize, done: u64, total: u64),
->;
+pub type AuditProgressFn =
+    Option<unsafe extern "C" fn(ctx: *mut c_void, phase: *const u8, phase_len: usize, done: u64, total: u64)>;
 /// Returns non-zero once the user asked to stop (Ctrl-C); the plugin should then return
 /// `AUDIT_STATUS_CANCELLED` soon.
 pub type AuditIsCancelledFn = Option<unsafe extern "C" fn(ctx: *mut c_void) -> i32>;
@@ -241,17 +240,26 @@ pub type AuditNegotiateFn = unsafe extern "C" fn(host: *const AuditHostApi, out:
 
 impl AuditStr {
     /// An empty string.
-    pub const EMPTY: AuditStr = AuditStr { ptr: core::ptr::null(), len: 0 };
+    pub const EMPTY: AuditStr = AuditStr {
+        ptr: core::ptr::null(),
+        len: 0,
+    };
 
     /// Borrows a Rust string (the caller keeps it alive while the view is used).
     pub const fn from_str(s: &str) -> AuditStr {
-        AuditStr { ptr: s.as_ptr(), len: s.len() }
+        AuditStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
     }
 }
 
 impl AuditBytes {
     /// An empty slice.
-    pub const EMPTY: AuditBytes = AuditBytes { ptr: core::ptr::null(), len: 0 };
+    pub const EMPTY: AuditBytes = AuditBytes {
+        ptr: core::ptr::null(),
+        len: 0,
+    };
 }
 
 impl AuditTensor {
@@ -363,12 +371,19 @@ mod tests {
     fn constants_of_v1_are_pinned() {
         assert_eq!(AUDIT_ABI_VERSION, 1);
         assert_eq!(AUDIT_ENTRY_SYMBOL, "audit_plugin_negotiate");
+        assert_eq!([AUDIT_KIND_ATTACK, AUDIT_KIND_DETECTOR, AUDIT_KIND_DEFENSE], [1, 2, 3]);
         assert_eq!(
-            [AUDIT_KIND_ATTACK, AUDIT_KIND_DETECTOR, AUDIT_KIND_DEFENSE],
-            [1, 2, 3]
+            [AUDIT_OP_POISON, AUDIT_OP_TRIGGER, AUDIT_OP_SCAN, AUDIT_OP_DEFEND],
+            [1, 2, 3, 4]
         );
-        assert_eq!([AUDIT_OP_POISON, AUDIT_OP_TRIGGER, AUDIT_OP_SCAN, AUDIT_OP_DEFEND], [1, 2, 3, 4]);
-        assert_eq!([dtype_size(AUDIT_DTYPE_U8), dtype_size(AUDIT_DTYPE_F32), dtype_size(AUDIT_DTYPE_I64)], [1, 4, 8]);
+        assert_eq!(
+            [
+                dtype_size(AUDIT_DTYPE_U8),
+                dtype_size(AUDIT_DTYPE_F32),
+                dtype_size(AUDIT_DTYPE_I64)
+            ],
+            [1, 4, 8]
+        );
         assert_eq!(dtype_size(99), 0);
     }
 }

@@ -12,7 +12,9 @@ pub use device::{libtorch_dir, resolve_device, DeviceError, DeviceRequest};
 
 /// A tiny real computation on libtorch (sum of 0..10 = 45 on `device`), proving it loads and runs.
 pub fn smoke_test(device: tch::Device) -> f64 {
-    tch::Tensor::arange(10, (tch::Kind::Float, device)).sum(tch::Kind::Float).double_value(&[])
+    tch::Tensor::arange(10, (tch::Kind::Float, device))
+        .sum(tch::Kind::Float)
+        .double_value(&[])
 }
 
 /// [`smoke_test`] on the CPU.

@@ -51,17 +51,27 @@ impl<'a> TensorRef<'a> {
         if t.ndim == 0 && t.byte_len == 0 {
             return Ok(None);
         }
-        let dtype = Dtype::from_code(t.dtype).ok_or_else(|| Error::invalid(format!("{what}: unknown dtype {}", t.dtype)))?;
+        let dtype =
+            Dtype::from_code(t.dtype).ok_or_else(|| Error::invalid(format!("{what}: unknown dtype {}", t.dtype)))?;
         if t.ndim as usize > abi::AUDIT_MAX_DIMS {
-            return Err(Error::invalid(format!("{what}: ndim {} exceeds {}", t.ndim, abi::AUDIT_MAX_DIMS)));
+            return Err(Error::invalid(format!(
+                "{what}: ndim {} exceeds {}",
+                t.ndim,
+                abi::AUDIT_MAX_DIMS
+            )));
         }
         let shape = &t.shape[..t.ndim as usize];
         let mut elems: usize = 1;
         for &d in shape {
-            let d = usize::try_from(d).map_err(|_| Error::invalid(format!("{what}: negative dimension in {shape:?}")))?;
-            elems = elems.checked_mul(d).ok_or_else(|| Error::invalid(format!("{what}: shape {shape:?} overflows")))?;
+            let d =
+                usize::try_from(d).map_err(|_| Error::invalid(format!("{what}: negative dimension in {shape:?}")))?;
+            elems = elems
+                .checked_mul(d)
+                .ok_or_else(|| Error::invalid(format!("{what}: shape {shape:?} overflows")))?;
         }
-        let expected = elems.checked_mul(dtype.size()).ok_or_else(|| Error::invalid(format!("{what}: too large")))?;
+        let expected = elems
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::invalid(format!("{what}: too large")))?;
         if expected != t.byte_len {
             return Err(Error::invalid(format!(
                 "{what}: byte_len {} does not match shape {shape:?} ({expected} bytes)",
@@ -73,7 +83,9 @@ impl<'a> TensorRef<'a> {
         }
         let align = dtype.size();
         if t.byte_len > 0 && (t.data as usize) % align != 0 {
-            return Err(Error::invalid(format!("{what}: data pointer not aligned to {align} bytes")));
+            return Err(Error::invalid(format!(
+                "{what}: data pointer not aligned to {align} bytes"
+            )));
         }
         let bytes = if t.byte_len == 0 {
             &[][..]
@@ -129,7 +141,10 @@ impl<'a> TensorRef<'a> {
             Dtype::F32 => TensorData::F32(self.as_f32().map(<[f32]>::to_vec).unwrap_or_default()),
             Dtype::I64 => TensorData::I64(self.as_i64().map(<[i64]>::to_vec).unwrap_or_default()),
         };
-        Tensor { shape: self.shape.to_vec(), data }
+        Tensor {
+            shape: self.shape.to_vec(),
+            data,
+        }
     }
 }
 
@@ -151,7 +166,10 @@ impl<'a> DatasetRef<'a> {
         let images = unsafe { TensorRef::from_abi(&d.images, &format!("{what}.images"))? };
         let Some(images) = images else { return Ok(None) };
         if images.shape.len() != 4 {
-            return Err(Error::invalid(format!("{what}.images: expected NCHW, got shape {:?}", images.shape)));
+            return Err(Error::invalid(format!(
+                "{what}.images: expected NCHW, got shape {:?}",
+                images.shape
+            )));
         }
         if images.dtype == Dtype::I64 {
             return Err(Error::invalid(format!("{what}.images: must be u8 or f32")));
@@ -173,7 +191,11 @@ impl<'a> DatasetRef<'a> {
         if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as usize >= num_classes) {
             return Err(Error::invalid(format!("{what}: label {bad} outside 0..{num_classes}")));
         }
-        Ok(Some(DatasetRef { images, labels, num_classes }))
+        Ok(Some(DatasetRef {
+            images,
+            labels,
+            num_classes,
+        }))
     }
 
     /// Number of samples.

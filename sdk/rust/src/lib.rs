@@ -63,19 +63,31 @@ pub struct Error {
 impl Error {
     /// Bad parameters or data.
     pub fn invalid(message: impl Into<String>) -> Self {
-        Error { status: Status::InvalidInput, message: message.into() }
+        Error {
+            status: Status::InvalidInput,
+            message: message.into(),
+        }
     }
     /// A failure while running.
     pub fn failed(message: impl Into<String>) -> Self {
-        Error { status: Status::Failed, message: message.into() }
+        Error {
+            status: Status::Failed,
+            message: message.into(),
+        }
     }
     /// The user cancelled.
     pub fn cancelled() -> Self {
-        Error { status: Status::Cancelled, message: "cancelled by the user".into() }
+        Error {
+            status: Status::Cancelled,
+            message: "cancelled by the user".into(),
+        }
     }
     /// Not implemented.
     pub fn unsupported(message: impl Into<String>) -> Self {
-        Error { status: Status::Unsupported, message: message.into() }
+        Error {
+            status: Status::Unsupported,
+            message: message.into(),
+        }
     }
 }
 
@@ -114,23 +126,33 @@ pub struct Params(pub serde_json::Map<String, Value>);
 
 impl Params {
     fn get(&self, key: &str) -> Result<&Value> {
-        self.0.get(key).ok_or_else(|| Error::invalid(format!("parameter `{key}` is missing")))
+        self.0
+            .get(key)
+            .ok_or_else(|| Error::invalid(format!("parameter `{key}` is missing")))
     }
     /// A number parameter.
     pub fn f64(&self, key: &str) -> Result<f64> {
-        self.get(key)?.as_f64().ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a number")))
+        self.get(key)?
+            .as_f64()
+            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a number")))
     }
     /// An integer parameter.
     pub fn i64(&self, key: &str) -> Result<i64> {
-        self.get(key)?.as_i64().ok_or_else(|| Error::invalid(format!("parameter `{key}` must be an integer")))
+        self.get(key)?
+            .as_i64()
+            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be an integer")))
     }
     /// A boolean parameter.
     pub fn bool(&self, key: &str) -> Result<bool> {
-        self.get(key)?.as_bool().ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a boolean")))
+        self.get(key)?
+            .as_bool()
+            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a boolean")))
     }
     /// A string parameter.
     pub fn str(&self, key: &str) -> Result<&str> {
-        self.get(key)?.as_str().ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a string")))
+        self.get(key)?
+            .as_str()
+            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a string")))
     }
     /// Deserializes the whole object into a typed struct.
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
@@ -236,13 +258,25 @@ pub trait Defense: Plugin {
 #[macro_export]
 macro_rules! export_plugin {
     (attack: $ty:ty) => {
-        $crate::__export_plugin!($ty, $crate::abi::AUDIT_KIND_ATTACK, $crate::runtime::dispatch_attack::<$ty>);
+        $crate::__export_plugin!(
+            $ty,
+            $crate::abi::AUDIT_KIND_ATTACK,
+            $crate::runtime::dispatch_attack::<$ty>
+        );
     };
     (detector: $ty:ty) => {
-        $crate::__export_plugin!($ty, $crate::abi::AUDIT_KIND_DETECTOR, $crate::runtime::dispatch_detector::<$ty>);
+        $crate::__export_plugin!(
+            $ty,
+            $crate::abi::AUDIT_KIND_DETECTOR,
+            $crate::runtime::dispatch_detector::<$ty>
+        );
     };
     (defense: $ty:ty) => {
-        $crate::__export_plugin!($ty, $crate::abi::AUDIT_KIND_DEFENSE, $crate::runtime::dispatch_defense::<$ty>);
+        $crate::__export_plugin!(
+            $ty,
+            $crate::abi::AUDIT_KIND_DEFENSE,
+            $crate::runtime::dispatch_defense::<$ty>
+        );
     };
 }
 

@@ -27,7 +27,9 @@ impl Descriptor {
             "audit-sdk {} (Rust), built for ABI v{}{}",
             env!("CARGO_PKG_VERSION"),
             abi::AUDIT_ABI_VERSION,
-            option_env!("AUDIT_BUILD_EXTRA").map(|s| format!(", {s}")).unwrap_or_default()
+            option_env!("AUDIT_BUILD_EXTRA")
+                .map(|s| format!(", {s}"))
+                .unwrap_or_default()
         );
         let raw = abi::AuditPluginDescriptor {
             struct_size: std::mem::size_of::<abi::AuditPluginDescriptor>() as u32,
@@ -41,8 +43,14 @@ impl Descriptor {
             run,
             release,
         };
-        let mut d = Descriptor { raw, _build_info: build_info };
-        d.raw.build_info = abi::AuditStr { ptr: d._build_info.as_ptr(), len: d._build_info.len() };
+        let mut d = Descriptor {
+            raw,
+            _build_info: build_info,
+        };
+        d.raw.build_info = abi::AuditStr {
+            ptr: d._build_info.as_ptr(),
+            len: d._build_info.len(),
+        };
         d
     }
 }
@@ -123,7 +131,10 @@ unsafe fn str_arg<'a>(s: &abi::AuditStr, what: &str) -> Result<&'a str> {
 
 unsafe fn decode<'a>(req: &'a abi::AuditRequest) -> Result<Decoded<'a>> {
     if (req.struct_size as usize) < std::mem::size_of::<abi::AuditRequest>() {
-        return Err(Error::invalid(format!("request struct_size {} is too small for ABI v1", req.struct_size)));
+        return Err(Error::invalid(format!(
+            "request struct_size {} is too small for ABI v1",
+            req.struct_size
+        )));
     }
     // SAFETY: the host table outlives the call.
     let host = Host::new(unsafe { req.host.as_ref() });
@@ -153,7 +164,12 @@ unsafe fn decode<'a>(req: &'a abi::AuditRequest) -> Result<Decoded<'a>> {
     let clean = unsafe { DatasetRef::from_abi(&req.clean, "clean")? };
     Ok(Decoded {
         op: req.op,
-        call: Call { host, params: Params(params), seed: req.seed, device },
+        call: Call {
+            host,
+            params: Params(params),
+            seed: req.seed,
+            device,
+        },
         model,
         data,
         clean,
@@ -170,7 +186,9 @@ fn wrong_op(op: u32, kind: &str) -> Error {
 
 fn check_same_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
-        return Err(Error::failed(format!("plugin bug: {what} has {got} entries, expected {want}")));
+        return Err(Error::failed(format!(
+            "plugin bug: {what} has {got} entries, expected {want}"
+        )));
     }
     Ok(())
 }
@@ -197,7 +215,13 @@ pub fn dispatch_attack<T: Attack>(d: &Decoded<'_>) -> Result<Output> {
             let t = plugin.trigger(&d.call, data)?;
             check_same_len("target labels", t.target_labels.len(), data.len())?;
             check_same_len("triggered images", t.images.numel(), data.images.numel())?;
-            Ok(Output { images: Some(t.images), labels: Some(t.target_labels), indices: None, model: None, report: t.report })
+            Ok(Output {
+                images: Some(t.images),
+                labels: Some(t.target_labels),
+                indices: None,
+                model: None,
+                report: t.report,
+            })
         }
         op => Err(wrong_op(op, "attack")),
     }
@@ -218,7 +242,11 @@ pub fn dispatch_detector<T: Detector>(d: &Decoded<'_>) -> Result<Output> {
             r.entry(k).or_insert(val);
         }
     }
-    Ok(Output { indices: Some(v.suspicious), report, ..Default::default() })
+    Ok(Output {
+        indices: Some(v.suspicious),
+        report,
+        ..Default::default()
+    })
 }
 
 /// Dispatches a defense request.
@@ -227,7 +255,12 @@ pub fn dispatch_defense<T: Defense>(d: &Decoded<'_>) -> Result<Output> {
         return Err(wrong_op(d.op, "defense"));
     }
     let h = T::default().defend(&d.call, d.model, d.data.as_ref(), d.clean.as_ref())?;
-    Ok(Output { model: Some(h.model), indices: Some(h.dropped), report: h.report, ..Default::default() })
+    Ok(Output {
+        model: Some(h.model),
+        indices: Some(h.dropped),
+        report: h.report,
+        ..Default::default()
+    })
 }
 
 fn tensor_view(t: &Tensor) -> abi::AuditTensor {
@@ -235,7 +268,13 @@ fn tensor_view(t: &Tensor) -> abi::AuditTensor {
     let n = t.shape.len().min(abi::AUDIT_MAX_DIMS);
     shape[..n].copy_from_slice(&t.shape[..n]);
     let (ptr, len) = t.as_ptr_len();
-    abi::AuditTensor { dtype: t.dtype().code(), ndim: n as u32, shape, data: ptr as *const _, byte_len: len }
+    abi::AuditTensor {
+        dtype: t.dtype().code(),
+        ndim: n as u32,
+        shape,
+        data: ptr as *const _,
+        byte_len: len,
+    }
 }
 
 fn vec_view(v: &[i64]) -> abi::AuditTensor {
@@ -251,11 +290,20 @@ fn vec_view(v: &[i64]) -> abi::AuditTensor {
 }
 
 fn fill(resp: &mut abi::AuditResponse, owned: Box<Owned>) {
-    resp.message = abi::AuditStr { ptr: owned.message.as_ptr(), len: owned.message.len() };
-    resp.report_json = abi::AuditStr { ptr: owned.report.as_ptr(), len: owned.report.len() };
+    resp.message = abi::AuditStr {
+        ptr: owned.message.as_ptr(),
+        len: owned.message.len(),
+    };
+    resp.report_json = abi::AuditStr {
+        ptr: owned.report.as_ptr(),
+        len: owned.report.len(),
+    };
     let o = &owned.output;
     if let Some(m) = &o.model {
-        resp.model = abi::AuditBytes { ptr: m.as_ptr(), len: m.len() };
+        resp.model = abi::AuditBytes {
+            ptr: m.as_ptr(),
+            len: m.len(),
+        };
     }
     if let Some(t) = &o.images {
         resp.images = tensor_view(t);
@@ -294,10 +342,28 @@ pub unsafe fn run(
     }));
     let (status, owned) = match result {
         Ok(Ok(output)) => {
-            let report = if output.report.is_null() { "{}".to_string() } else { output.report.to_string() };
-            (abi::AUDIT_STATUS_OK, Owned { message: String::new(), report, output })
+            let report = if output.report.is_null() {
+                "{}".to_string()
+            } else {
+                output.report.to_string()
+            };
+            (
+                abi::AUDIT_STATUS_OK,
+                Owned {
+                    message: String::new(),
+                    report,
+                    output,
+                },
+            )
         }
-        Ok(Err(e)) => (e.status.code(), Owned { message: e.message, report: String::new(), output: Output::default() }),
+        Ok(Err(e)) => (
+            e.status.code(),
+            Owned {
+                message: e.message,
+                report: String::new(),
+                output: Output::default(),
+            },
+        ),
         Err(payload) => (
             abi::AUDIT_STATUS_PANIC,
             Owned {

@@ -14,7 +14,9 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
     let ort = runtime::init_ort();
     let dirs = plugin::search_dirs(&global.plugin_dirs);
     let found = plugin::discover(&dirs);
-    let fmnist = std::path::Path::new(crate::data::FASHION_MNIST_DIR).join("train-images-idx3-ubyte.gz").is_file();
+    let fmnist = std::path::Path::new(crate::data::FASHION_MNIST_DIR)
+        .join("train-images-idx3-ubyte.gz")
+        .is_file();
     let ok = smoke == 45.0 && ort.is_ok();
     let doc = json!({
         "schema_version": 1,
@@ -41,15 +43,43 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         let yes = |b: bool| if b { "ok" } else { "MISSING" };
-        println!("audit {} (plugin ABI v{})", env!("CARGO_PKG_VERSION"), audit_abi::AUDIT_ABI_VERSION);
-        println!("libtorch     {} at {} [{}]", runtime::torch_version(), doc["libtorch"]["dir"].as_str().unwrap_or("?"), yes(smoke == 45.0));
-        println!("onnxruntime  {} at {} [{}]", runtime::ort_version(), doc["onnxruntime"]["library"].as_str().unwrap_or("?"), yes(ort.is_ok()));
+        println!(
+            "audit {} (plugin ABI v{})",
+            env!("CARGO_PKG_VERSION"),
+            audit_abi::AUDIT_ABI_VERSION
+        );
+        println!(
+            "libtorch     {} at {} [{}]",
+            runtime::torch_version(),
+            doc["libtorch"]["dir"].as_str().unwrap_or("?"),
+            yes(smoke == 45.0)
+        );
+        println!(
+            "onnxruntime  {} at {} [{}]",
+            runtime::ort_version(),
+            doc["onnxruntime"]["library"].as_str().unwrap_or("?"),
+            yes(ort.is_ok())
+        );
         if let Err(e) = &ort {
             println!("             {e:#}");
         }
         println!("device auto  {}", device.unwrap_or_else(|e| e.to_string()));
-        println!("plugins      {} manifest(s) in {}", found.len(), dirs.iter().map(|(d, _)| d.display().to_string()).collect::<Vec<_>>().join(", "));
-        println!("data         Fashion-MNIST {}", if fmnist { "installed" } else { "not installed (synthetic fallback)" });
+        println!(
+            "plugins      {} manifest(s) in {}",
+            found.len(),
+            dirs.iter()
+                .map(|(d, _)| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "data         Fashion-MNIST {}",
+            if fmnist {
+                "installed"
+            } else {
+                "not installed (synthetic fallback)"
+            }
+        );
     }
     Ok(if ok { EXIT_OK } else { EXIT_FAILURE })
 }

@@ -95,7 +95,10 @@ pub fn run(cmd: PluginsCommand, global: &GlobalArgs) -> Result<i32> {
         PluginsCommand::Install { libraries, dir, force } => {
             let dir = match dir {
                 Some(d) => d,
-                None => dirs.last().map(|(d, _)| d.clone()).context("cannot tell where the audit binary is")?,
+                None => dirs
+                    .last()
+                    .map(|(d, _)| d.clone())
+                    .context("cannot tell where the audit binary is")?,
             };
             for lib in &libraries {
                 let (m, path) = plugin::install(lib, &dir, force)?;
@@ -134,7 +137,10 @@ fn list(found: &[Discovered], json: bool) -> Result<i32> {
         })
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({"schema_version": 1, "plugins": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"schema_version": 1, "plugins": rows}))?
+        );
         return Ok(EXIT_OK);
     }
     if found.is_empty() {
@@ -149,7 +155,14 @@ fn list(found: &[Discovered], json: bool) -> Result<i32> {
         if let Some(p) = d.problem() {
             desc = format!("PROBLEM: {p}");
         }
-        t.add_row([s("name"), s("kind"), s("version"), r["abi_version"].to_string(), s("path"), desc]);
+        t.add_row([
+            s("name"),
+            s("kind"),
+            s("version"),
+            r["abi_version"].to_string(),
+            s("path"),
+            desc,
+        ]);
     }
     println!("{t}");
     Ok(EXIT_OK)
@@ -164,12 +177,23 @@ pub fn find(dirs: &[(PathBuf, &'static str)], name: &str) -> Result<Arc<LoadedPl
     match hit {
         Some(d) => Ok(d.load()?),
         None => {
-            let names: Vec<&str> = found.iter().filter_map(|d| d.manifest.as_ref().ok()).map(|m| m.name.as_str()).collect();
-            let searched: Vec<String> = dirs.iter().map(|(d, from)| format!("{} ({from})", d.display())).collect();
+            let names: Vec<&str> = found
+                .iter()
+                .filter_map(|d| d.manifest.as_ref().ok())
+                .map(|m| m.name.as_str())
+                .collect();
+            let searched: Vec<String> = dirs
+                .iter()
+                .map(|(d, from)| format!("{} ({from})", d.display()))
+                .collect();
             Err(input_error_hint(
                 format!(
                     "no plugin named `{name}`{}",
-                    if names.is_empty() { String::new() } else { format!(" (found: {})", names.join(", ")) }
+                    if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (found: {})", names.join(", "))
+                    }
                 ),
                 format!("searched {}; `audit plugins install LIB` adds one", searched.join(", ")),
             ))
@@ -193,12 +217,22 @@ fn info(p: &LoadedPlugin, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(EXIT_OK);
     }
-    println!("{} ({} plugin, version {}, ABI v{})", p.name, p.kind, p.version, p.abi_version);
+    println!(
+        "{} ({} plugin, version {}, ABI v{})",
+        p.name, p.kind, p.version, p.abi_version
+    );
     println!("  {}", p.description);
     println!("  library:      {}", p.path.display());
     println!("  built:        {}", p.build_info);
     let caps = capability_names(p.capabilities);
-    println!("  capabilities: {}", if caps.is_empty() { "none".into() } else { caps.join(", ") });
+    println!(
+        "  capabilities: {}",
+        if caps.is_empty() {
+            "none".into()
+        } else {
+            caps.join(", ")
+        }
+    );
     if p.schema.params.is_empty() {
         println!("  parameters:   none");
         return Ok(EXIT_OK);
@@ -206,7 +240,12 @@ fn info(p: &LoadedPlugin, json: bool) -> Result<i32> {
     let mut t = table();
     t.set_header(["parameter", "type", "default", "description"]);
     for prm in &p.schema.params {
-        t.add_row([prm.name.clone(), prm.type_summary(), prm.default.to_string(), prm.description.clone()]);
+        t.add_row([
+            prm.name.clone(),
+            prm.type_summary(),
+            prm.default.to_string(),
+            prm.description.clone(),
+        ]);
     }
     println!("{t}");
     Ok(EXIT_OK)
@@ -217,20 +256,31 @@ fn check(found: &[Discovered], json: bool) -> Result<i32> {
     let mut broken = 0;
     for d in found {
         let res = match d.problem() {
-            Some(p) if d.manifest.is_err() || d.shadowed_by.is_none() => Err(format!("{}: {p}", d.manifest_path.display())),
+            Some(p) if d.manifest.is_err() || d.shadowed_by.is_none() => {
+                Err(format!("{}: {p}", d.manifest_path.display()))
+            }
             _ => d.load().map_err(|e| e.to_string()),
         };
-        let name = d.manifest.as_ref().map(|m| m.name.clone()).unwrap_or_else(|_| "?".into());
+        let name = d
+            .manifest
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|_| "?".into());
         match res {
             Ok(p) => rows.push(json!({"name": name, "ok": true, "plugin": describe(&p)})),
             Err(e) => {
                 broken += 1;
-                rows.push(json!({"name": name, "ok": false, "error": e, "manifest": d.manifest_path.display().to_string()}));
+                rows.push(
+                    json!({"name": name, "ok": false, "error": e, "manifest": d.manifest_path.display().to_string()}),
+                );
             }
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({"schema_version": 1, "plugins": rows, "broken": broken}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"schema_version": 1, "plugins": rows, "broken": broken}))?
+        );
     } else {
         let mut t = table();
         t.set_header(["name", "status"]);
@@ -251,10 +301,16 @@ fn check(found: &[Discovered], json: bool) -> Result<i32> {
 fn refuse_to_clobber(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
     let canon = |p: &Path| std::fs::canonicalize(p).ok();
     if out.exists() && inputs.iter().any(|i| canon(i).is_some() && canon(i) == canon(out)) {
-        return Err(input_error(format!("{}: refusing to overwrite an input file", out.display())));
+        return Err(input_error(format!(
+            "{}: refusing to overwrite an input file",
+            out.display()
+        )));
     }
     if out.exists() && !force {
-        return Err(input_error_hint(format!("{} already exists", out.display()), "pass --force to replace it"));
+        return Err(input_error_hint(
+            format!("{} already exists", out.display()),
+            "pass --force to replace it",
+        ));
     }
     Ok(())
 }
@@ -262,7 +318,10 @@ fn refuse_to_clobber(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
 fn count_changed(before: &LabeledSet, after: &crate::data::Images) -> usize {
     let per = before.images.image_len();
     let (a, b) = (before.images.to_u8(), after.to_u8());
-    a.chunks_exact(per.max(1)).zip(b.chunks_exact(per.max(1))).filter(|(x, y)| x != y).count()
+    a.chunks_exact(per.max(1))
+        .zip(b.chunks_exact(per.max(1)))
+        .filter(|(x, y)| x != y)
+        .count()
 }
 
 fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
@@ -273,16 +332,26 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
         Kind::Defense => Op::Defend,
     });
     if op.kind() != p.kind {
-        return Err(input_error(format!("`{}` is a {} plugin; --op {:?} needs a {}", p.name, p.kind, op, op.kind())));
+        return Err(input_error(format!(
+            "`{}` is a {} plugin; --op {:?} needs a {}",
+            p.name,
+            p.kind,
+            op,
+            op.kind()
+        )));
     }
-    let params = p
-        .schema
-        .resolve(&args.params)
-        .map_err(|e| PluginError::InvalidInput { name: p.name.clone(), path: p.path.clone(), message: e })?;
+    let params = p.schema.resolve(&args.params).map_err(|e| PluginError::InvalidInput {
+        name: p.name.clone(),
+        path: p.path.clone(),
+        message: e,
+    })?;
     let model = match &args.model {
         Some(m) => Some(std::fs::read(m).map_err(|e| input_error(format!("{}: {e}", m.display())))?),
         None if op == Op::Defend || p.capabilities & audit_abi::AUDIT_CAP_NEEDS_MODEL != 0 => {
-            return Err(input_error(format!("`{}` needs a model: pass --model MODEL.onnx", p.name)));
+            return Err(input_error(format!(
+                "`{}` needs a model: pass --model MODEL.onnx",
+                p.name
+            )));
         }
         None => None,
     };
@@ -322,7 +391,10 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
         eprintln!("[{}] warning: {}", p.name, out.message);
     }
     let changed = out.images.as_ref().map(|im| count_changed(&set, im));
-    let label_changes = out.labels.as_ref().map(|l| l.iter().zip(&set.labels).filter(|(a, b)| a != b).count());
+    let label_changes = out
+        .labels
+        .as_ref()
+        .map(|l| l.iter().zip(&set.labels).filter(|(a, b)| a != b).count());
     if let Some(path) = &args.out {
         match (op, &out.images, &out.labels, &out.model) {
             (Op::Poison, Some(im), Some(labels), _) => {
@@ -348,7 +420,11 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
             (Op::Defend, _, _, Some(m)) => {
                 plugin::write_atomic(path, m).with_context(|| format!("writing {}", path.display()))?;
             }
-            _ => return Err(input_error(format!("--out: a {op:?} result has nothing to write to a file"))),
+            _ => {
+                return Err(input_error(format!(
+                    "--out: a {op:?} result has nothing to write to a file"
+                )))
+            }
         }
     }
     if args.json {
@@ -386,7 +462,12 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
     }
     if let Some(ix) = &out.indices {
         let head: Vec<String> = ix.iter().take(10).map(i64::to_string).collect();
-        println!("  indices ({}): {}{}", ix.len(), head.join(", "), if ix.len() > 10 { ", ..." } else { "" });
+        println!(
+            "  indices ({}): {}{}",
+            ix.len(),
+            head.join(", "),
+            if ix.len() > 10 { ", ..." } else { "" }
+        );
     }
     println!("  report: {}", Value::Object(out.report.clone()));
     if let Some(path) = &args.out {

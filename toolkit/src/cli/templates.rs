@@ -109,7 +109,9 @@ pub fn render(name: &str, kind: Kind, lang: Lang, sdk: &str) -> Vec<(&'static st
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.as_bytes()[0].is_ascii_lowercase()
 }
 
@@ -156,8 +158,20 @@ mod tests {
     fn examples_are_fresh() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let cases = [
-            ("rust-plugin", "checkerboard", Kind::Attack, Lang::Rust, "../../sdk/rust"),
-            ("c-plugin", "c-pixel-outlier", Kind::Detector, Lang::C, "../../sdk/include"),
+            (
+                "rust-plugin",
+                "checkerboard",
+                Kind::Attack,
+                Lang::Rust,
+                "../../sdk/rust",
+            ),
+            (
+                "c-plugin",
+                "c-pixel-outlier",
+                Kind::Detector,
+                Lang::C,
+                "../../sdk/include",
+            ),
         ];
         for (dir, name, kind, lang, sdk) in cases {
             for (rel, text) in render(name, kind, lang, sdk) {
@@ -167,7 +181,11 @@ mod tests {
                     std::fs::write(&path, &text).unwrap();
                 }
                 let committed = std::fs::read_to_string(&path).unwrap_or_default();
-                assert!(committed == text, "{} is stale: rerun with AUDIT_UPDATE_EXAMPLES=1", path.display());
+                assert!(
+                    committed == text,
+                    "{} is stale: rerun with AUDIT_UPDATE_EXAMPLES=1",
+                    path.display()
+                );
             }
         }
     }

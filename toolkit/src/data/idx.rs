@@ -15,7 +15,10 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
             return Ok(p);
         }
     }
-    Err(DataError::malformed(dir, format!("no {stem} or {stem}.gz in this folder (expected IDX files)")))
+    Err(DataError::malformed(
+        dir,
+        format!("no {stem} or {stem}.gz in this folder (expected IDX files)"),
+    ))
 }
 
 fn read_all(path: &Path) -> Result<Vec<u8>, DataError> {
@@ -37,7 +40,10 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), 
         return Err(DataError::malformed(path, "wrong magic number: not an IDX file"));
     }
     if bytes[2] != 0x08 {
-        return Err(DataError::malformed(path, format!("unsupported IDX element type 0x{:02x} (only unsigned byte)", bytes[2])));
+        return Err(DataError::malformed(
+            path,
+            format!("unsupported IDX element type 0x{:02x} (only unsigned byte)", bytes[2]),
+        ));
     }
     let ndim = bytes[3] as usize;
     if ndim == 0 || ndim > 4 {
@@ -50,13 +56,19 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), 
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let total = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&t| t / dims[0].max(1) <= 1 << 24);
+    let total = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&t| t / dims[0].max(1) <= 1 << 24);
     let Some(total) = total.filter(|_| dims[0] <= MAX_ITEMS) else {
         return Err(DataError::malformed(path, format!("absurd dimensions {dims:?}")));
     };
     let body = &bytes[header..];
     if body.len() < total {
-        return Err(DataError::malformed(path, format!("truncated: header says {total} bytes of data, file has {}", body.len())));
+        return Err(DataError::malformed(
+            path,
+            format!("truncated: header says {total} bytes of data, file has {}", body.len()),
+        ));
     }
     Ok((dims, body[..total].to_vec()))
 }
@@ -67,16 +79,31 @@ fn load_split(dir: &Path, prefix: &str) -> Result<LabeledSet, DataError> {
     let (idims, pixels) = parse(&ip, &read_all(&ip)?)?;
     let (ldims, labels) = parse(&lp, &read_all(&lp)?)?;
     if idims.len() != 3 {
-        return Err(DataError::malformed(&ip, format!("expected N x H x W images, got dims {idims:?}")));
+        return Err(DataError::malformed(
+            &ip,
+            format!("expected N x H x W images, got dims {idims:?}"),
+        ));
     }
     if ldims.len() != 1 {
-        return Err(DataError::malformed(&lp, format!("expected a 1-D label file, got dims {ldims:?}")));
+        return Err(DataError::malformed(
+            &lp,
+            format!("expected a 1-D label file, got dims {ldims:?}"),
+        ));
     }
     if idims[0] != ldims[0] {
-        return Err(DataError::malformed(&lp, format!("{} labels for {} images in {}", ldims[0], idims[0], ip.display())));
+        return Err(DataError::malformed(
+            &lp,
+            format!("{} labels for {} images in {}", ldims[0], idims[0], ip.display()),
+        ));
     }
     Ok(LabeledSet {
-        images: Images { n: idims[0], c: 1, h: idims[1], w: idims[2], pixels: Pixels::U8(pixels) },
+        images: Images {
+            n: idims[0],
+            c: 1,
+            h: idims[1],
+            w: idims[2],
+            pixels: Pixels::U8(pixels),
+        },
         labels: labels.into_iter().map(i64::from).collect(),
     })
 }
@@ -84,7 +111,10 @@ fn load_split(dir: &Path, prefix: &str) -> Result<LabeledSet, DataError> {
 /// Loads `train-*` and `t10k-*` IDX files from `dir`. Labels must lie in 0..10.
 pub fn load_dir(dir: &Path) -> Result<Dataset, DataError> {
     if !dir.is_dir() {
-        return Err(DataError::malformed(dir, "not a folder (expected a folder of IDX files, or `synthetic`)"));
+        return Err(DataError::malformed(
+            dir,
+            "not a folder (expected a folder of IDX files, or `synthetic`)",
+        ));
     }
     let train = load_split(dir, "train")?;
     let test = load_split(dir, "t10k")?;
@@ -97,7 +127,13 @@ pub fn load_dir(dir: &Path) -> Result<Dataset, DataError> {
             ));
         }
     }
-    Ok(Dataset { source: dir.display().to_string(), train, test, num_classes, poison_idx: None })
+    Ok(Dataset {
+        source: dir.display().to_string(),
+        train,
+        test,
+        num_classes,
+        poison_idx: None,
+    })
 }
 
 #[cfg(test)]
@@ -124,13 +160,21 @@ mod tests {
     fn rejects_bad_input_naming_the_file() {
         let p = Path::new("/data/train-images-idx3-ubyte");
         let e = parse(p, b"\x12\x34\x08\x03").unwrap_err().to_string();
-        assert!(e.contains("/data/train-images-idx3-ubyte") && e.contains("magic"), "{e}");
+        assert!(
+            e.contains("/data/train-images-idx3-ubyte") && e.contains("magic"),
+            "{e}"
+        );
         let e = parse(p, &idx(&[3, 2, 2], &[0; 5])).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
-        let e = parse(p, &idx(&[u32::MAX, u32::MAX, u32::MAX], &[])).unwrap_err().to_string();
+        let e = parse(p, &idx(&[u32::MAX, u32::MAX, u32::MAX], &[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absurd"), "{e}");
         assert!(parse(p, &[0, 0, 8]).is_err());
-        assert!(parse(p, &[0, 0, 8, 2, 0, 0]).unwrap_err().to_string().contains("truncated header"));
+        assert!(parse(p, &[0, 0, 8, 2, 0, 0])
+            .unwrap_err()
+            .to_string()
+            .contains("truncated header"));
     }
 
     #[test]
@@ -162,7 +206,10 @@ mod tests {
         w("t10k-images-idx3-ubyte", idx(&[1, 1, 1], &[0]));
         w("t10k-labels-idx1-ubyte", idx(&[1], &[0]));
         let e = load_dir(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("train-labels-idx1-ubyte") && e.contains("3 labels for 2 images"), "{e}");
+        assert!(
+            e.contains("train-labels-idx1-ubyte") && e.contains("3 labels for 2 images"),
+            "{e}"
+        );
         w("train-labels-idx1-ubyte", idx(&[2], &[0, 11]));
         let e = load_dir(dir.path()).unwrap_err().to_string();
         assert!(e.contains("label 11 out of range"), "{e}");

@@ -28,10 +28,16 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn malformed(path: &Path, reason: impl Into<String>) -> Self {
-        DataError::Malformed { path: path.to_path_buf(), reason: reason.into() }
+        DataError::Malformed {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io { path: path.to_path_buf(), source }
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -99,7 +105,10 @@ impl LabeledSet {
     /// The first `k` samples.
     pub fn head(&self, k: usize) -> LabeledSet {
         let k = k.min(self.len());
-        LabeledSet { images: self.images.head(k), labels: self.labels[..k].to_vec() }
+        LabeledSet {
+            images: self.images.head(k),
+            labels: self.labels[..k].to_vec(),
+        }
     }
 }
 
@@ -144,7 +153,11 @@ pub fn load(spec: &str, format: DataFormat, seed: u64) -> Result<Dataset, DataEr
             Ok(d)
         }
         DataFormat::Idx | DataFormat::Auto => {
-            let dir = if spec == "fashion-mnist" { PathBuf::from(FASHION_MNIST_DIR) } else { PathBuf::from(spec) };
+            let dir = if spec == "fashion-mnist" {
+                PathBuf::from(FASHION_MNIST_DIR)
+            } else {
+                PathBuf::from(spec)
+            };
             if spec == "fashion-mnist" && !dir.is_dir() {
                 return Err(DataError::Other(format!(
                     "Fashion-MNIST is not installed at {FASHION_MNIST_DIR}; run scripts/setup (as root) or use --data synthetic"

@@ -22,8 +22,15 @@ pub enum NpzArray<'a> {
 /// Writes named arrays to `path` atomically (temporary file in the same folder, then rename), in
 /// the layout numpy's `np.load` and [`read_npz`] read.
 pub fn write_npz(path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".audit-").suffix(".npz.tmp").tempfile_in(dir).map_err(|e| io(path, e))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".audit-")
+        .suffix(".npz.tmp")
+        .tempfile_in(dir)
+        .map_err(|e| io(path, e))?;
     {
         let mut npz = npyz::npz::NpzWriter::new(std::io::BufWriter::new(tmp.as_file()));
         for (name, array) in arrays {
@@ -52,7 +59,13 @@ fn write_one<T: npyz::AutoSerialize + Copy, W: std::io::Write + std::io::Seek>(
     data: &[T],
 ) -> anyhow::Result<()> {
     let opts = npyz::zip::write::FileOptions::default();
-    let mut w = npz.array::<T>(name, opts).map_err(|e| io(path, e))?.default_dtype().shape(shape).begin_nd().map_err(|e| io(path, e))?;
+    let mut w = npz
+        .array::<T>(name, opts)
+        .map_err(|e| io(path, e))?
+        .default_dtype()
+        .shape(shape)
+        .begin_nd()
+        .map_err(|e| io(path, e))?;
     w.extend(data.iter().copied()).map_err(|e| io(path, e))?;
     w.finish().map_err(|e| io(path, e))?;
     Ok(())
@@ -77,30 +90,56 @@ fn read_array(
         Err(npyz::zip::result::ZipError::FileNotFound) => return Ok(None),
         Err(e) => return Err(bad(e.to_string())),
     };
-    let Some(npy) = archive.by_name(name).map_err(|e| bad(e.to_string()))? else { return Ok(None) };
+    let Some(npy) = archive.by_name(name).map_err(|e| bad(e.to_string()))? else {
+        return Ok(None);
+    };
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let npyz::DType::Plain(ts) = npy.dtype() else { return Err(bad("structured arrays are not supported".into())) };
+    let npyz::DType::Plain(ts) = npy.dtype() else {
+        return Err(bad("structured arrays are not supported".into()));
+    };
     let ts = ts.to_string();
-    let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("absurd shape".into()))?;
+    let elems = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("absurd shape".into()))?;
     let esize: usize = ts[2..].parse().unwrap_or(0);
     if elems.checked_mul(esize).is_none_or(|b| b as u64 > stored) {
-        return Err(bad(format!("shape {shape:?} of {ts} needs more data than the file holds (truncated?)")));
+        return Err(bad(format!(
+            "shape {shape:?} of {ts} needs more data than the file holds (truncated?)"
+        )));
     }
     let io = |e: std::io::Error| bad(format!("unreadable data: {e}"));
     let arr = match &ts[1..] {
         "u1" => Array::U8(npy.into_vec::<u8>().map_err(io)?),
         "f4" => Array::F32(npy.into_vec::<f32>().map_err(io)?),
-        "f8" => Array::F32(npy.into_vec::<f64>().map_err(io)?.into_iter().map(|x| x as f32).collect()),
+        "f8" => Array::F32(
+            npy.into_vec::<f64>()
+                .map_err(io)?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+        ),
         "i8" => Array::I64(npy.into_vec::<i64>().map_err(io)?),
         "i4" => Array::I64(npy.into_vec::<i32>().map_err(io)?.into_iter().map(i64::from).collect()),
         "i2" => Array::I64(npy.into_vec::<i16>().map_err(io)?.into_iter().map(i64::from).collect()),
         "i1" => Array::I64(npy.into_vec::<i8>().map_err(io)?.into_iter().map(i64::from).collect()),
         "u2" => Array::I64(npy.into_vec::<u16>().map_err(io)?.into_iter().map(i64::from).collect()),
         "u4" => Array::I64(npy.into_vec::<u32>().map_err(io)?.into_iter().map(i64::from).collect()),
-        "u8" => Array::I64(npy.into_vec::<u64>().map_err(io)?.into_iter().map(|x| x as i64).collect()),
+        "u8" => Array::I64(
+            npy.into_vec::<u64>()
+                .map_err(io)?
+                .into_iter()
+                .map(|x| x as i64)
+                .collect(),
+        ),
         other => return Err(bad(format!("unsupported dtype {other}"))),
     };
-    if shape.len() > 0 && elems != match &arr { Array::U8(v) => v.len(), Array::F32(v) => v.len(), Array::I64(v) => v.len() } {
+    let got = match &arr {
+        Array::U8(v) => v.len(),
+        Array::F32(v) => v.len(),
+        Array::I64(v) => v.len(),
+    };
+    if elems != got {
         return Err(bad("element count does not match the shape".into()));
     }
     Ok(Some((shape, arr)))
@@ -113,7 +152,11 @@ fn images_from(path: &Path, name: &str, shape: Vec<usize>, arr: Array) -> Result
         [n, a, b, d] if (a == 1 || a == 3) && !(d == 1 || d == 3) => (n, a, b, d, false),
         [n, a, b, d] if d == 1 || d == 3 => (n, d, a, b, true),
         [n, a, b, d] => (n, a, b, d, false),
-        _ => return Err(bad(format!("expected images N x C x H x W (or N x H x W x C), got shape {shape:?}"))),
+        _ => {
+            return Err(bad(format!(
+                "expected images N x C x H x W (or N x H x W x C), got shape {shape:?}"
+            )))
+        }
     };
     let pixels = match arr {
         Array::U8(v) => Pixels::U8(if nhwc { nhwc_to_nchw(&v, n, h, w, c) } else { v }),
@@ -146,7 +189,10 @@ fn labels_from(path: &Path, name: &str, shape: &[usize], arr: Array) -> Result<V
     match (shape.len(), arr) {
         (1, Array::I64(v)) => Ok(v),
         (1, Array::U8(v)) => Ok(v.into_iter().map(i64::from).collect()),
-        _ => Err(DataError::malformed(path, format!("array `{name}`: labels must be a 1-D integer array, got shape {shape:?}"))),
+        _ => Err(DataError::malformed(
+            path,
+            format!("array `{name}`: labels must be a 1-D integer array, got shape {shape:?}"),
+        )),
     }
 }
 
@@ -157,22 +203,42 @@ pub fn read_npz(path: &Path) -> Result<(Dataset, Option<Vec<i64>>), DataError> {
     let mut archive = npyz::npz::NpzArchive::new(std::io::BufReader::new(file))
         .map_err(|e| DataError::malformed(path, format!("not an NPZ (zip) file: {e}")))?;
     let mut need = |name: &str| -> Result<(Vec<usize>, Array), DataError> {
-        read_array(&mut archive, path, name)?
-            .ok_or_else(|| DataError::malformed(path, format!("missing array `{name}` (need x_train, y_train, x_test, y_test)")))
+        read_array(&mut archive, path, name)?.ok_or_else(|| {
+            DataError::malformed(
+                path,
+                format!("missing array `{name}` (need x_train, y_train, x_test, y_test)"),
+            )
+        })
     };
     let (xs, xa) = need("x_train")?;
     let (ys, ya) = need("y_train")?;
     let (ts, ta) = need("x_test")?;
     let (us, ua) = need("y_test")?;
-    let train = LabeledSet { images: images_from(path, "x_train", xs, xa)?, labels: labels_from(path, "y_train", &ys, ya)? };
-    let test = LabeledSet { images: images_from(path, "x_test", ts, ta)?, labels: labels_from(path, "y_test", &us, ua)? };
+    let train = LabeledSet {
+        images: images_from(path, "x_train", xs, xa)?,
+        labels: labels_from(path, "y_train", &ys, ya)?,
+    };
+    let test = LabeledSet {
+        images: images_from(path, "x_test", ts, ta)?,
+        labels: labels_from(path, "y_test", &us, ua)?,
+    };
     for (name, set) in [("train", &train), ("test", &test)] {
         if set.images.n != set.labels.len() {
-            return Err(DataError::malformed(path, format!("{} labels for {} images in the {name} split", set.labels.len(), set.images.n)));
+            return Err(DataError::malformed(
+                path,
+                format!(
+                    "{} labels for {} images in the {name} split",
+                    set.labels.len(),
+                    set.images.n
+                ),
+            ));
         }
     }
     if (train.images.c, train.images.h, train.images.w) != (test.images.c, test.images.h, test.images.w) {
-        return Err(DataError::malformed(path, "x_train and x_test have different image sizes"));
+        return Err(DataError::malformed(
+            path,
+            "x_train and x_test have different image sizes",
+        ));
     }
     let all = train.labels.iter().chain(&test.labels);
     if let Some(bad) = all.clone().find(|&&l| l < 0) {
@@ -180,17 +246,32 @@ pub fn read_npz(path: &Path) -> Result<(Dataset, Option<Vec<i64>>), DataError> {
     }
     let num_classes = all.max().map_or(0, |&m| m as usize + 1).max(2);
     if num_classes > 100_000 {
-        return Err(DataError::malformed(path, format!("label {} is absurd", num_classes - 1)));
+        return Err(DataError::malformed(
+            path,
+            format!("label {} is absurd", num_classes - 1),
+        ));
     }
     let poison = match read_array(&mut archive, path, "poison_idx")? {
         None => None,
         Some((shape, arr)) => {
             let idx = labels_from(path, "poison_idx", &shape, arr)?;
             if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as usize >= train.len()) {
-                return Err(DataError::malformed(path, format!("poison_idx {bad} outside 0..{}", train.len())));
+                return Err(DataError::malformed(
+                    path,
+                    format!("poison_idx {bad} outside 0..{}", train.len()),
+                ));
             }
             Some(idx)
         }
     };
-    Ok((Dataset { source: path.display().to_string(), train, test, num_classes, poison_idx: None }, poison))
+    Ok((
+        Dataset {
+            source: path.display().to_string(),
+            train,
+            test,
+            num_classes,
+            poison_idx: None,
+        },
+        poison,
+    ))
 }

@@ -27,7 +27,16 @@ fn split(seed: u64, n: usize) -> LabeledSet {
             *px = if on { 160 + noise } else { noise };
         }
     }
-    LabeledSet { images: Images { n, c: 1, h, w, pixels: Pixels::U8(pixels) }, labels }
+    LabeledSet {
+        images: Images {
+            n,
+            c: 1,
+            h,
+            w,
+            pixels: Pixels::U8(pixels),
+        },
+        labels,
+    }
 }
 
 /// `n_train` and `n_test` samples, deterministic for `seed`.

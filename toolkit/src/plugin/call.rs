@@ -48,18 +48,31 @@ fn tensor(shape: &[usize], dtype: u32, data: *const u8, byte_len: usize) -> abi:
     for (d, &v) in s.iter_mut().zip(shape) {
         *d = v as i64;
     }
-    abi::AuditTensor { dtype, ndim: shape.len() as u32, shape: s, data: data as *const _, byte_len }
+    abi::AuditTensor {
+        dtype,
+        ndim: shape.len() as u32,
+        shape: s,
+        data: data as *const _,
+        byte_len,
+    }
 }
 
 fn dataset_view(set: Option<&LabeledSet>, num_classes: usize) -> abi::AuditDataset {
-    let Some(set) = set else { return abi::AuditDataset::ABSENT };
+    let Some(set) = set else {
+        return abi::AuditDataset::ABSENT;
+    };
     let im = &set.images;
     let shape = [im.n, im.c, im.h, im.w];
     let images = match &im.pixels {
         Pixels::U8(v) => tensor(&shape, abi::AUDIT_DTYPE_U8, v.as_ptr(), v.len()),
         Pixels::F32(v) => tensor(&shape, abi::AUDIT_DTYPE_F32, v.as_ptr() as *const u8, v.len() * 4),
     };
-    let labels = tensor(&[set.labels.len()], abi::AUDIT_DTYPE_I64, set.labels.as_ptr() as *const u8, set.labels.len() * 8);
+    let labels = tensor(
+        &[set.labels.len()],
+        abi::AUDIT_DTYPE_I64,
+        set.labels.as_ptr() as *const u8,
+        set.labels.len() * 8,
+    );
     abi::AuditDataset {
         struct_size: std::mem::size_of::<abi::AuditDataset>() as u32,
         num_classes: num_classes as u32,
@@ -83,12 +96,16 @@ unsafe fn copy_tensor(t: &abi::AuditTensor, what: &str) -> Result<Option<(Vec<us
     let mut shape = Vec::with_capacity(t.ndim as usize);
     let mut elems: usize = 1;
     for &d in &t.shape[..t.ndim as usize] {
-        let d = usize::try_from(d).map_err(|_| format!("{what}: negative dimension in {:?}", &t.shape[..t.ndim as usize]))?;
+        let d = usize::try_from(d)
+            .map_err(|_| format!("{what}: negative dimension in {:?}", &t.shape[..t.ndim as usize]))?;
         elems = elems.checked_mul(d).ok_or_else(|| format!("{what}: shape overflows"))?;
         shape.push(d);
     }
     if elems.checked_mul(esize) != Some(t.byte_len) {
-        return Err(format!("{what}: byte_len {} does not match shape {shape:?} of {esize}-byte elements", t.byte_len));
+        return Err(format!(
+            "{what}: byte_len {} does not match shape {shape:?} of {esize}-byte elements",
+            t.byte_len
+        ));
     }
     if t.byte_len > 0 && t.data.is_null() {
         return Err(format!("{what}: null data pointer with byte_len {}", t.byte_len));
@@ -130,7 +147,9 @@ fn i64_vec(t: Option<(Vec<usize>, OwnedTensor)>, what: &str) -> Result<Option<Ve
     match t {
         None => Ok(None),
         Some((shape, OwnedTensor::I64(v))) if shape.len() == 1 => Ok(Some(v)),
-        Some((shape, _)) => Err(format!("{what}: expected a 1-D i64 tensor, got shape {shape:?} of another dtype")),
+        Some((shape, _)) => Err(format!(
+            "{what}: expected a 1-D i64 tensor, got shape {shape:?} of another dtype"
+        )),
     }
 }
 
@@ -168,7 +187,9 @@ unsafe fn collect(resp: &abi::AuditResponse, input: &CallInput<'_>) -> Result<Ca
     let images = match images {
         None => None,
         Some((shape, t)) => {
-            let [n, c, h, w] = shape[..] else { return Err(format!("images: expected NCHW, got shape {shape:?}")) };
+            let [n, c, h, w] = shape[..] else {
+                return Err(format!("images: expected NCHW, got shape {shape:?}"));
+            };
             let pixels = match t {
                 OwnedTensor::U8(v) => Pixels::U8(v),
                 OwnedTensor::F32(v) => Pixels::F32(v),
@@ -177,7 +198,14 @@ unsafe fn collect(resp: &abi::AuditResponse, input: &CallInput<'_>) -> Result<Ca
             Some(Images { n, c, h, w, pixels })
         }
     };
-    let out = CallOutput { images, labels, indices, model, report, message };
+    let out = CallOutput {
+        images,
+        labels,
+        indices,
+        model,
+        report,
+        message,
+    };
     check_for_op(&out, input)?;
     Ok(out)
 }
@@ -187,7 +215,9 @@ fn check_for_op(out: &CallOutput, input: &CallInput<'_>) -> Result<(), String> {
     let n = input.data.map_or(0, LabeledSet::len);
     let k = input.num_classes as i64;
     let check_images = |what: &str| -> Result<(), String> {
-        let Some(im) = &out.images else { return Err(format!("{what}: no images returned")) };
+        let Some(im) = &out.images else {
+            return Err(format!("{what}: no images returned"));
+        };
         let d = &input.data.expect("op with data").images;
         if (im.n, im.c, im.h, im.w) != (d.n, d.c, d.h, d.w) {
             return Err(format!(
@@ -198,7 +228,9 @@ fn check_for_op(out: &CallOutput, input: &CallInput<'_>) -> Result<(), String> {
         Ok(())
     };
     let check_labels = |what: &str| -> Result<(), String> {
-        let Some(l) = &out.labels else { return Err(format!("{what}: no labels returned")) };
+        let Some(l) = &out.labels else {
+            return Err(format!("{what}: no labels returned"));
+        };
         if l.len() != n {
             return Err(format!("{what}: {} labels for {n} images", l.len()));
         }
@@ -250,7 +282,10 @@ impl LoadedPlugin {
             message,
         };
         if input.op.kind() != self.kind {
-            return Err(bad_input(format!("is a {} plugin; it cannot run `{:?}`", self.kind, input.op)));
+            return Err(bad_input(format!(
+                "is a {} plugin; it cannot run `{:?}`",
+                self.kind, input.op
+            )));
         }
         let params = serde_json::to_string(input.params).expect("JSON map serialises");
         let model = input.model.unwrap_or(&[]);
@@ -261,7 +296,10 @@ impl LoadedPlugin {
             params_json: abi::AuditStr::from_str(&params),
             seed: input.seed,
             device: abi::AuditStr::from_str(input.device),
-            model: abi::AuditBytes { ptr: model.as_ptr(), len: model.len() },
+            model: abi::AuditBytes {
+                ptr: model.as_ptr(),
+                len: model.len(),
+            },
             data: dataset_view(input.data, input.num_classes),
             clean: dataset_view(input.clean, input.num_classes),
         };
@@ -295,9 +333,11 @@ impl LoadedPlugin {
                 Err(match status {
                     abi::AUDIT_STATUS_INVALID_INPUT => PluginError::InvalidInput { name, path, message },
                     abi::AUDIT_STATUS_CANCELLED => PluginError::Cancelled { name, path },
-                    abi::AUDIT_STATUS_UNSUPPORTED => {
-                        PluginError::InvalidInput { name, path, message: format!("unsupported: {message}") }
-                    }
+                    abi::AUDIT_STATUS_UNSUPPORTED => PluginError::InvalidInput {
+                        name,
+                        path,
+                        message: format!("unsupported: {message}"),
+                    },
                     _ => PluginError::Failed { name, path, message },
                 })
             }

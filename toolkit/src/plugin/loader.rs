@@ -48,7 +48,9 @@ unsafe fn desc_str(s: &abi::AuditStr, what: &str, max: usize) -> Result<String, 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Loads (once per process) and negotiates with the plugin at `path`.
@@ -68,12 +70,17 @@ pub fn load(path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
 fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     let path_buf = path.to_path_buf();
     if !path.is_file() {
-        return Err(PluginError::NotALibrary { path: path_buf, reason: "no such file".into() });
+        return Err(PluginError::NotALibrary {
+            path: path_buf,
+            reason: "no such file".into(),
+        });
     }
     // SAFETY: loading a library runs its initialisers; plugins are trusted code by design
     // (the user put them on the search path). The library is never unloaded.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| PluginError::NotALibrary { path: path_buf.clone(), reason: e.to_string() })?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::NotALibrary {
+        path: path_buf.clone(),
+        reason: e.to_string(),
+    })?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     // SAFETY: the symbol's type is fixed by the ABI (it never changes across versions).
     let negotiate: abi::AuditNegotiateFn = unsafe {
@@ -100,7 +107,10 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     if status != abi::AUDIT_STATUS_OK {
         return Err(PluginError::NegotiationFailed { path: path_buf, status });
     }
-    let bad = |reason: String| PluginError::BadDescriptor { path: path_buf.clone(), reason };
+    let bad = |reason: String| PluginError::BadDescriptor {
+        path: path_buf.clone(),
+        reason,
+    };
     if out.descriptor.is_null() {
         return Err(bad("negotiation succeeded but the descriptor pointer is null".into()));
     }
@@ -132,7 +142,10 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     let (Some(run), Some(release)) = (d.run, d.release) else {
         return Err(bad("run or release is null".into()));
     };
-    let schema = Schema::parse(&schema_json).map_err(|reason| PluginError::BadSchema { path: path_buf.clone(), reason })?;
+    let schema = Schema::parse(&schema_json).map_err(|reason| PluginError::BadSchema {
+        path: path_buf.clone(),
+        reason,
+    })?;
     Ok(LoadedPlugin {
         path: path_buf,
         abi_version: out.abi_version,

@@ -43,7 +43,10 @@ impl Manifest {
             abi_version: p.abi_version,
             library: library.to_string(),
             description: p.description.clone(),
-            capabilities: super::capability_names(p.capabilities).into_iter().map(String::from).collect(),
+            capabilities: super::capability_names(p.capabilities)
+                .into_iter()
+                .map(String::from)
+                .collect(),
         }
     }
 }
@@ -74,7 +77,10 @@ impl Discovered {
                 }
                 match &self.library_path {
                     Some(p) if !p.is_file() => Some(format!("library {} is missing", p.display())),
-                    _ => self.shadowed_by.as_ref().map(|s| format!("shadowed by {}", s.display())),
+                    _ => self
+                        .shadowed_by
+                        .as_ref()
+                        .map(|s| format!("shadowed by {}", s.display())),
                 }
             }
         }
@@ -104,9 +110,16 @@ impl Discovered {
 pub fn search_dirs(cli: &[PathBuf]) -> Vec<(PathBuf, &'static str)> {
     let mut dirs: Vec<(PathBuf, &'static str)> = cli.iter().map(|d| (d.clone(), "--plugin-dir")).collect();
     if let Some(env) = std::env::var_os("AUDIT_PLUGIN_PATH") {
-        dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()).map(|p| (p, "AUDIT_PLUGIN_PATH")));
+        dirs.extend(
+            std::env::split_paths(&env)
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| (p, "AUDIT_PLUGIN_PATH")),
+        );
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.join("plugins"))) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.join("plugins")))
+    {
         dirs.push((dir, "beside the binary"));
     }
     dirs
@@ -132,7 +145,11 @@ pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(MANIFEST_SUFFIX)))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(MANIFEST_SUFFIX))
+            })
             .collect();
         paths.sort();
         for manifest_path in paths {
@@ -144,7 +161,12 @@ pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
                     .find(|d| d.manifest.as_ref().is_ok_and(|o| o.name == m.name) && d.shadowed_by.is_none())
                     .map(|d| d.manifest_path.clone())
             });
-            found.push(Discovered { manifest_path, library_path, manifest, shadowed_by });
+            found.push(Discovered {
+                manifest_path,
+                library_path,
+                manifest,
+                shadowed_by,
+            });
         }
     }
     found
@@ -153,7 +175,10 @@ pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
 /// Writes `bytes` to `path` atomically (temporary file beside it, then rename).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".audit-").tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;

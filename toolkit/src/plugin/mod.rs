@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 pub use call::{CallInput, CallOutput, OwnedTensor};
 pub use loader::{load, LoadedPlugin};
-pub use manifest::{discover, install, search_dirs, Discovered, Manifest, MANIFEST_SUFFIX};
 pub(crate) use manifest::write_atomic;
+pub use manifest::{discover, install, search_dirs, Discovered, Manifest, MANIFEST_SUFFIX};
 
 use audit_abi as abi;
 
@@ -105,7 +105,12 @@ pub enum PluginError {
     #[error("plugin {path}: no `{symbol}` symbol: not an audit plugin (or built against another SDK)", symbol = abi::AUDIT_ENTRY_SYMBOL)]
     NoEntry { path: PathBuf },
     #[error("plugin {path}: speaks plugin ABI v{plugin}, this audit speaks v{host_min}..=v{host_max}; rebuild it against this SDK")]
-    AbiMismatch { path: PathBuf, plugin: u32, host_min: u32, host_max: u32 },
+    AbiMismatch {
+        path: PathBuf,
+        plugin: u32,
+        host_min: u32,
+        host_max: u32,
+    },
     #[error("plugin {path}: negotiation failed with status {status}")]
     NegotiationFailed { path: PathBuf, status: i32 },
     #[error("plugin {path}: invalid descriptor: {reason}")]
@@ -113,15 +118,31 @@ pub enum PluginError {
     #[error("plugin {path}: {reason}")]
     BadSchema { path: PathBuf, reason: String },
     #[error("plugin {path}: manifest {manifest}: {reason}")]
-    BadManifest { path: PathBuf, manifest: PathBuf, reason: String },
+    BadManifest {
+        path: PathBuf,
+        manifest: PathBuf,
+        reason: String,
+    },
     #[error("plugin `{name}` ({path}): {message}")]
-    InvalidInput { name: String, path: PathBuf, message: String },
+    InvalidInput {
+        name: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("plugin `{name}` ({path}) failed: {message}")]
-    Failed { name: String, path: PathBuf, message: String },
+    Failed {
+        name: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("plugin `{name}` ({path}) was cancelled")]
     Cancelled { name: String, path: PathBuf },
     #[error("plugin `{name}` ({path}) returned an invalid response: {reason}")]
-    BadResponse { name: String, path: PathBuf, reason: String },
+    BadResponse {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl PluginError {

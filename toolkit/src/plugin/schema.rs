@@ -67,11 +67,17 @@ impl Schema {
                 return Err(format!("parameter schema must have \"type\": \"object\", found {t}"));
             }
         }
-        let Some(props) = obj.get("properties") else { return Ok(Schema::default()) };
-        let props = props.as_object().ok_or("parameter schema: \"properties\" is not an object")?;
+        let Some(props) = obj.get("properties") else {
+            return Ok(Schema::default());
+        };
+        let props = props
+            .as_object()
+            .ok_or("parameter schema: \"properties\" is not an object")?;
         let mut params = Vec::with_capacity(props.len());
         for (name, p) in props {
-            let p = p.as_object().ok_or_else(|| format!("parameter `{name}`: schema is not an object"))?;
+            let p = p
+                .as_object()
+                .ok_or_else(|| format!("parameter `{name}`: schema is not an object"))?;
             let ty = match p.get("type").and_then(Value::as_str) {
                 Some("number") => ParamType::Number,
                 Some("integer") => ParamType::Integer,
@@ -84,20 +90,31 @@ impl Schema {
                     ))
                 }
             };
-            let default = p.get("default").cloned().ok_or_else(|| format!("parameter `{name}`: no default"))?;
+            let default = p
+                .get("default")
+                .cloned()
+                .ok_or_else(|| format!("parameter `{name}`: no default"))?;
             if !ty.accepts(&default) {
                 return Err(format!("parameter `{name}`: default {default} is not a {}", ty.name()));
             }
             let num = |k: &str| -> Result<Option<f64>, String> {
                 match p.get(k) {
                     None => Ok(None),
-                    Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("parameter `{name}`: {k} is not a number")),
+                    Some(v) => v
+                        .as_f64()
+                        .map(Some)
+                        .ok_or_else(|| format!("parameter `{name}`: {k} is not a number")),
                 }
             };
             let choices = match p.get("enum") {
                 None => None,
                 Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|c| ty.accepts(c)) => Some(a.clone()),
-                Some(_) => return Err(format!("parameter `{name}`: enum must be a non-empty array of {}", ty.name())),
+                Some(_) => {
+                    return Err(format!(
+                        "parameter `{name}`: enum must be a non-empty array of {}",
+                        ty.name()
+                    ))
+                }
             };
             let param = Param {
                 name: name.clone(),
@@ -120,9 +137,15 @@ impl Schema {
 
     /// Turns `key=value` strings into a JSON object with every default filled in. Errors name the key.
     pub fn resolve(&self, assignments: &[String]) -> Result<Map<String, Value>, String> {
-        let mut out: Map<String, Value> = self.params.iter().map(|p| (p.name.clone(), p.default.clone())).collect();
+        let mut out: Map<String, Value> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.default.clone()))
+            .collect();
         for a in assignments {
-            let (key, raw) = a.split_once('=').ok_or_else(|| format!("--param `{a}`: expected KEY=VALUE"))?;
+            let (key, raw) = a
+                .split_once('=')
+                .ok_or_else(|| format!("--param `{a}`: expected KEY=VALUE"))?;
             let key = key.trim();
             let Some(param) = self.get(key) else {
                 let known: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
@@ -215,7 +238,9 @@ mod tests {
     #[test]
     fn fills_defaults_and_parses_types() {
         let s = Schema::parse(SCHEMA).unwrap();
-        let m = s.resolve(&["target=3".into(), "rate=0.1".into(), "adaptive=true".into()]).unwrap();
+        let m = s
+            .resolve(&["target=3".into(), "rate=0.1".into(), "adaptive=true".into()])
+            .unwrap();
         assert_eq!(m["target"], 3);
         assert_eq!(m["rate"], 0.1);
         assert_eq!(m["mode"], "all-to-one");
@@ -226,7 +251,10 @@ mod tests {
     fn errors_name_the_key() {
         let s = Schema::parse(SCHEMA).unwrap();
         let e = s.resolve(&["colour=1".into()]).unwrap_err();
-        assert!(e.contains("unknown parameter `colour`") && e.contains("target, rate, mode, adaptive"), "{e}");
+        assert!(
+            e.contains("unknown parameter `colour`") && e.contains("target, rate, mode, adaptive"),
+            "{e}"
+        );
         let e = s.resolve(&["target=x".into()]).unwrap_err();
         assert!(e.contains("`target`") && e.contains("not a integer"), "{e}");
         let e = s.resolve(&["rate=1.5".into()]).unwrap_err();
@@ -243,10 +271,16 @@ mod tests {
 
     #[test]
     fn bad_schemas_are_refused_with_a_reason() {
-        assert!(Schema::parse("{\"type\": \"object\", properties: oops").unwrap_err().contains("not valid JSON"));
+        assert!(Schema::parse("{\"type\": \"object\", properties: oops")
+            .unwrap_err()
+            .contains("not valid JSON"));
         assert!(Schema::parse("[1]").unwrap_err().contains("not a JSON object"));
-        assert!(Schema::parse(r#"{"properties":{"a":{"type":"float","default":1}}}"#).unwrap_err().contains("`a`"));
-        assert!(Schema::parse(r#"{"properties":{"a":{"type":"integer"}}}"#).unwrap_err().contains("no default"));
+        assert!(Schema::parse(r#"{"properties":{"a":{"type":"float","default":1}}}"#)
+            .unwrap_err()
+            .contains("`a`"));
+        assert!(Schema::parse(r#"{"properties":{"a":{"type":"integer"}}}"#)
+            .unwrap_err()
+            .contains("no default"));
         assert!(Schema::parse(r#"{"properties":{"a":{"type":"integer","default":"x"}}}"#).is_err());
         assert!(Schema::parse(r#"{"properties":{"a":{"type":"integer","default":5,"maximum":2}}}"#).is_err());
         assert_eq!(Schema::parse("").unwrap(), Schema::default());
