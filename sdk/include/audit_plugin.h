@@ -243,6 +243,8 @@ typedef int32_t (*AuditNegotiateFn)(const struct AuditHostApi *host, struct Audi
 
 #endif  /* AUDIT_PLUGIN_H */
 
+#ifndef AUDIT_PLUGIN_ENTRY_DECLARED
+#define AUDIT_PLUGIN_ENTRY_DECLARED
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -258,3 +260,4 @@ int32_t audit_plugin_negotiate(const AuditHostApi *host, AuditNegotiation *out);
 #ifdef __cplusplus
 }
 #endif
+#endif  /* AUDIT_PLUGIN_ENTRY_DECLARED */

@@ -7,8 +7,16 @@
 //! asking tch for a CUDA device.
 
 mod device;
+pub mod error;
+pub mod model;
+pub mod ops;
+pub mod proto;
+pub mod tensor;
 
 pub use device::{libtorch_dir, resolve_device, DeviceError, DeviceRequest};
+pub use error::{NnError, Result};
+pub use model::{IoInfo, Model, Param, ParamRole, UnsupportedNode};
+pub use ops::Mode;
 
 /// A tiny real computation on libtorch (sum of 0..10 = 45 on `device`), proving it loads and runs.
 pub fn smoke_test(device: tch::Device) -> f64 {

@@ -1,0 +1,374 @@
+//! An ONNX model loaded for libtorch: the graph as runnable nodes, initializers as tensors
+//! (trainable parameters or constants), forward passes with taps.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use prost::Message;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{NnError, Result};
+use crate::ops::{registry, BuildCtx, Mode, Op, RunCtx};
+use crate::proto::{ModelProto, NodeProto};
+use crate::tensor::tensor_from_proto;
+
+/// Ops whose listed inputs are weights: (op type, input positions that become trainable).
+const WEIGHT_INPUTS: &[(&str, &[usize])] = &[
+    ("Conv", &[1, 2]),
+    ("ConvTranspose", &[1, 2]),
+    ("Gemm", &[1, 2]),
+    ("MatMul", &[0, 1]),
+    ("BatchNormalization", &[1, 2]),
+    ("InstanceNormalization", &[1, 2]),
+    ("LayerNormalization", &[1, 2]),
+    ("PRelu", &[1]),
+];
+
+/// What an initializer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamRole {
+    /// A weight or bias: trained.
+    Trainable,
+    /// A BatchNormalization running mean or variance: updated in train mode, not by gradients.
+    BnStat,
+    /// Anything else (shapes, axes, constants): never changes.
+    Constant,
+}
+
+/// One initializer.
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    pub role: ParamRole,
+    /// ONNX element type it is stored with (restored on export).
+    pub data_type: i32,
+    pub tensor: Tensor,
+    pub(crate) value: usize,
+}
+
+/// A graph input or output.
+#[derive(Debug, Clone)]
+pub struct IoInfo {
+    pub name: String,
+    pub elem_type: i32,
+    /// Dimensions; `None` for symbolic or unknown.
+    pub dims: Vec<Option<i64>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub name: String,
+    pub op_type: String,
+    pub op: Box<dyn Op>,
+    pub inputs: Vec<Option<usize>>,
+    pub outputs: Vec<usize>,
+}
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Model {
+    /// The original model, kept to export the same graph.
+    pub proto: ModelProto,
+    /// Opset of the default domain.
+    pub opset: i64,
+    pub inputs: Vec<IoInfo>,
+    pub outputs: Vec<IoInfo>,
+    pub params: Vec<Param>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) value_names: Vec<String>,
+    pub(crate) value_ids: HashMap<String, usize>,
+    pub(crate) input_ids: Vec<usize>,
+    pub(crate) output_ids: Vec<usize>,
+    pub device: Device,
+}
+
+/// An op that the engine cannot run, found while inspecting.
+#[derive(Debug, Clone)]
+pub struct UnsupportedNode {
+    pub op_type: String,
+    pub node: String,
+    pub domain: String,
+    pub reason: String,
+}
+
+/// Parses ONNX bytes (clean error, never a panic).
+pub fn parse(bytes: &[u8]) -> Result<ModelProto> {
+    let proto = ModelProto::decode(bytes).map_err(|e| NnError::Parse(format!("protobuf decode failed: {e}")))?;
+    if proto.graph.is_none() {
+        return Err(NnError::Parse("the model has no graph".into()));
+    }
+    Ok(proto)
+}
+
+/// Opset of the default ONNX domain.
+pub fn default_opset(proto: &ModelProto) -> i64 {
+    proto
+        .opset_import
+        .iter()
+        .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+        .map(|o| o.version())
+        .unwrap_or(0)
+}
+
+fn io_info(v: &crate::proto::ValueInfoProto) -> IoInfo {
+    let (elem_type, dims) = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(crate::proto::type_proto::Value::TensorType(t)) => {
+            let dims = t
+                .shape
+                .as_ref()
+                .map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match d.value {
+                            Some(crate::proto::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (t.elem_type(), dims)
+        }
+        _ => (0, vec![]),
+    };
+    IoInfo { name: v.name().to_string(), elem_type, dims }
+}
+
+/// Every node the engine cannot build, in one pass (for `audit inspect`).
+pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
+    let opset = default_opset(proto);
+    let reg = registry();
+    let mut out = Vec::new();
+    for node in &proto.graph.as_ref().map(|g| g.node.clone()).unwrap_or_default() {
+        let domain = node.domain().to_string();
+        let reason = if !(domain.is_empty() || domain == "ai.onnx") {
+            Some(format!("domain `{domain}` is not supported"))
+        } else {
+            match reg.get(node.op_type()) {
+                None => Some("no builder for this op".to_string()),
+                Some(build) => build(&BuildCtx { node, opset }).err(),
+            }
+        };
+        if let Some(reason) = reason {
+            out.push(UnsupportedNode { op_type: node.op_type().to_string(), node: node.name().to_string(), domain, reason });
+        }
+    }
+    out
+}
+
+impl Model {
+    /// Loads a model from a file (external data resolved beside it).
+    pub fn load_file(path: &Path) -> Result<Model> {
+        let bytes = std::fs::read(path).map_err(|e| NnError::Parse(format!("{}: {e}", path.display())))?;
+        Model::load(&bytes, path.parent())
+    }
+
+    /// Loads a model from bytes. Fails at load time, naming op, node and opset, when any op is
+    /// unsupported.
+    pub fn load(bytes: &[u8], base_dir: Option<&Path>) -> Result<Model> {
+        let proto = parse(bytes)?;
+        Model::from_proto(proto, base_dir)
+    }
+
+    /// Builds the runnable graph of a parsed model.
+    pub fn from_proto(proto: ModelProto, base_dir: Option<&Path>) -> Result<Model> {
+        let opset = default_opset(&proto);
+        let unsupported = unsupported_nodes(&proto);
+        if let Some(first) = unsupported.first() {
+            if first.reason == "no builder for this op" || first.reason.starts_with("domain") {
+                return Err(NnError::Unsupported {
+                    op_type: first.op_type.clone(),
+                    node: first.node.clone(),
+                    opset,
+                    more: unsupported.len() - 1,
+                });
+            }
+            return Err(NnError::node(&first.node, &first.op_type, &first.reason));
+        }
+        let graph = proto.graph.clone().expect("parse checked the graph");
+        let mut value_ids: HashMap<String, usize> = HashMap::new();
+        let mut value_names: Vec<String> = Vec::new();
+        let id = |name: &str, value_ids: &mut HashMap<String, usize>, value_names: &mut Vec<String>| -> usize {
+            *value_ids.entry(name.to_string()).or_insert_with(|| {
+                value_names.push(name.to_string());
+                value_names.len() - 1
+            })
+        };
+
+        // Which initializers feed weight inputs, and BN statistics.
+        let init_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+        let mut roles: HashMap<String, ParamRole> = HashMap::new();
+        for node in &graph.node {
+            if let Some((_, slots)) = WEIGHT_INPUTS.iter().find(|(op, _)| *op == node.op_type()) {
+                for &s in *slots {
+                    if let Some(name) = node.input.get(s).filter(|n| init_names.contains(n.as_str())) {
+                        roles.insert(name.clone(), ParamRole::Trainable);
+                    }
+                }
+            }
+            if node.op_type() == "BatchNormalization" {
+                for s in [3, 4] {
+                    if let Some(name) = node.input.get(s).filter(|n| init_names.contains(n.as_str())) {
+                        roles.insert(name.clone(), ParamRole::BnStat);
+                    }
+                }
+            }
+        }
+
+        let mut params = Vec::with_capacity(graph.initializer.len());
+        for t in &graph.initializer {
+            let tensor = tensor_from_proto(t, base_dir)?;
+            let mut role = roles.get(t.name()).copied().unwrap_or(ParamRole::Constant);
+            if role == ParamRole::Trainable && !matches!(tensor.kind(), Kind::Float | Kind::Double | Kind::Half) {
+                role = ParamRole::Constant;
+            }
+            let tensor = if role == ParamRole::Constant { tensor } else { tensor.to_kind(Kind::Float) };
+            let value = id(t.name(), &mut value_ids, &mut value_names);
+            params.push(Param { name: t.name().to_string(), role, data_type: t.data_type(), tensor, value });
+        }
+
+        let inputs: Vec<IoInfo> = graph.input.iter().filter(|i| !init_names.contains(i.name())).map(io_info).collect();
+        let outputs: Vec<IoInfo> = graph.output.iter().map(io_info).collect();
+        if inputs.is_empty() {
+            return Err(NnError::Parse("the graph has no input besides its initializers".into()));
+        }
+        let input_ids: Vec<usize> = inputs.iter().map(|i| id(&i.name, &mut value_ids, &mut value_names)).collect();
+
+        let order = topo_order(&graph.node, &graph.initializer.iter().map(|t| t.name().to_string()).chain(inputs.iter().map(|i| i.name.clone())).collect())?;
+        let reg = registry();
+        let mut nodes = Vec::with_capacity(graph.node.len());
+        for &i in &order {
+            let node = &graph.node[i];
+            let build = reg.get(node.op_type()).expect("checked above");
+            let op = build(&BuildCtx { node, opset }).map_err(|m| NnError::node(node.name(), node.op_type(), m))?;
+            let ins = node
+                .input
+                .iter()
+                .map(|n| if n.is_empty() { None } else { Some(id(n, &mut value_ids, &mut value_names)) })
+                .collect();
+            let outs = node.output.iter().map(|n| id(n, &mut value_ids, &mut value_names)).collect();
+            nodes.push(Node { name: node.name().to_string(), op_type: node.op_type().to_string(), op, inputs: ins, outputs: outs });
+        }
+        let output_ids = outputs
+            .iter()
+            .map(|o| {
+                value_ids.get(&o.name).copied().ok_or_else(|| NnError::Parse(format!("graph output `{}` is never produced", o.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut model = Model { proto, opset, inputs, outputs, params, nodes, value_names, value_ids, input_ids, output_ids, device: Device::Cpu };
+        model.set_trainable(true);
+        Ok(model)
+    }
+
+    /// Moves every tensor to `device`.
+    pub fn to_device(&mut self, device: Device) {
+        for p in &mut self.params {
+            let t = p.tensor.to_device(device).detach();
+            p.tensor = if p.role == ParamRole::Trainable { t.set_requires_grad(true) } else { t };
+        }
+        self.device = device;
+    }
+
+    /// Turns gradient tracking of the trainable parameters on or off.
+    pub fn set_trainable(&mut self, on: bool) {
+        for p in self.params.iter_mut().filter(|p| p.role == ParamRole::Trainable) {
+            p.tensor = p.tensor.detach().set_requires_grad(on);
+        }
+    }
+
+    /// The trainable parameters (weights and biases), in initializer order.
+    pub fn trainable(&self) -> Vec<&Tensor> {
+        self.params.iter().filter(|p| p.role == ParamRole::Trainable).map(|p| &p.tensor).collect()
+    }
+
+    /// Number of trainable scalars.
+    pub fn parameter_count(&self) -> i64 {
+        self.trainable().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// Id of a value (node output, input or initializer) by name.
+    pub fn value_id(&self, name: &str) -> Option<usize> {
+        self.value_ids.get(name).copied()
+    }
+
+    /// Runs the graph on `input` (the first graph input). Returns the graph outputs and the
+    /// values of `taps` (value ids), in order.
+    pub fn forward_with_taps(&self, inputs: &[&Tensor], mode: Mode, taps: &[usize]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        if inputs.len() != self.input_ids.len() {
+            return Err(NnError::Other(format!("the model takes {} input(s), got {}", self.input_ids.len(), inputs.len())));
+        }
+        let mut env: Vec<Option<Tensor>> = (0..self.value_names.len()).map(|_| None).collect();
+        for p in &self.params {
+            env[p.value] = Some(p.tensor.shallow_clone());
+        }
+        for (&id, t) in self.input_ids.iter().zip(inputs) {
+            env[id] = Some(t.shallow_clone());
+        }
+        let ctx = RunCtx { mode };
+        for node in &self.nodes {
+            let args: Vec<Option<&Tensor>> = node.inputs.iter().map(|i| i.and_then(|i| env[i].as_ref())).collect();
+            if let Some(pos) = node.inputs.iter().zip(&args).position(|(i, a)| i.is_some() && a.is_none()) {
+                return Err(NnError::node(&node.name, &node.op_type, format!("input {pos} is never computed")));
+            }
+            let outs = node.op.run(&ctx, &args).map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
+            if outs.len() < node.outputs.iter().len().min(1) {
+                return Err(NnError::node(&node.name, &node.op_type, "produced no output"));
+            }
+            for (&o, t) in node.outputs.iter().zip(outs) {
+                env[o] = Some(t);
+            }
+        }
+        let take = |id: usize| env[id].as_ref().map(Tensor::shallow_clone).ok_or_else(|| NnError::Other(format!("value `{}` was not computed", self.value_names[id])));
+        let outs = self.output_ids.iter().map(|&i| take(i)).collect::<Result<Vec<_>>>()?;
+        let taps = taps.iter().map(|&i| take(i)).collect::<Result<Vec<_>>>()?;
+        Ok((outs, taps))
+    }
+
+    /// Runs the graph and returns its first output (the logits of a classifier).
+    pub fn forward(&self, input: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (mut outs, _) = self.forward_with_taps(&[input], mode, &[])?;
+        Ok(outs.swap_remove(0))
+    }
+
+    /// Nodes in execution order: (name, op type, input names, output names).
+    pub fn node_summaries(&self) -> Vec<(String, String, Vec<String>, Vec<String>)> {
+        let name = |i: &usize| self.value_names[*i].clone();
+        self.nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    n.op_type.clone(),
+                    n.inputs.iter().map(|i| i.as_ref().map(name).unwrap_or_default()).collect(),
+                    n.outputs.iter().map(name).collect(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Execution order: ONNX requires topological order, but we sort anyway (Kahn) and reject cycles.
+fn topo_order(nodes: &[NodeProto], available: &HashSet<String>) -> Result<Vec<usize>> {
+    let mut ready: HashSet<String> = available.clone();
+    let mut done = vec![false; nodes.len()];
+    let mut order = Vec::with_capacity(nodes.len());
+    loop {
+        let mut progressed = false;
+        for (i, n) in nodes.iter().enumerate() {
+            if done[i] || !n.input.iter().all(|x| x.is_empty() || ready.contains(x)) {
+                continue;
+            }
+            done[i] = true;
+            progressed = true;
+            order.push(i);
+            ready.extend(n.output.iter().cloned());
+        }
+        if order.len() == nodes.len() {
+            return Ok(order);
+        }
+        if !progressed {
+            let stuck = nodes.iter().zip(&done).find(|(_, d)| !**d).map(|(n, _)| n).expect("some node left");
+            let missing: Vec<&String> = stuck.input.iter().filter(|x| !x.is_empty() && !ready.contains(*x)).collect();
+            return Err(NnError::node(stuck.name(), stuck.op_type(), format!("inputs {missing:?} are never produced (or the graph has a cycle)")));
+        }
+    }
+}
