@@ -8,10 +8,13 @@
 
 mod device;
 pub mod error;
+pub mod export;
 pub mod model;
+pub mod neurons;
 pub mod ops;
 pub mod proto;
 pub mod tensor;
+pub mod train;
 
 pub use device::{libtorch_dir, resolve_device, DeviceError, DeviceRequest};
 pub use error::{NnError, Result};

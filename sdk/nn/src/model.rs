@@ -57,6 +57,8 @@ pub struct IoInfo {
 
 #[derive(Debug)]
 pub(crate) struct Node {
+    /// Index of the node in the proto graph.
+    pub proto_index: usize,
     pub name: String,
     pub op_type: String,
     pub op: Box<dyn Op>,
@@ -246,7 +248,7 @@ impl Model {
                 .map(|n| if n.is_empty() { None } else { Some(id(n, &mut value_ids, &mut value_names)) })
                 .collect();
             let outs = node.output.iter().map(|n| id(n, &mut value_ids, &mut value_names)).collect();
-            nodes.push(Node { name: node.name().to_string(), op_type: node.op_type().to_string(), op, inputs: ins, outputs: outs });
+            nodes.push(Node { proto_index: i, name: node.name().to_string(), op_type: node.op_type().to_string(), op, inputs: ins, outputs: outs });
         }
         let output_ids = outputs
             .iter()
@@ -270,8 +272,9 @@ impl Model {
 
     /// Turns gradient tracking of the trainable parameters on or off.
     pub fn set_trainable(&mut self, on: bool) {
-        for p in self.params.iter_mut().filter(|p| p.role == ParamRole::Trainable) {
-            p.tensor = p.tensor.detach().set_requires_grad(on);
+        for p in self.params.iter().filter(|p| p.role == ParamRole::Trainable) {
+            // In place: optimisers hold these very tensors.
+            let _ = p.tensor.set_requires_grad(on);
         }
     }
 

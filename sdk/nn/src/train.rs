@@ -1,0 +1,363 @@
+//! The training loop every plugin reuses: data kept on the device, seeded shuffling, batched
+//! augmentation on the device, libtorch's own SGD/Adam (per-group learning rates), step and
+//! cosine schedules, BatchNormalization in train or frozen mode, progress and cancellation hooks.
+
+use tch::{no_grad, COptimizer, Device, Kind, Tensor};
+
+use crate::error::{NnError, Result};
+use crate::model::{Model, ParamRole};
+use crate::ops::Mode;
+
+/// Pixel preprocessing: the model sees `(pixel/255 - mean) / std` per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Preprocess { mean: vec![0.0], std: vec![1.0] }
+    }
+}
+
+impl Preprocess {
+    /// Raw images (u8 0..255 or float 0..1) to the float range 0..1.
+    pub fn to_unit(x: &Tensor) -> Tensor {
+        if x.kind() == Kind::Uint8 {
+            x.to_kind(Kind::Float) / 255.0
+        } else {
+            x.to_kind(Kind::Float)
+        }
+    }
+
+    /// Normalises images already in 0..1.
+    pub fn normalize(&self, x01: &Tensor) -> Tensor {
+        let c = x01.size()[1];
+        let per = |v: &[f64]| -> Tensor {
+            let vals: Vec<f32> = (0..c as usize).map(|i| *v.get(i).or(v.first()).unwrap_or(&0.0) as f32).collect();
+            Tensor::from_slice(&vals).to_device(x01.device()).view([1, c, 1, 1])
+        };
+        if self.mean.iter().all(|&m| m == 0.0) && self.std.iter().all(|&s| s == 1.0) {
+            return x01.shallow_clone();
+        }
+        (x01 - per(&self.mean)) / per(&self.std)
+    }
+
+    /// Raw images to model input.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        self.normalize(&Self::to_unit(x))
+    }
+}
+
+/// A labelled set held on the device: images (u8 or f32, NCHW) and i64 labels.
+#[derive(Debug)]
+pub struct DeviceData {
+    pub x: Tensor,
+    pub y: Tensor,
+}
+
+impl DeviceData {
+    /// Moves images and labels to `device`.
+    pub fn new(x: &Tensor, y: &Tensor, device: Device) -> DeviceData {
+        DeviceData { x: x.to_device(device), y: y.to_kind(Kind::Int64).to_device(device) }
+    }
+    /// Number of samples.
+    pub fn len(&self) -> i64 {
+        self.y.size()[0]
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The samples at `idx` (an i64 tensor).
+    pub fn select(&self, idx: &Tensor) -> DeviceData {
+        let idx = idx.to_device(self.x.device());
+        DeviceData { x: self.x.index_select(0, &idx), y: self.y.index_select(0, &idx) }
+    }
+}
+
+/// Optimiser.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    Sgd { momentum: f64, nesterov: bool },
+    Adam { beta1: f64, beta2: f64 },
+}
+
+/// Learning-rate schedule over epochs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    Constant,
+    /// Multiply by `gamma` every `every` epochs.
+    Step { every: usize, gamma: f64 },
+    /// Cosine annealing from the base rate to `min_lr` over the run.
+    Cosine { min_lr: f64 },
+}
+
+/// Batched augmentation done on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Augment {
+    /// Random crop after zero padding by this many pixels (0: off).
+    pub crop_padding: i64,
+    /// Random horizontal flip.
+    pub flip: bool,
+}
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: i64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    /// Freeze BatchNormalization (running statistics fixed; affine parameters still train).
+    pub freeze_bn: bool,
+    pub augment: Augment,
+    pub seed: u64,
+    /// Learning-rate multipliers per parameter-name prefix (first match wins); others use 1.
+    pub group_lr: Vec<(String, f64)>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            batch_size: 128,
+            lr: 0.01,
+            weight_decay: 5e-4,
+            optimizer: Optimizer::Sgd { momentum: 0.9, nesterov: false },
+            schedule: Schedule::Constant,
+            freeze_bn: false,
+            augment: Augment::default(),
+            seed: 0,
+            group_lr: vec![],
+        }
+    }
+}
+
+/// Callbacks for progress and cancellation.
+pub struct Hooks<'a> {
+    /// (phase, done, total).
+    pub progress: Box<dyn FnMut(&str, u64, u64) + 'a>,
+    /// True once the user asked to stop.
+    pub cancelled: Box<dyn Fn() -> bool + 'a>,
+}
+
+impl std::fmt::Debug for Hooks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
+impl Hooks<'_> {
+    /// No progress, never cancelled.
+    pub fn none() -> Hooks<'static> {
+        Hooks { progress: Box::new(|_, _, _| {}), cancelled: Box::new(|| false) }
+    }
+}
+
+/// What one epoch did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochStats {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub samples: i64,
+    pub seconds: f64,
+}
+
+/// A loss over logits and labels: returns per-sample losses of shape [B].
+pub type LossFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
+
+/// Per-sample cross-entropy.
+pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
+    logits.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(y, None, tch::Reduction::None, -100)
+}
+
+/// Random crop (with zero padding) and flip, per sample, vectorised on the device.
+pub fn augment(x01: &Tensor, a: Augment) -> Tensor {
+    let mut x = x01.shallow_clone();
+    let dev = x.device();
+    let (b, _c, h, w) = x.size4().expect("NCHW");
+    if a.crop_padding > 0 {
+        let p = a.crop_padding;
+        let padded = x.constant_pad_nd([p, p, p, p]).permute([0, 2, 3, 1]); // B, H+2p, W+2p, C
+        let dy = Tensor::randint(2 * p + 1, [b], (Kind::Int64, dev));
+        let dx = Tensor::randint(2 * p + 1, [b], (Kind::Int64, dev));
+        let rows = dy.unsqueeze(1) + Tensor::arange(h, (Kind::Int64, dev)).unsqueeze(0); // B, H
+        let cols = dx.unsqueeze(1) + Tensor::arange(w, (Kind::Int64, dev)).unsqueeze(0); // B, W
+        let bi = Tensor::arange(b, (Kind::Int64, dev)).view([b, 1, 1]);
+        x = padded.index(&[Some(bi), Some(rows.unsqueeze(2)), Some(cols.unsqueeze(1))]).permute([0, 3, 1, 2]).contiguous();
+    }
+    if a.flip {
+        let mask = Tensor::rand([b], (Kind::Float, dev)).lt(0.5).view([b, 1, 1, 1]);
+        x = x.flip([3]).where_self(&mask, &x);
+    }
+    x
+}
+
+/// Trains a model; keeps the optimiser state across calls (so a defense can change the learning
+/// rate and keep momentum, as NONE does).
+pub struct Trainer {
+    opt: COptimizer,
+    pub cfg: TrainConfig,
+    groups: Vec<f64>,
+    base_lr: f64,
+    epochs_done: usize,
+    masks: Vec<(usize, Tensor)>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("cfg", &self.cfg).field("epochs_done", &self.epochs_done).finish()
+    }
+}
+
+impl Trainer {
+    /// An optimiser over the model's trainable parameters (create it after moving the model to
+    /// its device: it holds the parameter tensors).
+    pub fn new(model: &Model, cfg: TrainConfig) -> Result<Trainer> {
+        let mut opt = match cfg.optimizer {
+            Optimizer::Sgd { momentum, nesterov } => COptimizer::sgd(cfg.lr, momentum, 0.0, cfg.weight_decay, nesterov)?,
+            Optimizer::Adam { beta1, beta2 } => COptimizer::adam(cfg.lr, beta1, beta2, cfg.weight_decay, 1e-8, false)?,
+        };
+        let mut groups: Vec<f64> = vec![1.0];
+        for p in model.params.iter().filter(|p| p.role == ParamRole::Trainable) {
+            let mult = cfg.group_lr.iter().find(|(prefix, _)| p.name.starts_with(prefix.as_str())).map_or(1.0, |g| g.1);
+            let g = match groups.iter().position(|&m| m == mult) {
+                Some(g) => g,
+                None => {
+                    groups.push(mult);
+                    groups.len() - 1
+                }
+            };
+            opt.add_parameters(&p.tensor, g)?;
+        }
+        let base_lr = cfg.lr;
+        let mut t = Trainer { opt, cfg, groups, base_lr, epochs_done: 0, masks: vec![] };
+        t.apply_lr(base_lr)?;
+        Ok(t)
+    }
+
+    fn apply_lr(&mut self, lr: f64) -> Result<()> {
+        for (g, mult) in self.groups.clone().into_iter().enumerate() {
+            self.opt.set_learning_rate_group(g, lr * mult)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the base learning rate (schedules scale from it); the optimiser state is kept.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.base_lr = lr;
+        self.apply_lr(lr)
+    }
+
+    /// Keeps parameter `param` (index into `model.params`) multiplied by `mask` after every step.
+    pub fn add_mask(&mut self, param: usize, mask: Tensor) {
+        self.masks.push((param, mask));
+    }
+
+    fn lr_for(&self, epoch: usize) -> f64 {
+        let e = epoch as f64;
+        match self.cfg.schedule {
+            Schedule::Constant => self.base_lr,
+            Schedule::Step { every, gamma } => self.base_lr * gamma.powi((epoch / every.max(1)) as i32),
+            Schedule::Cosine { min_lr } => {
+                let t = self.cfg.epochs.max(1) as f64;
+                min_lr + 0.5 * (self.base_lr - min_lr) * (1.0 + (std::f64::consts::PI * e / t).cos())
+            }
+        }
+    }
+
+    /// One epoch over `data` with `loss` (per-sample losses; their mean is minimised).
+    pub fn epoch_with(
+        &mut self,
+        model: &Model,
+        data: &DeviceData,
+        pre: &Preprocess,
+        loss: LossFn<'_>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<EpochStats> {
+        let started = std::time::Instant::now();
+        let lr = self.lr_for(self.epochs_done);
+        self.apply_lr(lr)?;
+        let mode = if self.cfg.freeze_bn { Mode::TrainFrozenBn } else { Mode::Train };
+        let n = data.len();
+        if n == 0 {
+            return Err(NnError::Other("cannot train on an empty dataset".into()));
+        }
+        tch::manual_seed(self.cfg.seed.wrapping_add(self.epochs_done as u64 * 7919) as i64);
+        let perm = Tensor::randperm(n, (Kind::Int64, data.x.device()));
+        let bs = self.cfg.batch_size.max(1);
+        let steps = (n + bs - 1) / bs;
+        let (mut loss_sum, mut correct) = (Tensor::zeros([], (Kind::Double, data.x.device())), Tensor::zeros([], (Kind::Int64, data.x.device())));
+        for s in 0..steps {
+            if (hooks.cancelled)() {
+                return Err(NnError::Other("cancelled".into()));
+            }
+            let idx = perm.narrow(0, s * bs, (n - s * bs).min(bs));
+            let xb = Preprocess::to_unit(&data.x.index_select(0, &idx));
+            let xb = if self.cfg.augment != Augment::default() { augment(&xb, self.cfg.augment) } else { xb };
+            let xb = pre.normalize(&xb);
+            let yb = data.y.index_select(0, &idx);
+            let logits = model.forward(&xb, mode)?;
+            let l = loss(&logits, &yb);
+            let mean = l.mean(Kind::Float);
+            self.opt.zero_grad()?;
+            mean.backward();
+            self.opt.step()?;
+            self.apply_masks(model);
+            no_grad(|| {
+                loss_sum += l.detach().sum(Kind::Double);
+                correct += logits.argmax(-1, false).eq_tensor(&yb).sum(Kind::Int64);
+            });
+            (hooks.progress)("train", (s + 1) as u64, steps as u64);
+        }
+        self.epochs_done += 1;
+        Ok(EpochStats {
+            loss: loss_sum.double_value(&[]) / n as f64,
+            accuracy: correct.int64_value(&[]) as f64 / n as f64,
+            samples: n,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One epoch of cross-entropy training.
+    pub fn epoch(&mut self, model: &Model, data: &DeviceData, pre: &Preprocess, hooks: &mut Hooks<'_>) -> Result<EpochStats> {
+        self.epoch_with(model, data, pre, &cross_entropy, hooks)
+    }
+
+    fn apply_masks(&self, model: &Model) {
+        if self.masks.is_empty() {
+            return;
+        }
+        no_grad(|| {
+            for (i, m) in &self.masks {
+                let _ = model.params[*i].tensor.shallow_clone().f_mul_(m);
+            }
+        });
+    }
+}
+
+/// Logits for every sample (eval mode, batched).
+pub fn predict(model: &Model, data: &DeviceData, pre: &Preprocess, batch: i64) -> Result<Tensor> {
+    let n = data.len();
+    let mut outs = Vec::new();
+    no_grad(|| -> Result<()> {
+        let mut s = 0;
+        while s < n {
+            let k = (n - s).min(batch);
+            outs.push(model.forward(&pre.apply(&data.x.narrow(0, s, k)), Mode::Eval)?);
+            s += k;
+        }
+        Ok(())
+    })?;
+    Ok(Tensor::cat(&outs, 0))
+}
+
+/// Accuracy in eval mode.
+pub fn accuracy(model: &Model, data: &DeviceData, pre: &Preprocess, batch: i64) -> Result<f64> {
+    let logits = predict(model, data, pre, batch)?;
+    Ok(logits.argmax(-1, false).eq_tensor(&data.y).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]))
+}

@@ -1,0 +1,121 @@
+//! The engine against real exporters: a CNN exported by the venv's PyTorch (BatchNormalization
+//! kept, and folded) loads, matches torch's outputs, trains, and exports a model that
+//! onnxruntime runs with the same outputs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use audit_nn::train::{DeviceData, Hooks, Preprocess, TrainConfig, Trainer};
+use audit_nn::{Mode, Model};
+use tch::{Device, Kind, Tensor};
+
+fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(p.is_file(), "{} missing: run scripts/setup", p.display());
+    p
+}
+
+fn run_py(script: &str, args: &[&Path]) -> String {
+    let out = Command::new(python()).arg("-c").arg(script).args(args).output().expect("python");
+    assert!(out.status.success(), "python failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const EXPORT: &str = r#"
+import sys, torch, numpy as np
+torch.manual_seed(0)
+out, fold = sys.argv[1], sys.argv[2] == "fold"
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3, padding=1, stride=2), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        self.c = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 7 * 7, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    def forward(self, x):
+        return self.c(self.f(x))
+m = Net()
+# Non-trivial BN statistics.
+m.train()
+with torch.no_grad():
+    for _ in range(3):
+        m(torch.rand(16, 1, 28, 28))
+m.eval()
+x = torch.rand(4, 1, 28, 28)
+mode = torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE
+torch.onnx.export(m, (x,), out + "/model.onnx", input_names=["input"], output_names=["logits"], opset_version=13,
+                  dynamic_axes={"input": {0: "batch"}}, training=mode, do_constant_folding=True, dynamo=False)
+np.save(out + "/x.npy", x.numpy())
+np.save(out + "/y.npy", m(x).detach().numpy())
+import onnx
+print(sorted({n.op_type for n in onnx.load(out + "/model.onnx").graph.node}))
+"#;
+
+const ORT: &str = r#"
+import sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+y = s.run(None, {s.get_inputs()[0].name: x})[0]
+ref = np.load(sys.argv[3])
+print(float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-6)))
+"#;
+
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]).max(1e-6);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+fn exercise(fold: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = run_py(EXPORT, &[dir.path(), Path::new(if fold { "fold" } else { "keep" })]);
+    assert_eq!(ops.contains("BatchNormalization"), !fold, "exported ops: {ops}");
+    let mut model = Model::load_file(&dir.path().join("model.onnx")).unwrap();
+    let x = Tensor::read_npy(dir.path().join("x.npy")).unwrap();
+    let y = Tensor::read_npy(dir.path().join("y.npy")).unwrap();
+    let ours = tch::no_grad(|| model.forward(&x, Mode::Eval)).unwrap();
+    assert!(rel_diff(&ours, &y) < 1e-5, "engine vs torch: {}", rel_diff(&ours, &y));
+
+    // Neurons: two convs and the hidden linear are monitored; the last linear is the output.
+    let layers = model.layers();
+    let monitored: Vec<_> = layers.iter().filter(|l| !l.is_output).map(|l| l.channels).collect();
+    assert_eq!(monitored, vec![8, 16, 32], "{layers:#?}");
+
+    // Train a few steps on random data; parameters move, BN stats move when kept.
+    model.to_device(Device::Cpu);
+    let data = DeviceData::new(&Tensor::randint(256, [64, 1, 28, 28], (Kind::Uint8, Device::Cpu)), &Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)), Device::Cpu);
+    let before = model.params.iter().map(|p| p.tensor.detach().copy()).collect::<Vec<_>>();
+    let mut trainer = Trainer::new(&model, TrainConfig { epochs: 1, batch_size: 16, lr: 0.05, ..Default::default() }).unwrap();
+    let stats = trainer.epoch(&model, &data, &Preprocess::default(), &mut Hooks::none()).unwrap();
+    assert!(stats.loss.is_finite() && stats.samples == 64);
+    let changed = model.params.iter().zip(&before).filter(|(p, b)| !p.tensor.detach().equal(b)).count();
+    let trainable = model.params.iter().filter(|p| p.role != audit_nn::ParamRole::Constant).count();
+    assert_eq!(changed, trainable, "every weight, bias and BN statistic should change");
+
+    // Reset a neuron of the first conv: its output channel is exactly zero afterwards.
+    let shapes = model.value_shapes(&x.narrow(0, 0, 1)).unwrap();
+    let first = &model.layers()[0];
+    model.reset_neurons(first, &[3], &shapes).unwrap();
+    let (_, taps) = tch::no_grad(|| model.forward_with_taps(&[&x], Mode::Eval, &[first.value])).unwrap();
+    assert_eq!(taps[0].narrow(1, 3, 1).abs().max().double_value(&[]), 0.0);
+
+    // Export and check onnxruntime agrees with the engine.
+    let bytes = model.export(&[("audit.test".into(), "1".into())]).unwrap();
+    let reloaded = Model::load(&bytes, None).unwrap();
+    assert_eq!(reloaded.metadata("audit.test"), Some("1"));
+    let ours = tch::no_grad(|| model.forward(&x, Mode::Eval)).unwrap();
+    let path = dir.path().join("trained.onnx");
+    std::fs::write(&path, &bytes).unwrap();
+    ours.write_npy(dir.path().join("ours.npy")).unwrap();
+    let diff: f64 = run_py(ORT, &[&path, &dir.path().join("x.npy"), &dir.path().join("ours.npy")]).trim().parse().unwrap();
+    assert!(diff < 1e-4, "onnxruntime vs engine after training: {diff}");
+}
+
+#[test]
+fn torch_export_with_batchnorm_kept() {
+    exercise(false);
+}
+
+#[test]
+fn torch_export_with_batchnorm_folded() {
+    exercise(true);
+}
