@@ -51,9 +51,14 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<crate::plugin::PluginError>() {
             return e.exit_code();
         }
-        if let Some(e) = cause.downcast_ref::<crate::data::DataError>() {
-            let _ = e;
+        if cause.downcast_ref::<crate::data::DataError>().is_some() {
             return EXIT_USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<audit_nn::NnError>() {
+            return match e {
+                audit_nn::NnError::Other(_) => EXIT_FAILURE,
+                _ => EXIT_USAGE,
+            };
         }
     }
     EXIT_FAILURE

@@ -6,7 +6,10 @@
 
 pub mod cli;
 pub mod data;
+pub mod engine;
 pub mod error;
+pub mod evaluate;
+pub mod infer;
 pub mod plugin;
 pub mod progress;
 pub mod runtime;

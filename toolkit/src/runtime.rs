@@ -15,10 +15,10 @@ pub fn ort_dylib() -> Option<PathBuf> {
     })
 }
 
-/// Loads onnxruntime once; returns its build information string.
-pub fn init_ort() -> Result<&'static str> {
-    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
-    INIT.get_or_init(|| {
+/// The onnxruntime environment, created once (loading the library).
+pub fn ort_env() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
         let path = ort_dylib().ok_or("no onnxruntime library known: run scripts/setup or set ORT_DYLIB_PATH")?;
         if !path.is_file() {
             return Err(format!(
@@ -29,11 +29,15 @@ pub fn init_ort() -> Result<&'static str> {
         let env = ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
         env.with_name("audit")
             .build()
-            .map_err(|e| format!("starting onnxruntime: {e}"))?;
-        Ok(())
+            .map_err(|e| format!("starting onnxruntime: {e}"))
     })
-    .clone()
-    .map_err(|e| anyhow!(e))?;
+    .as_ref()
+    .map_err(|e| anyhow!(e.clone()))
+}
+
+/// Loads onnxruntime once; returns its build information string.
+pub fn init_ort() -> Result<&'static str> {
+    ort_env()?;
     Ok(ort::info())
 }
 

@@ -135,12 +135,21 @@ fn io_info(v: &crate::proto::ValueInfoProto) -> IoInfo {
     IoInfo { name: v.name().to_string(), elem_type, dims }
 }
 
+/// A node's name, or `#index` when the exporter left it unnamed.
+pub fn node_label(node: &NodeProto, index: usize) -> String {
+    if node.name().is_empty() {
+        format!("#{index}")
+    } else {
+        node.name().to_string()
+    }
+}
+
 /// Every node the engine cannot build, in one pass (for `audit inspect`).
 pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
     let opset = default_opset(proto);
     let reg = registry();
     let mut out = Vec::new();
-    for node in &proto.graph.as_ref().map(|g| g.node.clone()).unwrap_or_default() {
+    for (i, node) in proto.graph.as_ref().map(|g| g.node.clone()).unwrap_or_default().iter().enumerate() {
         let domain = node.domain().to_string();
         let reason = if !(domain.is_empty() || domain == "ai.onnx") {
             Some(format!("domain `{domain}` is not supported"))
@@ -151,7 +160,7 @@ pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
             }
         };
         if let Some(reason) = reason {
-            out.push(UnsupportedNode { op_type: node.op_type().to_string(), node: node.name().to_string(), domain, reason });
+            out.push(UnsupportedNode { op_type: node.op_type().to_string(), node: node_label(node, i), domain, reason });
         }
     }
     out
@@ -248,7 +257,7 @@ impl Model {
                 .map(|n| if n.is_empty() { None } else { Some(id(n, &mut value_ids, &mut value_names)) })
                 .collect();
             let outs = node.output.iter().map(|n| id(n, &mut value_ids, &mut value_names)).collect();
-            nodes.push(Node { proto_index: i, name: node.name().to_string(), op_type: node.op_type().to_string(), op, inputs: ins, outputs: outs });
+            nodes.push(Node { proto_index: i, name: node_label(node, i), op_type: node.op_type().to_string(), op, inputs: ins, outputs: outs });
         }
         let output_ids = outputs
             .iter()
@@ -373,5 +382,17 @@ fn topo_order(nodes: &[NodeProto], available: &HashSet<String>) -> Result<Vec<us
             let missing: Vec<&String> = stuck.input.iter().filter(|x| !x.is_empty() && !ready.contains(*x)).collect();
             return Err(NnError::node(stuck.name(), stuck.op_type(), format!("inputs {missing:?} are never produced (or the graph has a cycle)")));
         }
+    }
+}
+
+impl Model {
+    /// Eval-mode outputs (first graph output) for a float batch given as a flat slice and shape,
+    /// on the model's device; returns the output's shape and values. For parity checks against
+    /// other runtimes without handing tensors across crates.
+    pub fn predict_f32(&self, x: &[f32], shape: &[i64]) -> Result<(Vec<i64>, Vec<f32>)> {
+        let t = Tensor::f_from_slice(x)?.f_reshape(shape)?.to_device(self.device);
+        let y = tch::no_grad(|| self.forward(&t, Mode::Eval))?.to_kind(Kind::Float).to_device(Device::Cpu);
+        let s = y.size();
+        Ok((s, Vec::<f32>::try_from(y.flatten(0, -1)).map_err(|e| NnError::Other(e.to_string()))?))
     }
 }

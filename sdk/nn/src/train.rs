@@ -62,6 +62,18 @@ impl DeviceData {
     pub fn new(x: &Tensor, y: &Tensor, device: Device) -> DeviceData {
         DeviceData { x: x.to_device(device), y: y.to_kind(Kind::Int64).to_device(device) }
     }
+    /// From host pixels (u8 0..255, NCHW) and labels.
+    pub fn from_u8(pixels: &[u8], shape: [i64; 4], labels: &[i64], device: Device) -> DeviceData {
+        let x = Tensor::from_slice(pixels).view(shape);
+        DeviceData::new(&x, &Tensor::from_slice(labels), device)
+    }
+
+    /// From host pixels (f32 0..1, NCHW) and labels.
+    pub fn from_f32(pixels: &[f32], shape: [i64; 4], labels: &[i64], device: Device) -> DeviceData {
+        let x = Tensor::from_slice(pixels).view(shape);
+        DeviceData::new(&x, &Tensor::from_slice(labels), device)
+    }
+
     /// Number of samples.
     pub fn len(&self) -> i64 {
         self.y.size()[0]

@@ -16,8 +16,18 @@ fn python() -> PathBuf {
 }
 
 fn run_py(script: &str, args: &[&Path]) -> String {
-    let out = Command::new(python()).arg("-c").arg(script).args(args).output().expect("python");
-    assert!(out.status.success(), "python failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -82,13 +92,41 @@ fn exercise(fold: bool) {
 
     // Train a few steps on random data; parameters move, BN stats move when kept.
     model.to_device(Device::Cpu);
-    let data = DeviceData::new(&Tensor::randint(256, [64, 1, 28, 28], (Kind::Uint8, Device::Cpu)), &Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)), Device::Cpu);
-    let before = model.params.iter().map(|p| p.tensor.detach().copy()).collect::<Vec<_>>();
-    let mut trainer = Trainer::new(&model, TrainConfig { epochs: 1, batch_size: 16, lr: 0.05, ..Default::default() }).unwrap();
-    let stats = trainer.epoch(&model, &data, &Preprocess::default(), &mut Hooks::none()).unwrap();
+    let data = DeviceData::new(
+        &Tensor::randint(256, [64, 1, 28, 28], (Kind::Uint8, Device::Cpu)),
+        &Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)),
+        Device::Cpu,
+    );
+    let before = model
+        .params
+        .iter()
+        .map(|p| p.tensor.detach().copy())
+        .collect::<Vec<_>>();
+    let mut trainer = Trainer::new(
+        &model,
+        TrainConfig {
+            epochs: 1,
+            batch_size: 16,
+            lr: 0.05,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stats = trainer
+        .epoch(&model, &data, &Preprocess::default(), &mut Hooks::none())
+        .unwrap();
     assert!(stats.loss.is_finite() && stats.samples == 64);
-    let changed = model.params.iter().zip(&before).filter(|(p, b)| !p.tensor.detach().equal(b)).count();
-    let trainable = model.params.iter().filter(|p| p.role != audit_nn::ParamRole::Constant).count();
+    let changed = model
+        .params
+        .iter()
+        .zip(&before)
+        .filter(|(p, b)| !p.tensor.detach().equal(b))
+        .count();
+    let trainable = model
+        .params
+        .iter()
+        .filter(|p| p.role != audit_nn::ParamRole::Constant)
+        .count();
     assert_eq!(changed, trainable, "every weight, bias and BN statistic should change");
 
     // Reset a neuron of the first conv: its output channel is exactly zero afterwards.
@@ -106,7 +144,10 @@ fn exercise(fold: bool) {
     let path = dir.path().join("trained.onnx");
     std::fs::write(&path, &bytes).unwrap();
     ours.write_npy(dir.path().join("ours.npy")).unwrap();
-    let diff: f64 = run_py(ORT, &[&path, &dir.path().join("x.npy"), &dir.path().join("ours.npy")]).trim().parse().unwrap();
+    let diff: f64 = run_py(ORT, &[&path, &dir.path().join("x.npy"), &dir.path().join("ours.npy")])
+        .trim()
+        .parse()
+        .unwrap();
     assert!(diff < 1e-4, "onnxruntime vs engine after training: {diff}");
 }
 

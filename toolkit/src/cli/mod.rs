@@ -1,6 +1,9 @@
 //! The command line: clap types here, one module per command family.
 
+mod attack;
 mod doctor;
+mod eval;
+mod inspect;
 mod plugins;
 mod templates;
 
@@ -33,6 +36,12 @@ pub enum Command {
     /// List, inspect, check, install, run and create plugins.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Inputs, outputs, opset, parameters, neurons and unsupported ops of an ONNX model.
+    Inspect(inspect::InspectArgs),
+    /// Poison the training data with an attack plugin, train a model on it, export it.
+    Attack(attack::AttackArgs),
+    /// Clean accuracy, attack success rate and robust accuracy of an ONNX model (onnxruntime).
+    Eval(eval::EvalArgs),
     /// Show what this installation has: libtorch, onnxruntime, devices, plugins, data.
     Doctor {
         #[arg(long)]
@@ -54,6 +63,9 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.global),
         Command::Doctor { json } => doctor::run(&cli.global, json),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Eval(args) => eval::run(args, &cli.global),
+        Command::Attack(args) => attack::run(args, &cli.global),
     };
     match result {
         Ok(code) => code,

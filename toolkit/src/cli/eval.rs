@@ -1,0 +1,130 @@
+//! `audit eval MODEL.onnx --data DATA [--attack NAME --param k=v ...] [--json]`: clean accuracy,
+//! and with an attack, attack success rate and robust accuracy, measured on the ONNX file
+//! through onnxruntime.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use super::GlobalArgs;
+use crate::data::{self, DataFormat};
+use crate::engine::read_model;
+use crate::error::{input_error, EXIT_OK};
+use crate::evaluate::{evaluate, AttackSpec, Normalization};
+use crate::plugin::PluginError;
+
+/// Options shared by commands that read a dataset.
+#[derive(Debug, Args, Clone)]
+pub struct DataArgs {
+    /// Dataset: a folder of IDX files, an NPZ file, `fashion-mnist`, or `synthetic`.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub data_format: DataFormat,
+    /// Per-channel mean (comma-separated) of the preprocessing; default: the model's audit.mean, else 0.
+    #[arg(long)]
+    pub mean: Option<String>,
+    /// Per-channel std; default: the model's audit.std, else 1.
+    #[arg(long)]
+    pub std: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Attack plugin whose trigger measures attack success.
+    #[arg(long)]
+    pub attack: Option<String>,
+    /// Attack parameter KEY=VALUE (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
+    let bytes = read_model(&args.model)?;
+    let proto = audit_nn::model::parse(&bytes).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
+    let meta = |k: &str| {
+        proto
+            .metadata_props
+            .iter()
+            .find(|e| e.key() == k)
+            .map(|e| e.value().to_string())
+    };
+    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
+    let test = match args.limit {
+        Some(k) => ds.test.head(k),
+        None => ds.test.clone(),
+    };
+    if args.attack.is_none() && !args.params.is_empty() {
+        return Err(input_error("--param needs --attack NAME"));
+    }
+    let dirs = crate::plugin::search_dirs(&global.plugin_dirs);
+    let plugin = args
+        .attack
+        .as_deref()
+        .map(|name| super::plugins::find(&dirs, name))
+        .transpose()?;
+    let params = match &plugin {
+        Some(p) => Some(p.schema.resolve(&args.params).map_err(|e| PluginError::InvalidInput {
+            name: p.name.clone(),
+            path: p.path.clone(),
+            message: e,
+        })?),
+        None => None,
+    };
+    let spec = plugin.as_ref().zip(params.as_ref()).map(|(p, params)| AttackSpec {
+        plugin: p,
+        params,
+        seed: args.seed,
+    });
+    let m = evaluate(&bytes, &test, ds.num_classes, &norm, spec.as_ref())?;
+    if args.json {
+        let doc = json!({
+            "schema_version": 1,
+            "model": {"path": args.model.display().to_string(), "sha256": audit_nn::export::sha256_hex(&bytes)},
+            "runtime": "onnxruntime",
+            "data": ds.source,
+            "n_test": m.n_test,
+            "attack": args.attack,
+            "params": params,
+            "metrics": {
+                "clean_accuracy": m.clean_accuracy,
+                "attack_success_rate": m.attack_success_rate,
+                "robust_accuracy": m.robust_accuracy,
+                "per_class_accuracy": m.per_class_accuracy,
+                "per_class_attack_success_rate": m.per_class_asr,
+                "n_attack": m.n_attack,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(EXIT_OK);
+    }
+    println!(
+        "{} on {} ({} test images, onnxruntime)",
+        args.model.display(),
+        ds.source,
+        m.n_test
+    );
+    println!("  clean accuracy       {:.4}", m.clean_accuracy);
+    if let (Some(asr), Some(ra)) = (m.attack_success_rate, m.robust_accuracy) {
+        println!(
+            "  attack success rate  {asr:.4}  ({} under {} trigger)",
+            m.n_attack.unwrap_or(0),
+            args.attack.as_deref().unwrap_or("")
+        );
+        println!("  robust accuracy      {ra:.4}");
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,80 @@
+//! Glue between the CLI and the engine (audit-nn): loading model files with clear errors,
+//! input shapes, and the engine-vs-onnxruntime parity check that guards every export.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use audit_nn::Model;
+
+use crate::error::input_error;
+use crate::infer::{max_rel_diff, OrtModel};
+
+/// Parity tolerance for exports: max |engine - onnxruntime| / max |onnxruntime|.
+pub const PARITY_TOLERANCE: f64 = 1e-4;
+
+/// Reads a model file (exit 2 naming the file when missing or invalid).
+pub fn read_model(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| input_error(format!("{}: {e}", path.display())))
+}
+
+/// Loads a model for the engine (errors name the file, and op/node/opset when unsupported).
+pub fn load_model(path: &Path) -> Result<Model> {
+    let bytes = read_model(path)?;
+    Model::load(&bytes, path.parent()).with_context(|| format!("loading {}", path.display()))
+}
+
+/// C, H, W of the model's first input, from the graph (`override_chw` wins).
+pub fn input_chw(model: &Model, override_chw: Option<[i64; 3]>) -> Result<[i64; 3]> {
+    if let Some(chw) = override_chw {
+        return Ok(chw);
+    }
+    let dims = &model.inputs[0].dims;
+    match dims[..] {
+        [_, Some(c), Some(h), Some(w)] => Ok([c, h, w]),
+        _ => Err(input_error(format!(
+            "input `{}` has shape {:?}; pass --input CxHxW",
+            model.inputs[0].name,
+            dims.iter()
+                .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+                .collect::<Vec<_>>()
+        ))),
+    }
+}
+
+/// A seeded uniform [0, 1) batch.
+pub fn random_batch(n: usize, chw: [i64; 3], seed: u64) -> Vec<f32> {
+    let len = n * (chw[0] * chw[1] * chw[2]) as usize;
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+/// Runs `x` through the engine and through onnxruntime on `bytes`; returns max_rel_diff.
+pub fn parity(model: &Model, bytes: &[u8], x: &[f32], shape: &[i64]) -> Result<f64> {
+    let (_, ours) = model.predict_f32(x, shape)?;
+    let mut ort = OrtModel::from_bytes(bytes)?;
+    let (_, theirs) = ort.run(x.to_vec(), shape)?;
+    Ok(max_rel_diff(&ours, &theirs))
+}
+
+/// Exports the model with metadata and refuses to hand back an export that onnxruntime does not
+/// reproduce within [`PARITY_TOLERANCE`] on a seeded batch.
+pub fn export_checked(model: &Model, metadata: &[(String, String)], chw: [i64; 3]) -> Result<Vec<u8>> {
+    let bytes = model.export(metadata)?;
+    let shape = [4, chw[0], chw[1], chw[2]];
+    let x = random_batch(4, chw, 1234);
+    let diff = parity(model, &bytes, &x, &shape)?;
+    if diff > PARITY_TOLERANCE {
+        anyhow::bail!(
+            "export failed its parity check: onnxruntime differs from the engine by {diff:.3e} (relative), above {PARITY_TOLERANCE:e}"
+        );
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,197 @@
+//! Measuring a model file: clean accuracy (overall and per class) and, with an attack plugin's
+//! trigger, attack success rate and robust accuracy, all through onnxruntime on the ONNX bytes
+//! (the artifact that ships).
+
+use anyhow::{Context, Result};
+use serde_json::Map;
+
+use crate::data::{Images, LabeledSet, Pixels};
+use crate::infer::OrtModel;
+use crate::plugin::{CallInput, LoadedPlugin, Op};
+
+/// Preprocessing: the model sees `(pixel/255 - mean) / std` per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalization {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Default for Normalization {
+    fn default() -> Self {
+        Normalization {
+            mean: vec![0.0],
+            std: vec![1.0],
+        }
+    }
+}
+
+fn parse_list(s: &str) -> Option<Vec<f32>> {
+    let v: Option<Vec<f32>> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f32>().ok().filter(|x| x.is_finite()))
+        .collect();
+    v.filter(|v| !v.is_empty())
+}
+
+impl Normalization {
+    /// From `--mean`/`--std` flags, else the model's `audit.mean`/`audit.std` metadata, else 0/1.
+    pub fn resolve(
+        mean: Option<&str>,
+        std: Option<&str>,
+        metadata: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Normalization> {
+        let pick = |flag: Option<&str>, key: &str, default: f32| -> Result<Vec<f32>> {
+            match flag.map(str::to_string).or_else(|| metadata(key)) {
+                Some(s) => parse_list(&s).ok_or_else(|| {
+                    crate::error::input_error(format!("{key}: `{s}` is not a comma-separated list of numbers"))
+                }),
+                None => Ok(vec![default]),
+            }
+        };
+        let n = Normalization {
+            mean: pick(mean, "audit.mean", 0.0)?,
+            std: pick(std, "audit.std", 1.0)?,
+        };
+        if n.std.iter().any(|&s| s <= 0.0) {
+            return Err(crate::error::input_error("std must be positive"));
+        }
+        Ok(n)
+    }
+
+    /// As metadata entries.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        let join = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        vec![
+            ("audit.mean".into(), join(&self.mean)),
+            ("audit.std".into(), join(&self.std)),
+        ]
+    }
+
+    /// Floats for images `start..start+k`, normalised, NCHW.
+    pub fn batch(&self, images: &Images, start: usize, k: usize) -> Vec<f32> {
+        let per = images.image_len();
+        let hw = images.h * images.w;
+        let chan = |v: &[f32], c: usize| *v.get(c).or(v.first()).unwrap_or(&0.0);
+        let mut out = Vec::with_capacity(k * per);
+        for i in 0..k * per {
+            let c = (i % per) / hw;
+            let raw = match &images.pixels {
+                Pixels::U8(v) => v[start * per + i] as f32 / 255.0,
+                Pixels::F32(v) => v[start * per + i],
+            };
+            out.push((raw - chan(&self.mean, c)) / chan(&self.std, c));
+        }
+        out
+    }
+}
+
+/// Predicted classes for every image, through onnxruntime, in batches.
+pub fn predict(model: &mut OrtModel, images: &Images, norm: &Normalization, batch: usize) -> Result<Vec<i64>> {
+    let mut preds = Vec::with_capacity(images.n);
+    let mut s = 0;
+    while s < images.n {
+        let k = (images.n - s).min(batch);
+        let x = norm.batch(images, s, k);
+        let (shape, logits) = model.run(x, &[k as i64, images.c as i64, images.h as i64, images.w as i64])?;
+        let classes = *shape.last().context("model output has no dimensions")? as usize;
+        if shape.len() != 2 || shape[0] as usize != k || classes == 0 {
+            anyhow::bail!("model output has shape {shape:?}; expected [batch, classes]");
+        }
+        preds.extend(logits.chunks_exact(classes).map(|row| {
+            row.iter()
+                .enumerate()
+                .fold(
+                    (0usize, f32::NEG_INFINITY),
+                    |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+                )
+                .0 as i64
+        }));
+        s += k;
+    }
+    Ok(preds)
+}
+
+/// Metrics of one model on one test set.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Metrics {
+    pub clean_accuracy: f64,
+    pub per_class_accuracy: Vec<Option<f64>>,
+    pub attack_success_rate: Option<f64>,
+    pub robust_accuracy: Option<f64>,
+    /// Per true class: share of its triggered images sent to the attack's label.
+    pub per_class_asr: Option<Vec<Option<f64>>>,
+    pub n_test: usize,
+    /// Triggered images counted for ASR (true label != the attack's label).
+    pub n_attack: Option<usize>,
+}
+
+/// An attack to measure with: plugin, validated parameters, seed.
+#[derive(Debug)]
+pub struct AttackSpec<'a> {
+    pub plugin: &'a LoadedPlugin,
+    pub params: &'a Map<String, serde_json::Value>,
+    pub seed: u64,
+}
+
+fn share(hits: usize, n: usize) -> Option<f64> {
+    (n > 0).then(|| hits as f64 / n as f64)
+}
+
+/// Clean accuracy, and with an attack its ASR and robust accuracy, on `bytes` through onnxruntime.
+pub fn evaluate(
+    bytes: &[u8],
+    test: &LabeledSet,
+    num_classes: usize,
+    norm: &Normalization,
+    attack: Option<&AttackSpec<'_>>,
+) -> Result<Metrics> {
+    let mut model = OrtModel::from_bytes(bytes)?;
+    let preds = predict(&mut model, &test.images, norm, 256)?;
+    let correct = preds.iter().zip(&test.labels).filter(|(p, y)| p == y).count();
+    let per_class = (0..num_classes as i64)
+        .map(|k| {
+            let idx: Vec<usize> = (0..test.len()).filter(|&i| test.labels[i] == k).collect();
+            share(idx.iter().filter(|&&i| preds[i] == k).count(), idx.len())
+        })
+        .collect();
+    let mut m = Metrics {
+        clean_accuracy: share(correct, test.len()).unwrap_or(0.0),
+        per_class_accuracy: per_class,
+        attack_success_rate: None,
+        robust_accuracy: None,
+        per_class_asr: None,
+        n_test: test.len(),
+        n_attack: None,
+    };
+    if let Some(a) = attack {
+        let out = a.plugin.call(&CallInput {
+            op: Op::Trigger,
+            params: a.params,
+            seed: a.seed,
+            device: "cpu",
+            model: None,
+            data: Some(test),
+            clean: None,
+            num_classes,
+        })?;
+        let triggered = out.images.context("trigger returned no images")?;
+        let targets = out.labels.context("trigger returned no labels")?;
+        let tp = predict(&mut model, &triggered, norm, 256)?;
+        let counted: Vec<usize> = (0..test.len()).filter(|&i| test.labels[i] != targets[i]).collect();
+        m.attack_success_rate = share(counted.iter().filter(|&&i| tp[i] == targets[i]).count(), counted.len());
+        m.robust_accuracy = share(
+            counted.iter().filter(|&&i| tp[i] == test.labels[i]).count(),
+            counted.len(),
+        );
+        m.per_class_asr = Some(
+            (0..num_classes as i64)
+                .map(|k| {
+                    let idx: Vec<&usize> = counted.iter().filter(|&&i| test.labels[i] == k).collect();
+                    share(idx.iter().filter(|&&&i| tp[i] == targets[i]).count(), idx.len())
+                })
+                .collect(),
+        );
+        m.n_attack = Some(counted.len());
+    }
+    Ok(m)
+}
