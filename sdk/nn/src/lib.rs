@@ -9,6 +9,7 @@
 mod device;
 pub mod error;
 pub mod export;
+mod init;
 pub mod model;
 pub mod neurons;
 pub mod ops;
@@ -23,6 +24,8 @@ pub use model::{IoInfo, Model, Param, ParamRole, UnsupportedNode};
 pub use ops::Mode;
 /// The tch (libtorch) crate this engine is built on, for callers that hold its types.
 pub use tch;
+/// The protobuf runtime of [`proto`].
+pub use prost;
 
 /// A tiny real computation on libtorch (sum of 0..10 = 45 on `device`), proving it loads and runs.
 pub fn smoke_test(device: tch::Device) -> f64 {

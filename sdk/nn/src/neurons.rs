@@ -267,3 +267,65 @@ impl Model {
         Ok(all)
     }
 }
+
+/// What one pass over a dataset collected: softmax probabilities and, per layer, each
+/// channel's spatial maximum (or the unit's value for dense layers), all on the device.
+#[derive(Debug)]
+pub struct Activations {
+    /// [N, K].
+    pub probs: Tensor,
+    /// One [N, C_l] tensor per requested layer.
+    pub channel_max: Vec<Tensor>,
+    /// One [N, C_l] tensor per requested layer: spatial means.
+    pub channel_mean: Vec<Tensor>,
+}
+
+impl Model {
+    /// One eval-mode pass over `data` (no augmentation) collecting softmax outputs and the
+    /// per-channel spatial maxima and means of `layers`' outputs (pre-normalization, pre-activation).
+    pub fn collect_activations(
+        &self,
+        data: &crate::train::DeviceData,
+        pre: &crate::train::Preprocess,
+        layers: &[Layer],
+        batch: i64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Activations> {
+        let taps: Vec<usize> = layers.iter().map(|l| l.value).collect();
+        let n = data.len();
+        let steps = ((n + batch - 1) / batch.max(1)) as u64;
+        let mut probs: Vec<Tensor> = Vec::new();
+        let mut maxs: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
+        let mut means: Vec<Vec<Tensor>> = (0..layers.len()).map(|_| Vec::new()).collect();
+        no_grad(|| -> Result<()> {
+            let mut s = 0;
+            let mut step = 0;
+            while s < n {
+                let k = (n - s).min(batch);
+                let x = pre.apply(&data.x.narrow(0, s, k));
+                let (outs, vals) = self.forward_with_taps(&[&x], Mode::Eval, &taps)?;
+                probs.push(outs[0].softmax(-1, Kind::Float));
+                for (i, v) in vals.iter().enumerate() {
+                    let v = v.to_kind(Kind::Float);
+                    let (mx, mn) = if v.dim() > 2 {
+                        let flat = v.flatten(2, -1);
+                        (flat.amax([2], false), flat.mean_dim([2i64].as_slice(), false, Kind::Float))
+                    } else {
+                        (v.shallow_clone(), v.shallow_clone())
+                    };
+                    maxs[i].push(mx);
+                    means[i].push(mn);
+                }
+                s += k;
+                step += 1;
+                progress(step, steps);
+            }
+            Ok(())
+        })?;
+        Ok(Activations {
+            probs: Tensor::cat(&probs, 0),
+            channel_max: maxs.iter().map(|v| Tensor::cat(v, 0)).collect(),
+            channel_mean: means.iter().map(|v| Tensor::cat(v, 0)).collect(),
+        })
+    }
+}

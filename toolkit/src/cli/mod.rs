@@ -3,6 +3,7 @@
 mod attack;
 mod doctor;
 mod eval;
+mod harden;
 mod inspect;
 mod plugins;
 mod templates;
@@ -40,6 +41,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Poison the training data with an attack plugin, train a model on it, export it.
     Attack(attack::AttackArgs),
+    /// Harden a model with a defense (NONE by default) and write the hardened ONNX model.
+    Harden(harden::HardenArgs),
     /// Clean accuracy, attack success rate and robust accuracy of an ONNX model (onnxruntime).
     Eval(eval::EvalArgs),
     /// Show what this installation has: libtorch, onnxruntime, devices, plugins, data.
@@ -66,6 +69,7 @@ pub fn main() -> i32 {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args, &cli.global),
         Command::Attack(args) => attack::run(args, &cli.global),
+        Command::Harden(args) => harden::run(args, &cli.global),
     };
     match result {
         Ok(code) => code,

@@ -150,6 +150,20 @@ impl Op for BatchNorm {
     fn run(&self, ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
         let x = input(inputs, 0)?;
         let (scale, bias, mean, var) = (input(inputs, 1)?, input(inputs, 2)?, input(inputs, 3)?, input(inputs, 4)?);
+        if ctx.mode == Mode::TrainFrozenBn {
+            // Frozen statistics with trainable affine parameters: an explicit per-channel affine map
+            // (libtorch's eval-mode batch_norm backward is several times slower on CPU).
+            let c = scale.size()[0];
+            let mut shape = vec![1i64; x.dim()];
+            if shape.len() < 2 {
+                return Err(format!("input of rank {} has no channel dim", x.dim()));
+            }
+            shape[1] = c;
+            let inv = (var.detach() + self.epsilon).rsqrt();
+            let a = (scale * &inv).view(shape.as_slice());
+            let b = (bias - mean.detach() * scale * &inv).view(shape.as_slice());
+            return one(x * a + b);
+        }
         let training = ctx.mode == Mode::Train;
         // ONNX: running = running * momentum + batch * (1 - momentum); torch's momentum is the other weight.
         x.f_batch_norm(Some(scale), Some(bias), Some(mean), Some(var), training, 1.0 - self.momentum, self.epsilon, true)
@@ -236,7 +250,18 @@ impl Op for MaxPool {
         let strides = self.strides.clone().unwrap_or_else(|| vec![1; n]);
         let dil = self.dilations.clone().unwrap_or_else(|| vec![1; n]);
         let (begin, end) = self.padding.resolve(&xs[2..], &self.kernel, &strides, &dil);
-        let (x, pad) = apply_padding(x, &begin, &end, f64::NEG_INFINITY);
+        // torch pads at most half the (dilated) kernel itself; ONNX allows more: pad explicitly then.
+        let within_half = (0..n).all(|i| 2 * begin[i].max(end[i]) <= dil[i] * (self.kernel[i] - 1) + 1);
+        let (x, pad) = if within_half {
+            apply_padding(x, &begin, &end, f64::NEG_INFINITY)
+        } else {
+            let mut p = Vec::with_capacity(2 * n);
+            for i in (0..n).rev() {
+                p.push(begin[i]);
+                p.push(end[i]);
+            }
+            (x.f_pad(&p[..], "constant", Some(f64::NEG_INFINITY)).map_err(|e| e.to_string())?, vec![0; n])
+        };
         let y = match n {
             1 => x.f_max_pool1d(&self.kernel, &strides, &pad, &dil, self.ceil),
             2 => x.f_max_pool2d(&self.kernel, &strides, &pad, &dil, self.ceil),

@@ -1,0 +1,157 @@
+//! NONE's analysis, vectorised on the device: neuron selection per layer and the exact
+//! two-class Jenks break of the sample scores.
+
+use audit_nn::tch::{Kind, Tensor};
+
+/// What the analysis of one round selected.
+#[derive(Debug)]
+pub struct Selection {
+    /// Per layer: the reset neurons (channels), best first.
+    pub neurons: Vec<Vec<i64>>,
+    /// Per layer: their scores.
+    pub scores: Vec<Vec<f64>>,
+    /// Per sample: the sum over layers of the activation of the layer's top neuron. [N]
+    pub h: Tensor,
+}
+
+/// Per layer, `score[c] = max_k (max_{i: p_ik > lamda_h} A[i,c] - (mean + 3 std)_{i: p_ik < lamda_l} A[i,c])`
+/// (0 for a class with no confident or no unconfident sample; std with ddof 0), and the top
+/// `ceil(fraction * C)` channels. `probs` is [N, K]; each `acts` entry is [N, C_l].
+pub fn select_neurons(probs: &Tensor, acts: &[Tensor], lamda_h: f64, lamda_l: f64, fraction: f64) -> Selection {
+    let k = probs.size()[1];
+    let confident = probs.gt(lamda_h);
+    let weak = probs.lt(lamda_l).to_kind(Kind::Double); // [N, K]
+    let weak_count = weak.sum_dim_intlist([0i64].as_slice(), false, Kind::Double); // [K]
+    let has_conf = confident.any_dim(0, false); // [K]
+    let n = probs.size()[0];
+    let mut h = Tensor::zeros([n], (Kind::Double, probs.device()));
+    let (mut neurons, mut scores) = (Vec::new(), Vec::new());
+    for a in acts {
+        let a = a.to_kind(Kind::Double);
+        let c = a.size()[1];
+        // Max over confident samples, per class: [K, C] (a class loop of device reductions).
+        let neg = Tensor::full([1, c], f64::NEG_INFINITY, (Kind::Double, a.device()));
+        let max_conf = Tensor::stack(
+            &(0..k).map(|j| a.where_self(&confident.select(1, j).unsqueeze(1), &neg).amax([0], false)).collect::<Vec<_>>(),
+            0,
+        );
+        // Mean and std over unconfident samples, per class, by matrix products: [K, C].
+        let cnt = weak_count.clamp_min(1.0).unsqueeze(1);
+        let mean = weak.tr().mm(&a) / &cnt;
+        let var = (weak.tr().mm(&(&a * &a)) / &cnt - &mean * &mean).clamp_min(0.0);
+        let diff = max_conf - (&mean + var.sqrt() * 3.0);
+        let valid = has_conf.logical_and(&weak_count.gt(0.0)).unsqueeze(1);
+        let diff = diff.where_self(&valid, &Tensor::zeros_like(&diff));
+        let score = diff.amax([0], false); // [C]
+        let top = ((fraction * c as f64).ceil() as i64).clamp(0, c);
+        if top == 0 {
+            neurons.push(vec![]);
+            scores.push(vec![]);
+            continue;
+        }
+        let (vals, idx) = score.topk(top, 0, true, true);
+        let chosen: Vec<i64> = Vec::<i64>::try_from(idx.to_device(audit_nn::tch::Device::Cpu)).unwrap_or_default();
+        h += a.select(1, chosen[0]);
+        scores.push(Vec::<f64>::try_from(vals.to_device(audit_nn::tch::Device::Cpu)).unwrap_or_default());
+        neurons.push(chosen);
+    }
+    Selection { neurons, scores, h }
+}
+
+/// The exact two-class Jenks natural break of `h`: the split of the sorted values that minimises
+/// the summed within-class squared deviations. Returns the smallest value of the upper class.
+pub fn jenks_break(h: &Tensor) -> f64 {
+    let n = h.size()[0];
+    if n < 2 {
+        return f64::INFINITY;
+    }
+    let (v, _) = h.to_kind(Kind::Double).sort(0, false);
+    if v.double_value(&[0]) == v.double_value(&[n - 1]) {
+        // No spread: nothing stands out.
+        return f64::INFINITY;
+    }
+    let cs = v.cumsum(0, Kind::Double);
+    let cs2 = (&v * &v).cumsum(0, Kind::Double);
+    let total = cs.get(n - 1);
+    let total2 = cs2.get(n - 1);
+    // Lower class = first i values, i in 1..n-1.
+    let i = Tensor::arange_start(1, n, (Kind::Double, v.device()));
+    let s1 = cs.narrow(0, 0, n - 1);
+    let q1 = cs2.narrow(0, 0, n - 1);
+    let sse1 = &q1 - &s1 * &s1 / &i;
+    let s2 = &total - &s1;
+    let q2 = &total2 - &q1;
+    let sse2 = &q2 - &s2 * &s2 / (-&i + n as f64);
+    let best = (sse1 + sse2).argmin(0, false).int64_value(&[]);
+    v.double_value(&[best + 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use audit_nn::tch::Device;
+
+    /// Brute force over every split, in plain Rust.
+    fn jenks_brute(values: &[f64]) -> f64 {
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let sse = |s: &[f64]| {
+            let m = s.iter().sum::<f64>() / s.len() as f64;
+            s.iter().map(|x| (x - m) * (x - m)).sum::<f64>()
+        };
+        let best = (1..v.len()).min_by(|&a, &b| (sse(&v[..a]) + sse(&v[a..])).partial_cmp(&(sse(&v[..b]) + sse(&v[b..]))).unwrap()).unwrap();
+        v[best]
+    }
+
+    #[test]
+    fn jenks_matches_brute_force() {
+        audit_nn::tch::manual_seed(3);
+        for trial in 0..20 {
+            let n = 5 + trial * 7;
+            let t = Tensor::randn([n], (Kind::Double, Device::Cpu)) + Tensor::rand([n], (Kind::Double, Device::Cpu)).gt(0.8).to_kind(Kind::Double) * 4.0;
+            let values = Vec::<f64>::try_from(&t).unwrap();
+            assert_eq!(jenks_break(&t), jenks_brute(&values), "trial {trial}");
+        }
+        let clear = Tensor::from_slice(&[0.1f64, 0.2, 0.15, 5.0, 5.2, 0.12]);
+        assert_eq!(jenks_break(&clear), 5.0);
+    }
+
+    /// The vectorised selection against a direct per-class, per-channel computation.
+    #[test]
+    fn selection_matches_a_direct_loop() {
+        audit_nn::tch::manual_seed(7);
+        let (n, k, c) = (200i64, 4i64, 6i64);
+        let probs = Tensor::randn([n, k], (Kind::Float, Device::Cpu)).mul(3.0).softmax(-1, Kind::Float);
+        let a = Tensor::randn([n, c], (Kind::Float, Device::Cpu));
+        let sel = select_neurons(&probs, &[a.shallow_clone()], 0.7, 0.1, 0.34);
+        let p: Vec<Vec<f64>> = (0..n).map(|i| Vec::<f64>::try_from(probs.get(i).to_kind(Kind::Double)).unwrap()).collect();
+        let av: Vec<Vec<f64>> = (0..n).map(|i| Vec::<f64>::try_from(a.get(i).to_kind(Kind::Double)).unwrap()).collect();
+        let mut score = vec![f64::NEG_INFINITY; c as usize];
+        for j in 0..k as usize {
+            let s: Vec<usize> = (0..n as usize).filter(|&i| p[i][j] > 0.7).collect();
+            let w: Vec<usize> = (0..n as usize).filter(|&i| p[i][j] < 0.1).collect();
+            for ch in 0..c as usize {
+                let d = if s.is_empty() || w.is_empty() {
+                    0.0
+                } else {
+                    let mx = s.iter().map(|&i| av[i][ch]).fold(f64::NEG_INFINITY, f64::max);
+                    let m = w.iter().map(|&i| av[i][ch]).sum::<f64>() / w.len() as f64;
+                    let sd = (w.iter().map(|&i| (av[i][ch] - m).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+                    mx - (m + 3.0 * sd)
+                };
+                score[ch] = score[ch].max(d);
+            }
+        }
+        let mut order: Vec<usize> = (0..c as usize).collect();
+        order.sort_by(|&x, &y| score[y].partial_cmp(&score[x]).unwrap());
+        let want: Vec<i64> = order[..3].iter().map(|&i| i as i64).collect();
+        assert_eq!(sel.neurons[0], want);
+        for (got, &ch) in sel.scores[0].iter().zip(&want) {
+            assert!((got - score[ch as usize]).abs() < 1e-6);
+        }
+        let h = Vec::<f64>::try_from(&sel.h).unwrap();
+        for i in 0..n as usize {
+            assert!((h[i] - av[i][want[0] as usize]).abs() < 1e-6);
+        }
+    }
+}

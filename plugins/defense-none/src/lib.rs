@@ -1,0 +1,317 @@
+//! NONE ("Training with More Confidence", Wang et al., NeurIPS 2022) as an `audit` defense plugin.
+//!
+//! Each round: one eval-mode pass over the training set collects softmax outputs and the
+//! per-channel spatial maxima of every monitored layer (vectorised on the device); per layer,
+//! neurons whose maximum on confident samples (p > lamda_h) exceeds the mean + 3 std of
+//! unconfident samples (p < lamda_l) the most are selected; the samples that drive the top
+//! neuron of each layer are split by an exact two-class Jenks break and the upper class is
+//! dropped as suspects; the selected neurons are reset; the model is repaired on the rest.
+//!
+//! The repair is a parameter: `finetune` is the paper's (lr `none_lr`, BN frozen), `retrain`
+//! trains a freshly initialised copy of the same graph on the data minus suspects, `unlearn`
+//! fine-tunes on the rest while ascending the loss on the suspects.
+
+mod analysis;
+
+use audit_nn::train::{Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::{tch, Model};
+use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+pub use analysis::{jenks_break, select_neurons};
+
+const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
+"preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's defaults (reset 5%, fine-tune lr 1e-4 for E2=20 epochs, 1 round); default: this toolkit's measured default repair"},
+"repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
+"lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
+"lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
+"max_reset_fraction":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"share of each monitored layer's neurons reset per round"},
+"none_lr":{"type":"number","default":0.0001,"minimum":0,"description":"learning rate of the paper's fine-tuning after a reset"},
+"retrain_lr":{"type":"number","default":0.01,"minimum":0,"description":"learning rate for repair=retrain and for E1 training (paper: 0.1 for CIFAR ResNets)"},
+"unlearn_weight":{"type":"number","default":0.2,"minimum":0,"description":"repair=unlearn: weight of the ascending loss on suspects"},
+"E1":{"type":"integer","default":0,"minimum":0,"description":"epochs of normal training before the rounds (0 when hardening a trained model; the paper trains 200)"},
+"E2":{"type":"integer","default":20,"minimum":0,"description":"repair epochs per round"},
+"R":{"type":"integer","default":1,"minimum":1,"maximum":100,"description":"rounds"},
+"cumulative_suspects":{"type":"boolean","default":false,"description":"keep excluding the suspects of earlier rounds (the paper recomputes from the full set each round)"},
+"batch_size":{"type":"integer","default":128,"minimum":1,"description":"training batch size"},
+"layers":{"type":"string","default":"all","enum":["all","conv","dense"],"description":"which layers are monitored: every Conv and hidden Gemm/MatMul, convs only, or dense only"},
+"augment":{"type":"boolean","default":false,"description":"random crop and flip during repair (CIFAR-style data)"},
+"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
+
+/// Parameters (see the schema for meaning).
+#[derive(Debug, Clone, Deserialize)]
+struct Params {
+    preset: String,
+    repair: String,
+    lamda_h: f64,
+    lamda_l: f64,
+    max_reset_fraction: f64,
+    none_lr: f64,
+    retrain_lr: f64,
+    unlearn_weight: f64,
+    #[serde(rename = "E1")]
+    e1: usize,
+    #[serde(rename = "E2")]
+    e2: usize,
+    #[serde(rename = "R")]
+    r: usize,
+    cumulative_suspects: bool,
+    batch_size: i64,
+    layers: String,
+    augment: bool,
+    seed: u64,
+}
+
+impl Params {
+    /// `preset=paper` forces the paper's values for everything the paper fixes.
+    fn effective(mut self) -> Params {
+        if self.preset == "paper" {
+            self.repair = "finetune".into();
+            self.lamda_h = 0.9;
+            self.lamda_l = 0.1;
+            self.max_reset_fraction = 0.05;
+            self.none_lr = 1e-4;
+            self.e2 = 20;
+            self.r = 1;
+            self.cumulative_suspects = false;
+            self.batch_size = 128;
+            self.layers = "all".into();
+        }
+        self
+    }
+}
+
+#[derive(Default)]
+struct NoneDefense;
+
+impl Plugin for NoneDefense {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "none",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "NONE (NeurIPS 2022): reset neurons with hyperplane-like confidence, drop the samples driving them, repair",
+            params_schema: SCHEMA,
+            capabilities: abi::AUDIT_CAP_NEEDS_MODEL | abi::AUDIT_CAP_NEEDS_TRAINING_DATA,
+        }
+    }
+}
+
+fn nn_err(e: audit_nn::NnError) -> Error {
+    match e {
+        audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
+        audit_nn::NnError::Other(m) => Error::failed(m),
+        other => Error::invalid(other.to_string()),
+    }
+}
+
+/// The dataset on the device.
+fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
+    let s = d.images.shape;
+    let shape = [s[0], s[1], s[2], s[3]];
+    Ok(match d.images.dtype {
+        audit_sdk::Dtype::U8 => DeviceData::from_u8(d.images.as_u8()?, shape, d.labels, device),
+        _ => DeviceData::from_f32(d.images.as_f32()?, shape, d.labels, device),
+    })
+}
+
+fn preprocess(model: &Model) -> Result<Preprocess> {
+    let parse = |key: &str, default: f64| -> Result<Vec<f64>> {
+        match model.metadata(key) {
+            None => Ok(vec![default]),
+            Some(s) => s
+                .split(',')
+                .map(|p| p.trim().parse::<f64>().map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers"))))
+                .collect(),
+        }
+    };
+    Ok(Preprocess { mean: parse("audit.mean", 0.0)?, std: parse("audit.std", 1.0)? })
+}
+
+/// Trains `epochs` epochs with progress and cancellation from the host.
+fn train(call: &Call<'_>, model: &Model, trainer: &mut Trainer, data: &DeviceData, pre: &Preprocess, epochs: usize, phase: &str, extra: Option<(&DeviceData, f64)>) -> Result<Vec<Value>> {
+    let host = call.host;
+    let mut log = Vec::new();
+    for e in 0..epochs {
+        let label = format!("{phase} epoch {}/{epochs}", e + 1);
+        let mut hooks = Hooks { progress: Box::new(|_, d, t| host.progress(&label, d, t)), cancelled: Box::new(|| host.is_cancelled()) };
+        let stats = match extra {
+            None => trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?,
+            Some((suspects, weight)) => {
+                // Unlearning: every clean batch also ascends the loss on a batch of suspects.
+                let n = suspects.len().max(1);
+                let counter = std::cell::Cell::new(0i64);
+                let mode = if trainer.cfg.freeze_bn { audit_nn::Mode::TrainFrozenBn } else { audit_nn::Mode::Train };
+                let loss = |logits: &Tensor, y: &Tensor| -> Tensor {
+                    let clean = audit_nn::train::cross_entropy(logits, y);
+                    let k = (y.size()[0]).min(n);
+                    let start = (counter.get() * k) % n;
+                    counter.set(counter.get() + 1);
+                    let take = k.min(n - start);
+                    let xs = pre.apply(&suspects.x.narrow(0, start, take));
+                    let ys = suspects.y.narrow(0, start, take);
+                    match model.forward(&xs, mode) {
+                        Ok(l) => {
+                            let ascend = audit_nn::train::cross_entropy(&l, &ys).mean(Kind::Float).clamp_max(5.0);
+                            clean - ascend * weight
+                        }
+                        Err(_) => clean,
+                    }
+                };
+                trainer.epoch_with(model, data, pre, &loss, &mut hooks).map_err(nn_err)?
+            }
+        };
+        host.info(&format!("{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)", stats.loss, stats.accuracy, stats.seconds));
+        log.push(json!({"phase": phase, "epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}));
+    }
+    Ok(log)
+}
+
+impl Defense for NoneDefense {
+    fn defend(&self, call: &Call<'_>, model_bytes: &[u8], train_set: Option<&DatasetRef<'_>>, _clean: Option<&DatasetRef<'_>>) -> Result<Hardened> {
+        let p: Params = call.params.parse::<Params>()?.effective();
+        if p.lamda_l >= p.lamda_h {
+            return Err(Error::invalid(format!("lamda_l ({}) must be below lamda_h ({})", p.lamda_l, p.lamda_h)));
+        }
+        let train_set = train_set.ok_or_else(|| Error::invalid("NONE needs the training set"))?;
+        let req: audit_nn::DeviceRequest = call.device.parse().map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
+        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let seed = call.seed.wrapping_add(p.seed);
+        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
+        model.to_device(device);
+        let pre = preprocess(&model)?;
+        let full = device_data(train_set, device)?;
+        let n = full.len();
+        let host = call.host;
+        let base = |lr: f64, freeze_bn: bool, epochs: usize| TrainConfig {
+            epochs,
+            batch_size: p.batch_size,
+            lr,
+            weight_decay: 5e-4,
+            optimizer: Optimizer::Sgd { momentum: 0.9, nesterov: false },
+            schedule: Schedule::Constant,
+            freeze_bn,
+            augment: if p.augment { Augment { crop_padding: 4, flip: true } } else { Augment::default() },
+            seed,
+            group_lr: vec![],
+        };
+        let mut report_epochs = Vec::new();
+        // E1: normal training from scratch (the paper's schedule, lr x0.1 every 80 epochs).
+        let mut trainer = if p.e1 > 0 {
+            model.reinitialize(seed);
+            let mut cfg = base(p.retrain_lr, false, p.e1);
+            cfg.schedule = Schedule::Step { every: 80, gamma: 0.1 };
+            let mut t = Trainer::new(&model, cfg).map_err(nn_err)?;
+            report_epochs.extend(train(call, &model, &mut t, &full, &pre, p.e1, "E1", None)?);
+            t.cfg.schedule = Schedule::Constant;
+            t
+        } else {
+            Trainer::new(&model, base(p.none_lr, true, p.e2)).map_err(nn_err)?
+        };
+
+        let mut layers: Vec<_> = model.layers().into_iter().filter(|l| !l.is_output).collect();
+        layers.retain(|l| match p.layers.as_str() {
+            "conv" => l.op_type == "Conv",
+            "dense" => l.op_type != "Conv",
+            _ => true,
+        });
+        if layers.is_empty() {
+            return Err(Error::invalid("the model has no monitored layer (Conv or hidden Gemm/MatMul with weights)"));
+        }
+        let sample = full.x.narrow(0, 0, 1);
+        let shapes = model.value_shapes(&pre.apply(&sample)).map_err(nn_err)?;
+        let mut all_suspects: Vec<i64> = Vec::new();
+        let mut rounds = Vec::new();
+        for round in 0..p.r {
+            host.check_cancelled()?;
+            let phase = format!("analysis {}/{}", round + 1, p.r);
+            let acts = model
+                .collect_activations(&full, &pre, &layers, 512, &mut |d, t| host.progress(&phase, d, t))
+                .map_err(nn_err)?;
+            let sel = select_neurons(&acts.probs, &acts.channel_max, p.lamda_h, p.lamda_l, p.max_reset_fraction);
+            let break_value = jenks_break(&sel.h);
+            let suspect_mask = sel.h.ge(break_value);
+            let suspects: Vec<i64> = Vec::<i64>::try_from(suspect_mask.nonzero().flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
+            if p.cumulative_suspects {
+                all_suspects.extend(&suspects);
+                all_suspects.sort_unstable();
+                all_suspects.dedup();
+            } else {
+                all_suspects = suspects.clone();
+            }
+            host.info(&format!("round {}: {} suspects of {n} (Jenks break {break_value:.4})", round + 1, suspects.len()));
+
+            // Reset the selected neurons.
+            let mut layer_report = Vec::new();
+            for (li, l) in layers.iter().enumerate() {
+                let chosen = &sel.neurons[li];
+                model.reset_neurons(l, chosen, &shapes).map_err(nn_err)?;
+                layer_report.push(json!({
+                    "layer": l.node, "op_type": l.op_type, "neurons": l.channels,
+                    "reset": chosen, "scores": sel.scores[li],
+                }));
+            }
+
+            // The data minus suspects.
+            let mut keep = Tensor::ones([n], (Kind::Bool, device));
+            if !all_suspects.is_empty() {
+                let _ = keep.index_fill_(0, &Tensor::from_slice(&all_suspects).to_device(device), 0);
+            }
+            let rest = full.select(&keep.nonzero().flatten(0, -1));
+            let repaired = match p.repair.as_str() {
+                "retrain" => {
+                    model.reinitialize(seed.wrapping_add(round as u64 + 1));
+                    let mut cfg = base(p.retrain_lr, false, p.e2);
+                    cfg.schedule = Schedule::Cosine { min_lr: 0.0 };
+                    trainer = Trainer::new(&model, cfg).map_err(nn_err)?;
+                    train(call, &model, &mut trainer, &rest, &pre, p.e2, "retrain", None)?
+                }
+                "unlearn" => {
+                    trainer.cfg.freeze_bn = true;
+                    trainer.set_lr(p.none_lr.max(1e-3)).map_err(nn_err)?;
+                    let sus = full.select(&Tensor::from_slice(&all_suspects).to_device(device));
+                    let extra = (!all_suspects.is_empty()).then_some((&sus, p.unlearn_weight));
+                    train(call, &model, &mut trainer, &rest, &pre, p.e2, "unlearn", extra)?
+                }
+                _ => {
+                    trainer.cfg.freeze_bn = true;
+                    trainer.set_lr(p.none_lr).map_err(nn_err)?;
+                    train(call, &model, &mut trainer, &rest, &pre, p.e2, "fine-tune", None)?
+                }
+            };
+            report_epochs.extend(repaired);
+            rounds.push(json!({
+                "round": round + 1,
+                "layers": layer_report,
+                "n_suspects": suspects.len(),
+                "jenks_break": break_value,
+                "suspects": suspects,
+                "n_excluded": all_suspects.len(),
+                "repair": p.repair,
+            }));
+        }
+        let out = model
+            .export(&[
+                ("audit.defense".to_string(), "none".to_string()),
+                ("audit.defense_params".to_string(), serde_json::Value::Object(call.params.0.clone()).to_string()),
+            ])
+            .map_err(nn_err)?;
+        Ok(Hardened {
+            model: out,
+            dropped: all_suspects,
+            report: json!({
+                "defense": "none",
+                "preset": p.preset,
+                "repair": p.repair,
+                "device": format!("{device:?}").to_lowercase(),
+                "n_train": n,
+                "monitored_layers": layers.len(),
+                "rounds": rounds,
+                "epochs": report_epochs,
+            }),
+        })
+    }
+}
+
+audit_sdk::export_plugin!(defense: NoneDefense);

@@ -1,0 +1,295 @@
+//! `audit harden MODEL.onnx --data DATA [--defense none]`: runs a defense plugin on the model and
+//! its training data, checks the hardened model (same graph, engine/onnxruntime parity), writes it
+//! atomically beside the input, and measures before/after on the exported file.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use serde_json::{json, Map, Value};
+
+use super::attack::check_output;
+use super::eval::DataArgs;
+use super::GlobalArgs;
+use crate::data;
+use crate::engine::{input_chw, parity, random_batch, read_model, PARITY_TOLERANCE};
+use crate::error::{input_error, input_error_hint, EXIT_OK};
+use crate::evaluate::{evaluate, AttackSpec, Metrics, Normalization};
+use crate::plugin::{CallInput, Kind, Op, PluginError};
+
+#[derive(Debug, Args)]
+pub struct HardenArgs {
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Defense plugin.
+    #[arg(long, default_value = "none")]
+    pub defense: String,
+    /// Hardened model (default: MODEL.hardened.onnx beside the input).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// auto (CUDA when available), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
+    /// Defense parameter KEY=VALUE (repeatable), checked against the defense's schema.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Attack whose trigger measures ASR before and after.
+    #[arg(long)]
+    pub eval_attack: Option<String>,
+    /// Parameter of the evaluation attack KEY=VALUE (repeatable).
+    #[arg(long = "attack-param", value_name = "KEY=VALUE")]
+    pub attack_params: Vec<String>,
+    /// Also write a report (.json or .md).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Use the first N training samples only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Evaluate on the first N test samples only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `MODEL.hardened.onnx` beside `model`.
+pub fn default_out(model: &Path) -> PathBuf {
+    let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    model.with_file_name(format!("{stem}.hardened.onnx"))
+}
+
+/// Adds or replaces metadata entries in ONNX bytes.
+fn with_metadata(bytes: &[u8], entries: &[(String, String)]) -> Result<Vec<u8>> {
+    use audit_nn::prost::Message;
+    let mut proto = audit_nn::model::parse(bytes)?;
+    for (k, v) in entries {
+        proto.metadata_props.retain(|e| e.key() != k);
+        proto.metadata_props.push(audit_nn::proto::StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) });
+    }
+    Ok(proto.encode_to_vec())
+}
+
+fn op_types(bytes: &[u8]) -> Result<Vec<String>> {
+    let proto = audit_nn::model::parse(bytes)?;
+    Ok(proto.graph.map(|g| g.node.iter().map(|n| n.op_type().to_string()).collect()).unwrap_or_default())
+}
+
+fn precision_recall(found: &[i64], truth: &HashSet<i64>) -> Value {
+    let hits = found.iter().filter(|i| truth.contains(i)).count();
+    let precision = if found.is_empty() { Value::Null } else { json!(hits as f64 / found.len() as f64) };
+    let recall = if truth.is_empty() { Value::Null } else { json!(hits as f64 / truth.len() as f64) };
+    json!({"precision": precision, "recall": recall, "found": found.len(), "poisoned": truth.len()})
+}
+
+/// Replaces per-round suspect lists by counts and, when the poisoned indices are known, their
+/// precision and recall.
+fn summarise_report(report: &mut Map<String, Value>, truth: Option<&HashSet<i64>>) {
+    if let Some(Value::Array(rounds)) = report.get_mut("rounds") {
+        for r in rounds.iter_mut() {
+            if let Some(Value::Array(s)) = r.get_mut("suspects").map(Value::take) {
+                let ids: Vec<i64> = s.iter().filter_map(Value::as_i64).collect();
+                if let Some(t) = truth {
+                    r["suspects_vs_poison_idx"] = precision_recall(&ids, t);
+                }
+            }
+            if let Value::Object(o) = r {
+                o.remove("suspects");
+            }
+        }
+    }
+}
+
+fn metrics_json(m: &Metrics) -> Value {
+    json!({
+        "clean_accuracy": m.clean_accuracy,
+        "attack_success_rate": m.attack_success_rate,
+        "robust_accuracy": m.robust_accuracy,
+        "per_class_accuracy": m.per_class_accuracy,
+        "per_class_attack_success_rate": m.per_class_asr,
+    })
+}
+
+pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
+    let started = std::time::Instant::now();
+    let out = args.out.clone().unwrap_or_else(|| default_out(&args.model));
+    let data_path = Path::new(&args.data.data);
+    let mut inputs: Vec<&Path> = vec![&args.model];
+    if data_path.exists() {
+        inputs.push(data_path);
+    }
+    check_output(&out, args.force, &inputs)?;
+    let dirs = crate::plugin::search_dirs(&global.plugin_dirs);
+    let defense = super::plugins::find(&dirs, &args.defense)?;
+    if defense.kind != Kind::Defense {
+        return Err(input_error(format!("`{}` is a {} plugin, not a defense", defense.name, defense.kind)));
+    }
+    let params = defense.schema.resolve(&args.params).map_err(|e| {
+        let hint = if args.eval_attack.is_some() { " (parameters of --eval-attack go in --attack-param)" } else { "" };
+        PluginError::InvalidInput { name: defense.name.clone(), path: defense.path.clone(), message: format!("{e}{hint}") }
+    })?;
+    let attack = args.eval_attack.as_deref().map(|n| super::plugins::find(&dirs, n)).transpose()?;
+    if let Some(a) = &attack {
+        if a.kind != Kind::Attack {
+            return Err(input_error(format!("--eval-attack `{}` is a {} plugin", a.name, a.kind)));
+        }
+    } else if !args.attack_params.is_empty() {
+        return Err(input_error("--attack-param needs --eval-attack NAME"));
+    }
+    let attack_params = match &attack {
+        Some(a) => Some(a.schema.resolve(&args.attack_params).map_err(|e| PluginError::InvalidInput { name: a.name.clone(), path: a.path.clone(), message: e })?),
+        None => None,
+    };
+
+    let original = read_model(&args.model)?;
+    let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
+    let meta = |k: &str| proto.metadata_props.iter().find(|e| e.key() == k).map(|e| e.value().to_string());
+    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let lent = with_metadata(&original, &norm.metadata())?;
+    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
+    let train = match args.limit {
+        Some(k) => ds.train.head(k),
+        None => ds.train.clone(),
+    };
+    let test = match args.test_limit {
+        Some(k) => ds.test.head(k),
+        None => ds.test.clone(),
+    };
+    let truth: Option<HashSet<i64>> = ds.poison_idx.as_ref().map(|ix| ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect());
+    let device_req: audit_nn::DeviceRequest = args.device.parse()?;
+    let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
+    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+
+    let spec = attack.as_ref().zip(attack_params.as_ref()).map(|(p, params)| AttackSpec { plugin: p, params, seed: args.seed });
+    let before = match &spec {
+        Some(s) => Some(evaluate(&original, &test, ds.num_classes, &norm, Some(s))?),
+        None => None,
+    };
+
+    eprintln!("hardening {} with `{}` on {} training samples ({device_name})", args.model.display(), defense.name, train.len());
+    let clean = (defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0).then(|| ds.test.head(1000));
+    let result = defense.call(&CallInput {
+        op: Op::Defend,
+        params: &params,
+        seed: args.seed,
+        device: device_name,
+        model: Some(&lent),
+        data: Some(&train),
+        clean: clean.as_ref(),
+        num_classes: ds.num_classes,
+    })?;
+    let hardened = result.model.context("the defense returned no model")?;
+
+    // The artifact must be the same graph, and the engine and onnxruntime must agree on it.
+    if op_types(&hardened)? != op_types(&original)? {
+        anyhow::bail!("the defense changed the graph's nodes; refusing to write {}", out.display());
+    }
+    let mut hardened = with_metadata(
+        &hardened,
+        &[
+            ("audit.source_sha256".to_string(), audit_nn::export::sha256_hex(&original)),
+            ("audit.toolkit_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("audit.seed".to_string(), args.seed.to_string()),
+        ],
+    )?;
+    hardened = with_metadata(&hardened, &norm.metadata())?;
+    let engine_model = audit_nn::Model::load(&hardened, None).context("the engine cannot reload the hardened model")?;
+    let chw = input_chw(&engine_model, Some([train.images.c as i64, train.images.h as i64, train.images.w as i64]))?;
+    let shape = [4, chw[0], chw[1], chw[2]];
+    let diff = parity(&engine_model, &hardened, &random_batch(4, chw, 99), &shape)?;
+    if diff > PARITY_TOLERANCE {
+        anyhow::bail!("hardened model failed its parity check (engine vs onnxruntime {diff:.3e} > {PARITY_TOLERANCE:e}); nothing written");
+    }
+    if crate::progress::is_cancelled() {
+        return Err(input_error_hint("cancelled", "nothing was written"));
+    }
+    crate::plugin::write_atomic(&out, &hardened).with_context(|| format!("writing {}", out.display()))?;
+
+    let after = match &spec {
+        Some(s) => Some(evaluate(&hardened, &test, ds.num_classes, &norm, Some(s))?),
+        None => None,
+    };
+    let mut report = result.report;
+    summarise_report(&mut report, truth.as_ref());
+    if let (Some(t), Some(dropped)) = (&truth, &result.indices) {
+        report.insert("dropped_vs_poison_idx".into(), precision_recall(dropped, t));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let doc = json!({
+        "schema_version": 1,
+        "defense": defense.name,
+        "defense_version": defense.version,
+        "params": params,
+        "model": {"path": args.model.display().to_string(), "sha256": audit_nn::export::sha256_hex(&original)},
+        "output": out.display().to_string(),
+        "output_sha256": audit_nn::export::sha256_hex(&hardened),
+        "data": ds.source,
+        "n_train": train.len(),
+        "n_test": test.len(),
+        "seconds": seconds,
+        "device": device_name,
+        "seed": args.seed,
+        "parity_max_rel_diff": diff,
+        "eval_attack": args.eval_attack,
+        "before": before.as_ref().map(metrics_json),
+        "after": after.as_ref().map(metrics_json),
+        "defense_report": report,
+    });
+    if let Some(path) = &args.report {
+        let text = if path.extension().is_some_and(|e| e == "md") { markdown(&doc) } else { serde_json::to_string_pretty(&doc)? + "\n" };
+        crate::plugin::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(EXIT_OK);
+    }
+    println!("wrote {} ({} on {device_name}, {seconds:.1}s, parity {diff:.1e})", out.display(), defense.name);
+    if let (Some(b), Some(a)) = (&before, &after) {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(["", "clean accuracy", "attack success rate", "robust accuracy"]);
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+        t.add_row(["before".to_string(), f(Some(b.clean_accuracy)), f(b.attack_success_rate), f(b.robust_accuracy)]);
+        t.add_row(["after".to_string(), f(Some(a.clean_accuracy)), f(a.attack_success_rate), f(a.robust_accuracy)]);
+        println!("{t}");
+    }
+    if let Some(pr) = doc["defense_report"].get("dropped_vs_poison_idx") {
+        println!("suspects dropped: {} (precision {}, recall {} against the data's poison_idx)", pr["found"], pr["precision"], pr["recall"]);
+    }
+    Ok(EXIT_OK)
+}
+
+/// A small Markdown report.
+fn markdown(doc: &Value) -> String {
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+    let mut s = format!(
+        "# audit harden report\n\n- model: `{}` (sha256 `{}`)\n- defense: `{}` {}\n- output: `{}` (sha256 `{}`)\n- data: {} ({} train, {} test), seed {}, device {}\n- parameters: `{}`\n\n",
+        doc["model"]["path"].as_str().unwrap_or(""),
+        doc["model"]["sha256"].as_str().unwrap_or(""),
+        doc["defense"].as_str().unwrap_or(""),
+        doc["defense_version"].as_str().unwrap_or(""),
+        doc["output"].as_str().unwrap_or(""),
+        doc["output_sha256"].as_str().unwrap_or(""),
+        doc["data"].as_str().unwrap_or(""),
+        doc["n_train"],
+        doc["n_test"],
+        doc["seed"],
+        doc["device"].as_str().unwrap_or(""),
+        doc["params"],
+    );
+    if !doc["before"].is_null() {
+        s += "| | clean accuracy | attack success rate | robust accuracy |\n|---|---|---|---|\n";
+        for k in ["before", "after"] {
+            let m = &doc[k];
+            s += &format!("| {k} | {} | {} | {} |\n", f(&m["clean_accuracy"]), f(&m["attack_success_rate"]), f(&m["robust_accuracy"]));
+        }
+    }
+    s
+}
