@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 pub use analysis::{jenks_break, select_neurons};
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
-"preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's defaults (reset 5%, fine-tune lr 1e-4 for E2=20 epochs, 1 round); default: this toolkit's measured default repair"},
+"preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: the paper's repair (fine-tune at none_lr with BN frozen, suspects recomputed each round); every other default is already the paper's (reset 5%, lr 1e-4, E2 20, R 1); default: this toolkit's measured default repair"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -65,19 +65,12 @@ struct Params {
 }
 
 impl Params {
-    /// `preset=paper` forces the paper's values for everything the paper fixes.
+    /// `preset=paper` uses the paper's repair (fine-tune after the reset, suspects recomputed from
+    /// the full set every round). Every other default already is the paper's value.
     fn effective(mut self) -> Params {
         if self.preset == "paper" {
             self.repair = "finetune".into();
-            self.lamda_h = 0.9;
-            self.lamda_l = 0.1;
-            self.max_reset_fraction = 0.05;
-            self.none_lr = 1e-4;
-            self.e2 = 20;
-            self.r = 1;
             self.cumulative_suspects = false;
-            self.batch_size = 128;
-            self.layers = "all".into();
         }
         self
     }

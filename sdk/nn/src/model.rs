@@ -207,19 +207,37 @@ impl Model {
 
         // Which initializers feed weight inputs, and BN statistics.
         let init_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+        // Exporters sometimes share one initializer between layers through Identity nodes: look
+        // through them to the initializer.
+        let identity_src: HashMap<&str, &str> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "Identity" && n.input.len() == 1 && n.output.len() == 1)
+            .map(|n| (n.output[0].as_str(), n.input[0].as_str()))
+            .collect();
+        let source = |name: &str| -> Option<String> {
+            let mut cur = name;
+            for _ in 0..16 {
+                if init_names.contains(cur) {
+                    return Some(cur.to_string());
+                }
+                cur = identity_src.get(cur)?;
+            }
+            None
+        };
         let mut roles: HashMap<String, ParamRole> = HashMap::new();
         for node in &graph.node {
             if let Some((_, slots)) = WEIGHT_INPUTS.iter().find(|(op, _)| *op == node.op_type()) {
                 for &s in *slots {
-                    if let Some(name) = node.input.get(s).filter(|n| init_names.contains(n.as_str())) {
-                        roles.insert(name.clone(), ParamRole::Trainable);
+                    if let Some(name) = node.input.get(s).and_then(|n| source(n)) {
+                        roles.insert(name, ParamRole::Trainable);
                     }
                 }
             }
             if node.op_type() == "BatchNormalization" {
                 for s in [3, 4] {
-                    if let Some(name) = node.input.get(s).filter(|n| init_names.contains(n.as_str())) {
-                        roles.insert(name.clone(), ParamRole::BnStat);
+                    if let Some(name) = node.input.get(s).and_then(|n| source(n)) {
+                        roles.insert(name, ParamRole::BnStat);
                     }
                 }
             }

@@ -73,7 +73,14 @@ pub enum Arch {
 
 impl Arch {
     /// Every architecture, in a stable order.
-    pub const ALL: [Arch; 6] = [Arch::SmallCnn, Arch::Nin, Arch::Vgg11, Arch::Vgg16, Arch::Resnet18, Arch::PreactResnet18];
+    pub const ALL: [Arch; 6] = [
+        Arch::SmallCnn,
+        Arch::Nin,
+        Arch::Vgg11,
+        Arch::Vgg16,
+        Arch::Resnet18,
+        Arch::PreactResnet18,
+    ];
 
     /// The name used on the command line (`small-cnn`, `preact-resnet18`, ...).
     pub fn name(self) -> &'static str {
@@ -121,7 +128,9 @@ pub fn build(arch: Arch, input: [i64; 3], classes: i64, seed: u64) -> Result<Mod
         return Err(format!("input shape {c}x{h}x{w}: every dimension must be at least 1"));
     }
     if c > 1024 || h > 4096 || w > 4096 {
-        return Err(format!("input shape {c}x{h}x{w} is too large for the zoo (at most 1024x4096x4096)"));
+        return Err(format!(
+            "input shape {c}x{h}x{w} is too large for the zoo (at most 1024x4096x4096)"
+        ));
     }
     if classes < 1 {
         return Err(format!("{classes} classes: need at least 1"));
@@ -130,7 +139,12 @@ pub fn build(arch: Arch, input: [i64; 3], classes: i64, seed: u64) -> Result<Mod
         return Err(format!("{classes} classes is too many for the zoo (at most 100000)"));
     }
     let mut g = Graph::new(seed);
-    let x = Value { name: INPUT_NAME.to_string(), c, h, w };
+    let x = Value {
+        name: INPUT_NAME.to_string(),
+        c,
+        h,
+        w,
+    };
     match arch {
         Arch::SmallCnn => small_cnn(&mut g, x, classes),
         Arch::Nin => nin(&mut g, x, classes),
@@ -160,7 +174,11 @@ pub fn param_count(model: &ModelProto) -> i64 {
         };
         trainable.extend(slots.iter().filter_map(|&s| n.input.get(s)).map(String::as_str));
     }
-    g.initializer.iter().filter(|t| trainable.contains(t.name())).map(|t| t.dims.iter().product::<i64>()).sum()
+    g.initializer
+        .iter()
+        .filter(|t| trainable.contains(t.name()))
+        .map(|t| t.dims.iter().product::<i64>())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,8 +222,11 @@ fn small_cnn(g: &mut Graph, x: Value, classes: i64) {
 
 fn nin(g: &mut Graph, x: Value, classes: i64) {
     // (out channels, kernel, padding) of the three convs of each block.
-    let blocks: [[(i64, i64, i64); 3]; 3] =
-        [[(192, 5, 2), (160, 1, 0), (96, 1, 0)], [(192, 5, 2), (192, 1, 0), (192, 1, 0)], [(192, 3, 1), (192, 1, 0), (classes, 1, 0)]];
+    let blocks: [[(i64, i64, i64); 3]; 3] = [
+        [(192, 5, 2), (160, 1, 0), (96, 1, 0)],
+        [(192, 5, 2), (192, 1, 0), (192, 1, 0)],
+        [(192, 3, 1), (192, 1, 0), (classes, 1, 0)],
+    ];
     let mut y = x;
     for (b, convs) in blocks.iter().enumerate() {
         let p = format!("block{}", b + 1);
@@ -215,7 +236,15 @@ fn nin(g: &mut Graph, x: Value, classes: i64) {
                 // The classifier conv: class maps, averaged below.
                 y = g.conv(&format!("{p}.conv{i}"), &y, out, k, 1, pad, true);
             } else {
-                y = conv_bn_relu(g, &y, [&format!("{p}.conv{i}"), &format!("{p}.bn{i}"), &format!("{p}.relu{i}")], out, k, pad, true);
+                y = conv_bn_relu(
+                    g,
+                    &y,
+                    [&format!("{p}.conv{i}"), &format!("{p}.bn{i}"), &format!("{p}.relu{i}")],
+                    out,
+                    k,
+                    pad,
+                    true,
+                );
             }
         }
         if b < 2 && y.h >= 2 && y.w >= 2 {
@@ -228,7 +257,9 @@ fn nin(g: &mut Graph, x: Value, classes: i64) {
 
 /// VGG configurations: a channel count is conv-BN-ReLU, 0 is a maxpool.
 const VGG11: &[i64] = &[64, 0, 128, 0, 256, 256, 0, 512, 512, 0, 512, 512, 0];
-const VGG16: &[i64] = &[64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0];
+const VGG16: &[i64] = &[
+    64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
+];
 
 fn vgg(g: &mut Graph, x: Value, classes: i64, cfg: &[i64]) {
     // Names follow the indices of PyTorch's `features` Sequential (conv, BN, ReLU, pool), also for
@@ -240,7 +271,11 @@ fn vgg(g: &mut Graph, x: Value, classes: i64, cfg: &[i64]) {
             y = pool2(g, &format!("features.{idx}"), y);
             idx += 1;
         } else {
-            let names = [format!("features.{idx}"), format!("features.{}", idx + 1), format!("features.{}", idx + 2)];
+            let names = [
+                format!("features.{idx}"),
+                format!("features.{}", idx + 1),
+                format!("features.{}", idx + 2),
+            ];
             y = conv_bn_relu(g, &y, [&names[0], &names[1], &names[2]], c, 3, 1, true);
             idx += 3;
         }
@@ -337,10 +372,16 @@ fn stream(seed: u64, name: &str) -> SplitMix64 {
     s
 }
 
+/// Most parameter bytes a zoo model may hold: protobuf messages (and so ONNX files without
+/// external data) cannot exceed 2 GiB.
+const MAX_PARAM_BYTES: u64 = (1 << 31) - (64 << 20);
+
 struct Graph {
     seed: u64,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
+    /// Parameter bytes so far (counted even once over the limit, for the message).
+    param_bytes: u64,
 }
 
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
@@ -353,11 +394,21 @@ fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
 }
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 
 fn attr_float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
 }
 
 fn float_tensor(name: &str, dims: &[i64], data: impl IntoIterator<Item = f32>) -> TensorProto {
@@ -399,7 +450,12 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
 
 impl Graph {
     fn new(seed: u64) -> Graph {
-        Graph { seed, nodes: Vec::new(), inits: Vec::new() }
+        Graph {
+            seed,
+            nodes: Vec::new(),
+            inits: Vec::new(),
+            param_bytes: 0,
+        }
     }
 
     fn node(&mut self, op: &str, name: &str, inputs: Vec<String>, output: &str, attribute: Vec<AttributeProto>) {
@@ -414,23 +470,38 @@ impl Graph {
     }
 
     /// A weight and bias drawn like PyTorch's `reset_parameters` of Conv2d/Linear.
+    /// Counts `n` more parameters; false (and no data should be made) once over the limit.
+    fn reserve(&mut self, n: i64) -> bool {
+        self.param_bytes += 4 * n as u64;
+        self.param_bytes <= MAX_PARAM_BYTES
+    }
+
     fn uniform_param(&mut self, name: &str, dims: &[i64], fan_in: i64) -> String {
         let bound = 1.0 / (fan_in as f32).sqrt();
         let n = dims.iter().product::<i64>();
-        let mut rng = stream(self.seed, name);
-        self.inits.push(float_tensor(name, dims, (0..n).map(|_| rng.uniform(bound))));
+        if self.reserve(n) {
+            let mut rng = stream(self.seed, name);
+            self.inits
+                .push(float_tensor(name, dims, (0..n).map(|_| rng.uniform(bound))));
+        }
         name.to_string()
     }
 
     fn const_param(&mut self, name: &str, n: i64, v: f32) -> String {
-        self.inits.push(float_tensor(name, &[n], std::iter::repeat_n(v, n as usize)));
+        if self.reserve(n) {
+            self.inits
+                .push(float_tensor(name, &[n], std::iter::repeat_n(v, n as usize)));
+        }
         name.to_string()
     }
 
     #[allow(clippy::too_many_arguments)]
     fn conv(&mut self, name: &str, x: &Value, out: i64, k: i64, stride: i64, pad: i64, bias: bool) -> Value {
         let fan_in = x.c * k * k;
-        let mut inputs = vec![x.name.clone(), self.uniform_param(&format!("{name}.weight"), &[out, x.c, k, k], fan_in)];
+        let mut inputs = vec![
+            x.name.clone(),
+            self.uniform_param(&format!("{name}.weight"), &[out, x.c, k, k], fan_in),
+        ];
         if bias {
             inputs.push(self.uniform_param(&format!("{name}.bias"), &[out], fan_in));
         }
@@ -443,7 +514,12 @@ impl Graph {
         ];
         self.node("Conv", name, inputs, name, attrs);
         let size = |s: i64| (s + 2 * pad - k) / stride + 1;
-        Value { name: name.to_string(), c: out, h: size(x.h), w: size(x.w) }
+        Value {
+            name: name.to_string(),
+            c: out,
+            h: size(x.h),
+            w: size(x.w),
+        }
     }
 
     fn bn(&mut self, name: &str, x: &Value) -> Value {
@@ -454,13 +530,25 @@ impl Graph {
             self.const_param(&format!("{name}.running_mean"), x.c, 0.0),
             self.const_param(&format!("{name}.running_var"), x.c, 1.0),
         ];
-        self.node("BatchNormalization", name, inputs, name, vec![attr_float("epsilon", BN_EPSILON), attr_float("momentum", BN_MOMENTUM)]);
-        Value { name: name.to_string(), ..x.clone() }
+        self.node(
+            "BatchNormalization",
+            name,
+            inputs,
+            name,
+            vec![attr_float("epsilon", BN_EPSILON), attr_float("momentum", BN_MOMENTUM)],
+        );
+        Value {
+            name: name.to_string(),
+            ..x.clone()
+        }
     }
 
     fn relu(&mut self, name: &str, x: &Value) -> Value {
         self.node("Relu", name, vec![x.name.clone()], name, vec![]);
-        Value { name: name.to_string(), ..x.clone() }
+        Value {
+            name: name.to_string(),
+            ..x.clone()
+        }
     }
 
     fn maxpool(&mut self, name: &str, x: &Value, k: i64, stride: i64, pad: i64) -> Value {
@@ -473,24 +561,42 @@ impl Graph {
         ];
         self.node("MaxPool", name, vec![x.name.clone()], name, attrs);
         let size = |s: i64| (s + 2 * pad - k) / stride + 1;
-        Value { name: name.to_string(), c: x.c, h: size(x.h), w: size(x.w) }
+        Value {
+            name: name.to_string(),
+            c: x.c,
+            h: size(x.h),
+            w: size(x.w),
+        }
     }
 
     fn add(&mut self, name: &str, a: &Value, b: &Value) -> Value {
         debug_assert!((a.c, a.h, a.w) == (b.c, b.h, b.w), "{name}: adding {a:?} and {b:?}");
         self.node("Add", name, vec![a.name.clone(), b.name.clone()], name, vec![]);
-        Value { name: name.to_string(), ..a.clone() }
+        Value {
+            name: name.to_string(),
+            ..a.clone()
+        }
     }
 
     fn global_avg_pool(&mut self, name: &str, x: &Value) -> Value {
         self.node("GlobalAveragePool", name, vec![x.name.clone()], name, vec![]);
-        Value { name: name.to_string(), c: x.c, h: 1, w: 1 }
+        Value {
+            name: name.to_string(),
+            c: x.c,
+            h: 1,
+            w: 1,
+        }
     }
 
     fn flatten(&mut self, name: &str, x: &Value, output: Option<&str>) -> Value {
         let output = output.unwrap_or(name);
         self.node("Flatten", name, vec![x.name.clone()], output, vec![attr_int("axis", 1)]);
-        Value { name: output.to_string(), c: x.c * x.h * x.w, h: 1, w: 1 }
+        Value {
+            name: output.to_string(),
+            c: x.c * x.h * x.w,
+            h: 1,
+            w: 1,
+        }
     }
 
     /// A Linear layer as Gemm(x, W^T) + b with `W` stored `[out, in]` (as torch exports it).
@@ -504,10 +610,23 @@ impl Graph {
         let output = output.unwrap_or(name);
         let attrs = vec![attr_float("alpha", 1.0), attr_float("beta", 1.0), attr_int("transB", 1)];
         self.node("Gemm", name, inputs, output, attrs);
-        Value { name: output.to_string(), c: out, h: 1, w: 1 }
+        Value {
+            name: output.to_string(),
+            c: out,
+            h: 1,
+            w: 1,
+        }
     }
 
     fn finish(self, arch: Arch, input: [i64; 3], classes: i64, seed: u64) -> Result<ModelProto, String> {
+        if self.param_bytes > MAX_PARAM_BYTES {
+            let [c, h, w] = input;
+            return Err(format!(
+                "{arch} for {c}x{h}x{w} inputs and {classes} classes would hold {:.1} GiB of parameters, \
+                 more than an ONNX file can (2 GiB): use a smaller input",
+                self.param_bytes as f64 / (1u64 << 30) as f64
+            ));
+        }
         let mut seen = HashSet::new();
         for n in &self.nodes {
             if !seen.insert(n.name()) {
@@ -515,7 +634,12 @@ impl Graph {
             }
         }
         let mut values = HashSet::new();
-        for name in self.nodes.iter().flat_map(|n| &n.output).chain(self.inits.iter().filter_map(|t| t.name.as_ref())) {
+        for name in self
+            .nodes
+            .iter()
+            .flat_map(|n| &n.output)
+            .chain(self.inits.iter().filter_map(|t| t.name.as_ref()))
+        {
             if !values.insert(name.as_str()) {
                 return Err(format!("internal error: value `{name}` is produced twice"));
             }
@@ -530,13 +654,21 @@ impl Graph {
             initializer: self.inits,
             input: vec![value_info(INPUT_NAME, &[None, Some(c), Some(h), Some(w)])],
             output: vec![value_info(OUTPUT_NAME, &[None, Some(classes)])],
-            doc_string: Some(format!("{arch} for {c}x{h}x{w} inputs and {classes} classes, seed {seed}, freshly initialised")),
+            doc_string: Some(format!(
+                "{arch} for {c}x{h}x{w} inputs and {classes} classes, seed {seed}, freshly initialised"
+            )),
             ..Default::default()
         };
-        let meta = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        let meta = |k: &str, v: String| StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
         Ok(ModelProto {
             ir_version: Some(IR_VERSION),
-            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(OPSET) }],
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(OPSET),
+            }],
             producer_name: Some("audit".into()),
             producer_version: Some(env!("CARGO_PKG_VERSION").into()),
             graph: Some(graph),

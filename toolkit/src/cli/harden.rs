@@ -125,7 +125,6 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     if data_path.exists() {
         inputs.push(data_path);
     }
-    check_output(&out, args.force, &inputs)?;
     let dirs = crate::plugin::search_dirs(&global.plugin_dirs);
     let defense = super::plugins::find(&dirs, &args.defense)?;
     if defense.kind != Kind::Defense {
@@ -148,6 +147,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         None => None,
     };
 
+    check_output(&out, args.force, &inputs)?;
     let original = read_model(&args.model)?;
     let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
     let meta = |k: &str| proto.metadata_props.iter().find(|e| e.key() == k).map(|e| e.value().to_string());

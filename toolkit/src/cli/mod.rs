@@ -7,6 +7,7 @@ mod harden;
 mod inspect;
 mod plugins;
 mod templates;
+mod zoo;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,8 @@ pub enum Command {
     Harden(harden::HardenArgs),
     /// Clean accuracy, attack success rate and robust accuracy of an ONNX model (onnxruntime).
     Eval(eval::EvalArgs),
+    /// Write a freshly initialised model of a zoo architecture.
+    Zoo(zoo::ZooArgs),
     /// Show what this installation has: libtorch, onnxruntime, devices, plugins, data.
     Doctor {
         #[arg(long)]
@@ -70,6 +73,7 @@ pub fn main() -> i32 {
         Command::Eval(args) => eval::run(args, &cli.global),
         Command::Attack(args) => attack::run(args, &cli.global),
         Command::Harden(args) => harden::run(args, &cli.global),
+        Command::Zoo(args) => zoo::run(args),
     };
     match result {
         Ok(code) => code,
