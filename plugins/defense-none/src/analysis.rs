@@ -29,12 +29,44 @@ pub fn select_neurons(probs: &Tensor, acts: &[Tensor], lamda_h: f64, lamda_l: f6
     for a in acts {
         let a = a.to_kind(Kind::Double);
         let c = a.size()[1];
-        // Max over confident samples, per class: [K, C] (a class loop of device reductions).
-        let neg = Tensor::full([1, c], f64::NEG_INFINITY, (Kind::Double, a.device()));
-        let max_conf = Tensor::stack(
-            &(0..k).map(|j| a.where_self(&confident.select(1, j).unsqueeze(1), &neg).amax([0], false)).collect::<Vec<_>>(),
-            0,
-        );
+        // Max over confident samples, per class: [K, C].
+        let max_conf = if lamda_h >= 0.5 {
+            // A sample is confident for at most one class: one scatter-max over the confident rows.
+            let rows = confident.any_dim(1, false).nonzero().flatten(0, -1);
+            let cls = confident.index_select(0, &rows).to_kind(Kind::Int64).argmax(1, false);
+            // Group the confident rows by class (one sort), then one max per contiguous block.
+            let (sorted_cls, order) = cls.sort(0, false);
+            let grouped = a.index_select(0, &rows.index_select(0, &order));
+            let counts = Vec::<i64>::try_from(
+                sorted_cls
+                    .bincount::<Tensor>(None, k)
+                    .to_device(audit_nn::tch::Device::Cpu),
+            )
+            .unwrap_or_default();
+            let neg = Tensor::full([c], f64::NEG_INFINITY, (Kind::Double, a.device()));
+            let mut start = 0;
+            let mut blocks = Vec::with_capacity(k as usize);
+            for &count in &counts {
+                blocks.push(if count > 0 {
+                    grouped.narrow(0, start, count).amax([0], false)
+                } else {
+                    neg.shallow_clone()
+                });
+                start += count;
+            }
+            Tensor::stack(&blocks, 0)
+        } else {
+            let neg = Tensor::full([1, c], f64::NEG_INFINITY, (Kind::Double, a.device()));
+            Tensor::stack(
+                &(0..k)
+                    .map(|j| {
+                        a.where_self(&confident.select(1, j).unsqueeze(1), &neg)
+                            .amax([0], false)
+                    })
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        };
         // Mean and std over unconfident samples, per class, by matrix products: [K, C].
         let cnt = weak_count.clamp_min(1.0).unsqueeze(1);
         let mean = weak.tr().mm(&a) / &cnt;
@@ -99,7 +131,13 @@ mod tests {
             let m = s.iter().sum::<f64>() / s.len() as f64;
             s.iter().map(|x| (x - m) * (x - m)).sum::<f64>()
         };
-        let best = (1..v.len()).min_by(|&a, &b| (sse(&v[..a]) + sse(&v[a..])).partial_cmp(&(sse(&v[..b]) + sse(&v[b..]))).unwrap()).unwrap();
+        let best = (1..v.len())
+            .min_by(|&a, &b| {
+                (sse(&v[..a]) + sse(&v[a..]))
+                    .partial_cmp(&(sse(&v[..b]) + sse(&v[b..])))
+                    .unwrap()
+            })
+            .unwrap();
         v[best]
     }
 
@@ -108,7 +146,11 @@ mod tests {
         audit_nn::tch::manual_seed(3);
         for trial in 0..20 {
             let n = 5 + trial * 7;
-            let t = Tensor::randn([n], (Kind::Double, Device::Cpu)) + Tensor::rand([n], (Kind::Double, Device::Cpu)).gt(0.8).to_kind(Kind::Double) * 4.0;
+            let t = Tensor::randn([n], (Kind::Double, Device::Cpu))
+                + Tensor::rand([n], (Kind::Double, Device::Cpu))
+                    .gt(0.8)
+                    .to_kind(Kind::Double)
+                    * 4.0;
             let values = Vec::<f64>::try_from(&t).unwrap();
             assert_eq!(jenks_break(&t), jenks_brute(&values), "trial {trial}");
         }
@@ -121,11 +163,17 @@ mod tests {
     fn selection_matches_a_direct_loop() {
         audit_nn::tch::manual_seed(7);
         let (n, k, c) = (200i64, 4i64, 6i64);
-        let probs = Tensor::randn([n, k], (Kind::Float, Device::Cpu)).mul(3.0).softmax(-1, Kind::Float);
+        let probs = (Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 3.0).softmax(-1, Kind::Float);
         let a = Tensor::randn([n, c], (Kind::Float, Device::Cpu));
         let sel = select_neurons(&probs, &[a.shallow_clone()], 0.7, 0.1, 0.34);
-        let p: Vec<Vec<f64>> = (0..n).map(|i| Vec::<f64>::try_from(probs.get(i).to_kind(Kind::Double)).unwrap()).collect();
-        let av: Vec<Vec<f64>> = (0..n).map(|i| Vec::<f64>::try_from(a.get(i).to_kind(Kind::Double)).unwrap()).collect();
+        let low = select_neurons(&probs, &[a.shallow_clone()], 0.3, 0.1, 0.34);
+        assert!(!low.neurons[0].is_empty(), "the class-loop path (lamda_h < 0.5) runs");
+        let p: Vec<Vec<f64>> = (0..n)
+            .map(|i| Vec::<f64>::try_from(probs.get(i).to_kind(Kind::Double)).unwrap())
+            .collect();
+        let av: Vec<Vec<f64>> = (0..n)
+            .map(|i| Vec::<f64>::try_from(a.get(i).to_kind(Kind::Double)).unwrap())
+            .collect();
         let mut score = vec![f64::NEG_INFINITY; c as usize];
         for j in 0..k as usize {
             let s: Vec<usize> = (0..n as usize).filter(|&i| p[i][j] > 0.7).collect();

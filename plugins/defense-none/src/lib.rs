@@ -115,27 +115,50 @@ fn preprocess(model: &Model) -> Result<Preprocess> {
             None => Ok(vec![default]),
             Some(s) => s
                 .split(',')
-                .map(|p| p.trim().parse::<f64>().map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers"))))
+                .map(|p| {
+                    p.trim()
+                        .parse::<f64>()
+                        .map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers")))
+                })
                 .collect(),
         }
     };
-    Ok(Preprocess { mean: parse("audit.mean", 0.0)?, std: parse("audit.std", 1.0)? })
+    Ok(Preprocess {
+        mean: parse("audit.mean", 0.0)?,
+        std: parse("audit.std", 1.0)?,
+    })
 }
 
 /// Trains `epochs` epochs with progress and cancellation from the host.
-fn train(call: &Call<'_>, model: &Model, trainer: &mut Trainer, data: &DeviceData, pre: &Preprocess, epochs: usize, phase: &str, extra: Option<(&DeviceData, f64)>) -> Result<Vec<Value>> {
+fn train(
+    call: &Call<'_>,
+    model: &Model,
+    trainer: &mut Trainer,
+    data: &DeviceData,
+    pre: &Preprocess,
+    epochs: usize,
+    phase: &str,
+    extra: Option<(&DeviceData, f64)>,
+) -> Result<Vec<Value>> {
     let host = call.host;
     let mut log = Vec::new();
     for e in 0..epochs {
         let label = format!("{phase} epoch {}/{epochs}", e + 1);
-        let mut hooks = Hooks { progress: Box::new(|_, d, t| host.progress(&label, d, t)), cancelled: Box::new(|| host.is_cancelled()) };
+        let mut hooks = Hooks {
+            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
+            cancelled: Box::new(|| host.is_cancelled()),
+        };
         let stats = match extra {
             None => trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?,
             Some((suspects, weight)) => {
                 // Unlearning: every clean batch also ascends the loss on a batch of suspects.
                 let n = suspects.len().max(1);
                 let counter = std::cell::Cell::new(0i64);
-                let mode = if trainer.cfg.freeze_bn { audit_nn::Mode::TrainFrozenBn } else { audit_nn::Mode::Train };
+                let mode = if trainer.cfg.freeze_bn {
+                    audit_nn::Mode::TrainFrozenBn
+                } else {
+                    audit_nn::Mode::Train
+                };
                 let loss = |logits: &Tensor, y: &Tensor| -> Tensor {
                     let clean = audit_nn::train::cross_entropy(logits, y);
                     let k = (y.size()[0]).min(n);
@@ -152,23 +175,40 @@ fn train(call: &Call<'_>, model: &Model, trainer: &mut Trainer, data: &DeviceDat
                         Err(_) => clean,
                     }
                 };
-                trainer.epoch_with(model, data, pre, &loss, &mut hooks).map_err(nn_err)?
+                trainer
+                    .epoch_with(model, data, pre, &loss, &mut hooks)
+                    .map_err(nn_err)?
             }
         };
-        host.info(&format!("{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)", stats.loss, stats.accuracy, stats.seconds));
+        host.info(&format!(
+            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
+            stats.loss, stats.accuracy, stats.seconds
+        ));
         log.push(json!({"phase": phase, "epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}));
     }
     Ok(log)
 }
 
 impl Defense for NoneDefense {
-    fn defend(&self, call: &Call<'_>, model_bytes: &[u8], train_set: Option<&DatasetRef<'_>>, _clean: Option<&DatasetRef<'_>>) -> Result<Hardened> {
+    fn defend(
+        &self,
+        call: &Call<'_>,
+        model_bytes: &[u8],
+        train_set: Option<&DatasetRef<'_>>,
+        _clean: Option<&DatasetRef<'_>>,
+    ) -> Result<Hardened> {
         let p: Params = call.params.parse::<Params>()?.effective();
         if p.lamda_l >= p.lamda_h {
-            return Err(Error::invalid(format!("lamda_l ({}) must be below lamda_h ({})", p.lamda_l, p.lamda_h)));
+            return Err(Error::invalid(format!(
+                "lamda_l ({}) must be below lamda_h ({})",
+                p.lamda_l, p.lamda_h
+            )));
         }
         let train_set = train_set.ok_or_else(|| Error::invalid("NONE needs the training set"))?;
-        let req: audit_nn::DeviceRequest = call.device.parse().map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
+        let req: audit_nn::DeviceRequest = call
+            .device
+            .parse()
+            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
         let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
         let seed = call.seed.wrapping_add(p.seed);
         let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
@@ -182,10 +222,20 @@ impl Defense for NoneDefense {
             batch_size: p.batch_size,
             lr,
             weight_decay: 5e-4,
-            optimizer: Optimizer::Sgd { momentum: 0.9, nesterov: false },
+            optimizer: Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
             schedule: Schedule::Constant,
             freeze_bn,
-            augment: if p.augment { Augment { crop_padding: 4, flip: true } } else { Augment::default() },
+            augment: if p.augment {
+                Augment {
+                    crop_padding: 4,
+                    flip: true,
+                }
+            } else {
+                Augment::default()
+            },
             seed,
             group_lr: vec![],
         };
@@ -210,7 +260,9 @@ impl Defense for NoneDefense {
             _ => true,
         });
         if layers.is_empty() {
-            return Err(Error::invalid("the model has no monitored layer (Conv or hidden Gemm/MatMul with weights)"));
+            return Err(Error::invalid(
+                "the model has no monitored layer (Conv or hidden Gemm/MatMul with weights)",
+            ));
         }
         let sample = full.x.narrow(0, 0, 1);
         let shapes = model.value_shapes(&pre.apply(&sample)).map_err(nn_err)?;
@@ -222,10 +274,17 @@ impl Defense for NoneDefense {
             let acts = model
                 .collect_activations(&full, &pre, &layers, 512, &mut |d, t| host.progress(&phase, d, t))
                 .map_err(nn_err)?;
-            let sel = select_neurons(&acts.probs, &acts.channel_max, p.lamda_h, p.lamda_l, p.max_reset_fraction);
+            let sel = select_neurons(
+                &acts.probs,
+                &acts.channel_max,
+                p.lamda_h,
+                p.lamda_l,
+                p.max_reset_fraction,
+            );
             let break_value = jenks_break(&sel.h);
             let suspect_mask = sel.h.ge(break_value);
-            let suspects: Vec<i64> = Vec::<i64>::try_from(suspect_mask.nonzero().flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
+            let suspects: Vec<i64> =
+                Vec::<i64>::try_from(suspect_mask.nonzero().flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
             if p.cumulative_suspects {
                 all_suspects.extend(&suspects);
                 all_suspects.sort_unstable();
@@ -233,7 +292,11 @@ impl Defense for NoneDefense {
             } else {
                 all_suspects = suspects.clone();
             }
-            host.info(&format!("round {}: {} suspects of {n} (Jenks break {break_value:.4})", round + 1, suspects.len()));
+            host.info(&format!(
+                "round {}: {} suspects of {n} (Jenks break {break_value:.4})",
+                round + 1,
+                suspects.len()
+            ));
 
             // Reset the selected neurons.
             let mut layer_report = Vec::new();
@@ -287,7 +350,10 @@ impl Defense for NoneDefense {
         let out = model
             .export(&[
                 ("audit.defense".to_string(), "none".to_string()),
-                ("audit.defense_params".to_string(), serde_json::Value::Object(call.params.0.clone()).to_string()),
+                (
+                    "audit.defense_params".to_string(),
+                    serde_json::Value::Object(call.params.0.clone()).to_string(),
+                ),
             ])
             .map_err(nn_err)?;
         Ok(Hardened {

@@ -89,7 +89,9 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
         params,
         seed: args.seed,
     });
+    let started = std::time::Instant::now();
     let m = evaluate(&bytes, &test, ds.num_classes, &norm, spec.as_ref())?;
+    let seconds = started.elapsed().as_secs_f64();
     if args.json {
         let doc = json!({
             "schema_version": 1,
@@ -97,6 +99,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
             "runtime": "onnxruntime",
             "data": ds.source,
             "n_test": m.n_test,
+            "seconds": seconds,
             "attack": args.attack,
             "params": params,
             "metrics": {
