@@ -16,27 +16,63 @@ fn onnx_data_dir() -> PathBuf {
 #[test]
 fn zoo_models_import_faithfully() {
     let dir = tempfile::tempdir().unwrap();
-    for (arch, input) in [("small-cnn", "1x28x28"), ("resnet18", "3x32x32"), ("preact-resnet18", "3x32x32"), ("nin", "1x28x28")] {
+    for (arch, input) in [
+        ("small-cnn", "1x28x28"),
+        ("resnet18", "3x32x32"),
+        ("preact-resnet18", "3x32x32"),
+        ("nin", "1x28x28"),
+    ] {
         let out = dir.path().join(format!("{arch}.onnx"));
-        audit(&["zoo", arch, "--input", input, "--classes", "10", "--out", out.to_str().unwrap()]).expect_code(0);
-        let v = audit(&["inspect", out.to_str().unwrap(), "--parity", "--json"]).expect_code(0).json();
+        audit(&[
+            "zoo",
+            arch,
+            "--input",
+            input,
+            "--classes",
+            "10",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .expect_code(0);
+        let v = audit(&["inspect", out.to_str().unwrap(), "--parity", "--json"])
+            .expect_code(0)
+            .json();
         assert_eq!(v["unsupported_ops"], serde_json::json!([]), "{arch}: {v:#}");
         let diff = v["parity"]["max_rel_diff"].as_f64().unwrap();
         assert!(diff < 1e-4, "{arch}: engine vs onnxruntime {diff}");
         assert!(v["parameters"].as_i64().unwrap() > 10_000);
-        assert!(v["neuron_layers"].as_array().unwrap().iter().any(|l| l["monitored"] == true));
+        assert!(v["neuron_layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["monitored"] == true));
     }
     let v = audit(&["inspect", dir.path().join("resnet18.onnx").to_str().unwrap(), "--json"]).json();
     assert_eq!(v["parameters"], 11_173_962, "CIFAR ResNet-18 with 10 classes");
-    let r = audit(&["zoo", "alexnet", "--input", "3x32x32", "--out", dir.path().join("x.onnx").to_str().unwrap()]).expect_code(2);
+    let r = audit(&[
+        "zoo",
+        "alexnet",
+        "--input",
+        "3x32x32",
+        "--out",
+        dir.path().join("x.onnx").to_str().unwrap(),
+    ])
+    .expect_code(2);
     assert!(r.stderr.contains("unknown architecture `alexnet`"), "{}", r.stderr);
 }
 
 #[test]
 fn inspect_lists_every_unsupported_op_and_rejects_garbage() {
     let model = onnx_data_dir().join("simple/test_sequence_model1/model.onnx");
-    let v = audit(&["inspect", model.to_str().unwrap(), "--json"]).expect_code(0).json();
-    let ops: Vec<&str> = v["unsupported_ops"].as_array().unwrap().iter().map(|u| u["op_type"].as_str().unwrap()).collect();
+    let v = audit(&["inspect", model.to_str().unwrap(), "--json"])
+        .expect_code(0)
+        .json();
+    let ops: Vec<&str> = v["unsupported_ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["op_type"].as_str().unwrap())
+        .collect();
     assert!(ops.contains(&"SequenceEmpty") && ops.contains(&"SequenceAt"), "{v:#}");
     assert!(v["unsupported_ops"][0]["opset"].as_i64().unwrap() > 0);
     let dir = tempfile::tempdir().unwrap();
@@ -44,18 +80,47 @@ fn inspect_lists_every_unsupported_op_and_rejects_garbage() {
     let bytes = std::fs::read(onnx_data_dir().join("light/light_squeezenet.onnx")).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
     let r = audit(&["inspect", bad.to_str().unwrap()]).expect_code(2);
-    assert!(r.stderr.contains("truncated.onnx") && r.stderr.contains("not a valid ONNX model"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("truncated.onnx") && r.stderr.contains("not a valid ONNX model"),
+        "{}",
+        r.stderr
+    );
     // Training needs every op: a model with an unsupported op fails at load, naming op, node, opset.
-    let r = audit(&["attack", "badnets", "--data", "synthetic", "--model", model.to_str().unwrap(), "--out", dir.path().join("o.onnx").to_str().unwrap()])
-        .expect_code(2);
-    assert!(r.stderr.contains("unsupported op") && r.stderr.contains("opset"), "{}", r.stderr);
+    let r = audit(&[
+        "attack",
+        "badnets",
+        "--data",
+        "synthetic",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        dir.path().join("o.onnx").to_str().unwrap(),
+    ])
+    .expect_code(2);
+    assert!(
+        r.stderr.contains("unsupported op") && r.stderr.contains("opset"),
+        "{}",
+        r.stderr
+    );
     assert!(!dir.path().join("o.onnx").exists());
 }
 
 fn attack(dir: &Path, name: &str, extra: &[&str]) -> Value {
     let out = dir.join(format!("{name}.onnx"));
     let npz = dir.join(format!("{name}.npz"));
-    let mut args = vec!["attack", "badnets", "--data", data(), "--arch", "small-cnn", "--limit", "12000", "--epochs", "3", "--json"];
+    let mut args = vec![
+        "attack",
+        "badnets",
+        "--data",
+        data(),
+        "--arch",
+        "small-cnn",
+        "--limit",
+        "12000",
+        "--epochs",
+        "3",
+        "--json",
+    ];
     args.extend_from_slice(&["--out", out.to_str().unwrap(), "--poisoned-data", npz.to_str().unwrap()]);
     args.extend_from_slice(extra);
     audit(&args).expect_code(0).json()
@@ -69,19 +134,41 @@ fn attack_eval_and_harden_on_fashion_mnist() {
     let dir = tempfile::tempdir().unwrap();
     let bad = attack(dir.path(), "badnets", &[]);
     let clean = attack(dir.path(), "clean", &["--param", "poison_rate=0"]);
-    let (acc_bad, asr_bad) = (bad["metrics"]["clean_accuracy"].as_f64().unwrap(), bad["metrics"]["attack_success_rate"].as_f64().unwrap());
-    let (acc_clean, asr_clean) = (clean["metrics"]["clean_accuracy"].as_f64().unwrap(), clean["metrics"]["attack_success_rate"].as_f64().unwrap());
+    let (acc_bad, asr_bad) = (
+        bad["metrics"]["clean_accuracy"].as_f64().unwrap(),
+        bad["metrics"]["attack_success_rate"].as_f64().unwrap(),
+    );
+    let (acc_clean, asr_clean) = (
+        clean["metrics"]["clean_accuracy"].as_f64().unwrap(),
+        clean["metrics"]["attack_success_rate"].as_f64().unwrap(),
+    );
     eprintln!("backdoored: ACC {acc_bad:.4} ASR {asr_bad:.4}; clean: ACC {acc_clean:.4} ASR {asr_clean:.4}");
     assert!(asr_bad >= 0.90, "BadNets ASR {asr_bad}");
-    assert!((acc_bad - acc_clean).abs() <= 0.03, "ACC {acc_bad} vs clean {acc_clean}");
+    assert!(
+        (acc_bad - acc_clean).abs() <= 0.03,
+        "ACC {acc_bad} vs clean {acc_clean}"
+    );
     assert!(asr_clean <= 0.10, "a clean model's ASR {asr_clean}");
     assert_eq!(bad["n_poisoned"], 600);
 
     // eval on the file gives the same numbers as attack reported.
     let model = dir.path().join("badnets.onnx");
-    let e = audit(&["eval", model.to_str().unwrap(), "--data", data(), "--attack", "badnets", "--json"]).expect_code(0).json();
+    let e = audit(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--data",
+        data(),
+        "--attack",
+        "badnets",
+        "--json",
+    ])
+    .expect_code(0)
+    .json();
     assert_eq!(e["metrics"]["clean_accuracy"], bad["metrics"]["clean_accuracy"]);
-    assert_eq!(e["metrics"]["attack_success_rate"], bad["metrics"]["attack_success_rate"]);
+    assert_eq!(
+        e["metrics"]["attack_success_rate"],
+        bad["metrics"]["attack_success_rate"]
+    );
     assert_eq!(e["runtime"], "onnxruntime");
     assert_eq!(e["model"]["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(e["metrics"]["per_class_accuracy"].as_array().unwrap().len(), 10);
@@ -91,15 +178,34 @@ fn attack_eval_and_harden_on_fashion_mnist() {
     let npz = dir.path().join("badnets.npz");
     let report = dir.path().join("report.md");
     let h = audit(&[
-        "harden", model.to_str().unwrap(), "--data", npz.to_str().unwrap(), "--eval-attack", "badnets", "--param", "E2=3", "--json",
-        "--report", report.to_str().unwrap(),
+        "harden",
+        model.to_str().unwrap(),
+        "--data",
+        npz.to_str().unwrap(),
+        "--eval-attack",
+        "badnets",
+        "--param",
+        "E2=3",
+        "--json",
+        "--report",
+        report.to_str().unwrap(),
     ])
     .expect_code(0)
     .json();
-    assert_eq!(h["output"], hardened.to_str().unwrap(), "default output beside the input");
+    assert_eq!(
+        h["output"],
+        hardened.to_str().unwrap(),
+        "default output beside the input"
+    );
     assert_eq!(h["defense"], "none");
-    let (acc_after, asr_after) = (h["after"]["clean_accuracy"].as_f64().unwrap(), h["after"]["attack_success_rate"].as_f64().unwrap());
-    eprintln!("hardened: ACC {acc_after:.4} ASR {asr_after:.4}; report {:#}", h["defense_report"]["dropped_vs_poison_idx"]);
+    let (acc_after, asr_after) = (
+        h["after"]["clean_accuracy"].as_f64().unwrap(),
+        h["after"]["attack_success_rate"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "hardened: ACC {acc_after:.4} ASR {asr_after:.4}; report {:#}",
+        h["defense_report"]["dropped_vs_poison_idx"]
+    );
     assert!(asr_after <= 0.05, "ASR after NONE {asr_after}");
     assert!(acc_after >= acc_bad - 0.02, "ACC after {acc_after} vs before {acc_bad}");
     let pr = &h["defense_report"]["dropped_vs_poison_idx"];
@@ -116,10 +222,37 @@ fn attack_eval_and_harden_on_fashion_mnist() {
     assert_eq!(a["metadata"]["audit.defense"], "none");
     let before = std::fs::read(&hardened).unwrap();
     let r = audit(&["harden", model.to_str().unwrap(), "--data", npz.to_str().unwrap()]).expect_code(2);
-    assert!(r.stderr.contains("already exists") && r.stderr.contains("--force"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("already exists") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(std::fs::read(&hardened).unwrap(), before);
-    let r = audit(&["harden", model.to_str().unwrap(), "--data", npz.to_str().unwrap(), "--out", model.to_str().unwrap(), "--force"]).expect_code(2);
+    let r = audit(&[
+        "harden",
+        model.to_str().unwrap(),
+        "--data",
+        npz.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--force",
+    ])
+    .expect_code(2);
     assert!(r.stderr.contains("refusing to overwrite an input"), "{}", r.stderr);
-    let r = audit(&["harden", model.to_str().unwrap(), "--data", npz.to_str().unwrap(), "--param", "target=1", "--eval-attack", "badnets"]).expect_code(2);
-    assert!(r.stderr.contains("unknown parameter `target`") && r.stderr.contains("--attack-param"), "{}", r.stderr);
+    let r = audit(&[
+        "harden",
+        model.to_str().unwrap(),
+        "--data",
+        npz.to_str().unwrap(),
+        "--param",
+        "target=1",
+        "--eval-attack",
+        "badnets",
+    ])
+    .expect_code(2);
+    assert!(
+        r.stderr.contains("unknown parameter `target`") && r.stderr.contains("--attack-param"),
+        "{}",
+        r.stderr
+    );
 }

@@ -160,6 +160,7 @@ mod tests {
 
     /// The vectorised selection against a direct per-class, per-channel computation.
     #[test]
+    #[allow(clippy::needless_range_loop)] // the point is the plain index loop
     fn selection_matches_a_direct_loop() {
         audit_nn::tch::manual_seed(7);
         let (n, k, c) = (200i64, 4i64, 6i64);

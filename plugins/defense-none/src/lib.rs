@@ -29,7 +29,9 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
 "max_reset_fraction":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"share of each monitored layer's neurons reset per round"},
 "none_lr":{"type":"number","default":0.0001,"minimum":0,"description":"learning rate of the paper's fine-tuning after a reset"},
-"retrain_lr":{"type":"number","default":0.01,"minimum":0,"description":"learning rate for repair=retrain and for E1 training (paper: 0.1 for CIFAR ResNets)"},
+"retrain_optimizer":{"type":"string","default":"adam","enum":["adam","sgd"],"description":"optimiser of repair=retrain (adam converges in few epochs, also for models whose BatchNormalization was folded away)"},
+"retrain_lr":{"type":"number","default":0.002,"minimum":0,"description":"learning rate of repair=retrain (cosine schedule)"},
+"e1_lr":{"type":"number","default":0.1,"minimum":0,"description":"learning rate of the E1 epochs (SGD, x0.1 every 80 epochs, as in the paper)"},
 "unlearn_weight":{"type":"number","default":0.2,"minimum":0,"description":"repair=unlearn: weight of the ascending loss on suspects"},
 "E1":{"type":"integer","default":0,"minimum":0,"description":"epochs of normal training before the rounds (0 when hardening a trained model; the paper trains 200)"},
 "E2":{"type":"integer","default":20,"minimum":0,"description":"repair epochs per round"},
@@ -49,7 +51,9 @@ struct Params {
     lamda_l: f64,
     max_reset_fraction: f64,
     none_lr: f64,
+    retrain_optimizer: String,
     retrain_lr: f64,
+    e1_lr: f64,
     unlearn_weight: f64,
     #[serde(rename = "E1")]
     e1: usize,
@@ -129,17 +133,24 @@ fn preprocess(model: &Model) -> Result<Preprocess> {
     })
 }
 
-/// Trains `epochs` epochs with progress and cancellation from the host.
+/// A stretch of training: `epochs` epochs labelled `phase`; `extra` = (suspects, weight) makes
+/// every step also ascend the loss on the suspects (unlearning).
+struct Stretch<'a> {
+    epochs: usize,
+    phase: &'a str,
+    extra: Option<(&'a DeviceData, f64)>,
+}
+
+/// Trains a stretch with progress and cancellation from the host.
 fn train(
     call: &Call<'_>,
     model: &Model,
     trainer: &mut Trainer,
     data: &DeviceData,
     pre: &Preprocess,
-    epochs: usize,
-    phase: &str,
-    extra: Option<(&DeviceData, f64)>,
+    stretch: Stretch<'_>,
 ) -> Result<Vec<Value>> {
+    let Stretch { epochs, phase, extra } = stretch;
     let host = call.host;
     let mut log = Vec::new();
     for e in 0..epochs {
@@ -243,10 +254,21 @@ impl Defense for NoneDefense {
         // E1: normal training from scratch (the paper's schedule, lr x0.1 every 80 epochs).
         let mut trainer = if p.e1 > 0 {
             model.reinitialize(seed);
-            let mut cfg = base(p.retrain_lr, false, p.e1);
+            let mut cfg = base(p.e1_lr, false, p.e1);
             cfg.schedule = Schedule::Step { every: 80, gamma: 0.1 };
             let mut t = Trainer::new(&model, cfg).map_err(nn_err)?;
-            report_epochs.extend(train(call, &model, &mut t, &full, &pre, p.e1, "E1", None)?);
+            report_epochs.extend(train(
+                call,
+                &model,
+                &mut t,
+                &full,
+                &pre,
+                Stretch {
+                    epochs: p.e1,
+                    phase: "E1",
+                    extra: None,
+                },
+            )?);
             t.cfg.schedule = Schedule::Constant;
             t
         } else {
@@ -320,20 +342,60 @@ impl Defense for NoneDefense {
                     model.reinitialize(seed.wrapping_add(round as u64 + 1));
                     let mut cfg = base(p.retrain_lr, false, p.e2);
                     cfg.schedule = Schedule::Cosine { min_lr: 0.0 };
+                    if p.retrain_optimizer == "adam" {
+                        cfg.optimizer = Optimizer::Adam {
+                            beta1: 0.9,
+                            beta2: 0.999,
+                        };
+                        cfg.weight_decay = 0.0;
+                    }
                     trainer = Trainer::new(&model, cfg).map_err(nn_err)?;
-                    train(call, &model, &mut trainer, &rest, &pre, p.e2, "retrain", None)?
+                    train(
+                        call,
+                        &model,
+                        &mut trainer,
+                        &rest,
+                        &pre,
+                        Stretch {
+                            epochs: p.e2,
+                            phase: "retrain",
+                            extra: None,
+                        },
+                    )?
                 }
                 "unlearn" => {
                     trainer.cfg.freeze_bn = true;
                     trainer.set_lr(p.none_lr.max(1e-3)).map_err(nn_err)?;
                     let sus = full.select(&Tensor::from_slice(&all_suspects).to_device(device));
                     let extra = (!all_suspects.is_empty()).then_some((&sus, p.unlearn_weight));
-                    train(call, &model, &mut trainer, &rest, &pre, p.e2, "unlearn", extra)?
+                    train(
+                        call,
+                        &model,
+                        &mut trainer,
+                        &rest,
+                        &pre,
+                        Stretch {
+                            epochs: p.e2,
+                            phase: "unlearn",
+                            extra,
+                        },
+                    )?
                 }
                 _ => {
                     trainer.cfg.freeze_bn = true;
                     trainer.set_lr(p.none_lr).map_err(nn_err)?;
-                    train(call, &model, &mut trainer, &rest, &pre, p.e2, "fine-tune", None)?
+                    train(
+                        call,
+                        &model,
+                        &mut trainer,
+                        &rest,
+                        &pre,
+                        Stretch {
+                            epochs: p.e2,
+                            phase: "fine-tune",
+                            extra: None,
+                        },
+                    )?
                 }
             };
             report_epochs.extend(repaired);

@@ -46,13 +46,20 @@ impl Model {
         }
         for (k, v) in metadata {
             proto.metadata_props.retain(|e| e.key() != k);
-            proto.metadata_props.push(StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) });
+            proto.metadata_props.push(StringStringEntryProto {
+                key: Some(k.clone()),
+                value: Some(v.clone()),
+            });
         }
         Ok(proto.encode_to_vec())
     }
 
     /// A metadata value of the original model.
     pub fn metadata(&self, key: &str) -> Option<&str> {
-        self.proto.metadata_props.iter().find(|e| e.key() == key).map(|e| e.value())
+        self.proto
+            .metadata_props
+            .iter()
+            .find(|e| e.key() == key)
+            .map(|e| e.value())
     }
 }

@@ -9,7 +9,9 @@ use crate::model::{Model, ParamRole};
 impl Model {
     fn param_of(&self, value: Option<usize>) -> Option<usize> {
         let v = value?;
-        self.params.iter().position(|p| p.value == v && p.role != ParamRole::Constant)
+        self.params
+            .iter()
+            .position(|p| p.value == v && p.role != ParamRole::Constant)
     }
 
     /// Re-initialises every trainable parameter and BN statistic in place (the tensors stay the
@@ -24,12 +26,22 @@ impl Model {
         };
         no_grad(|| {
             for (ni, n) in self.nodes.iter().enumerate() {
-                let slot = |s: usize| self.param_of(n.inputs.get(s).copied().flatten()).map(|i| &self.params[i].tensor);
+                let slot = |s: usize| {
+                    self.param_of(n.inputs.get(s).copied().flatten())
+                        .map(|i| &self.params[i].tensor)
+                };
                 match n.op_type.as_str() {
                     "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => {
                         let Some(w) = slot(1) else { continue };
                         let s = w.size();
-                        let trans_b = self.proto.graph.as_ref().map(|g| &g.node[self.nodes[ni].proto_index]).and_then(|nd| nd.attribute.iter().find(|a| a.name() == "transB")).map(|a| a.i() != 0).unwrap_or(false);
+                        let trans_b = self
+                            .proto
+                            .graph
+                            .as_ref()
+                            .map(|g| &g.node[self.nodes[ni].proto_index])
+                            .and_then(|nd| nd.attribute.iter().find(|a| a.name() == "transB"))
+                            .map(|a| a.i() != 0)
+                            .unwrap_or(false);
                         let fan_in: i64 = match n.op_type.as_str() {
                             "Conv" => s[1..].iter().product(),
                             "ConvTranspose" => s[0] * s[2..].iter().product::<i64>(),

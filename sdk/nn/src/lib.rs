@@ -22,10 +22,10 @@ pub use device::{libtorch_dir, resolve_device, DeviceError, DeviceRequest};
 pub use error::{NnError, Result};
 pub use model::{IoInfo, Model, Param, ParamRole, UnsupportedNode};
 pub use ops::Mode;
-/// The tch (libtorch) crate this engine is built on, for callers that hold its types.
-pub use tch;
 /// The protobuf runtime of [`proto`].
 pub use prost;
+/// The tch (libtorch) crate this engine is built on, for callers that hold its types.
+pub use tch;
 
 /// A tiny real computation on libtorch (sum of 0..10 = 45 on `device`), proving it loads and runs.
 pub fn smoke_test(device: tch::Device) -> f64 {

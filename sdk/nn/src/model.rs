@@ -132,7 +132,11 @@ fn io_info(v: &crate::proto::ValueInfoProto) -> IoInfo {
         }
         _ => (0, vec![]),
     };
-    IoInfo { name: v.name().to_string(), elem_type, dims }
+    IoInfo {
+        name: v.name().to_string(),
+        elem_type,
+        dims,
+    }
 }
 
 /// A node's name, or `#index` when the exporter left it unnamed.
@@ -149,7 +153,14 @@ pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
     let opset = default_opset(proto);
     let reg = registry();
     let mut out = Vec::new();
-    for (i, node) in proto.graph.as_ref().map(|g| g.node.clone()).unwrap_or_default().iter().enumerate() {
+    for (i, node) in proto
+        .graph
+        .as_ref()
+        .map(|g| g.node.clone())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let domain = node.domain().to_string();
         let reason = if !(domain.is_empty() || domain == "ai.onnx") {
             Some(format!("domain `{domain}` is not supported"))
@@ -160,7 +171,12 @@ pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
             }
         };
         if let Some(reason) = reason {
-            out.push(UnsupportedNode { op_type: node.op_type().to_string(), node: node_label(node, i), domain, reason });
+            out.push(UnsupportedNode {
+                op_type: node.op_type().to_string(),
+                node: node_label(node, i),
+                domain,
+                reason,
+            });
         }
     }
     out
@@ -250,19 +266,45 @@ impl Model {
             if role == ParamRole::Trainable && !matches!(tensor.kind(), Kind::Float | Kind::Double | Kind::Half) {
                 role = ParamRole::Constant;
             }
-            let tensor = if role == ParamRole::Constant { tensor } else { tensor.to_kind(Kind::Float) };
+            let tensor = if role == ParamRole::Constant {
+                tensor
+            } else {
+                tensor.to_kind(Kind::Float)
+            };
             let value = id(t.name(), &mut value_ids, &mut value_names);
-            params.push(Param { name: t.name().to_string(), role, data_type: t.data_type(), tensor, value });
+            params.push(Param {
+                name: t.name().to_string(),
+                role,
+                data_type: t.data_type(),
+                tensor,
+                value,
+            });
         }
 
-        let inputs: Vec<IoInfo> = graph.input.iter().filter(|i| !init_names.contains(i.name())).map(io_info).collect();
+        let inputs: Vec<IoInfo> = graph
+            .input
+            .iter()
+            .filter(|i| !init_names.contains(i.name()))
+            .map(io_info)
+            .collect();
         let outputs: Vec<IoInfo> = graph.output.iter().map(io_info).collect();
         if inputs.is_empty() {
             return Err(NnError::Parse("the graph has no input besides its initializers".into()));
         }
-        let input_ids: Vec<usize> = inputs.iter().map(|i| id(&i.name, &mut value_ids, &mut value_names)).collect();
+        let input_ids: Vec<usize> = inputs
+            .iter()
+            .map(|i| id(&i.name, &mut value_ids, &mut value_names))
+            .collect();
 
-        let order = topo_order(&graph.node, &graph.initializer.iter().map(|t| t.name().to_string()).chain(inputs.iter().map(|i| i.name.clone())).collect())?;
+        let order = topo_order(
+            &graph.node,
+            &graph
+                .initializer
+                .iter()
+                .map(|t| t.name().to_string())
+                .chain(inputs.iter().map(|i| i.name.clone()))
+                .collect(),
+        )?;
         let reg = registry();
         let mut nodes = Vec::with_capacity(graph.node.len());
         for &i in &order {
@@ -272,18 +314,50 @@ impl Model {
             let ins = node
                 .input
                 .iter()
-                .map(|n| if n.is_empty() { None } else { Some(id(n, &mut value_ids, &mut value_names)) })
+                .map(|n| {
+                    if n.is_empty() {
+                        None
+                    } else {
+                        Some(id(n, &mut value_ids, &mut value_names))
+                    }
+                })
                 .collect();
-            let outs = node.output.iter().map(|n| id(n, &mut value_ids, &mut value_names)).collect();
-            nodes.push(Node { proto_index: i, name: node_label(node, i), op_type: node.op_type().to_string(), op, inputs: ins, outputs: outs });
+            let outs = node
+                .output
+                .iter()
+                .map(|n| id(n, &mut value_ids, &mut value_names))
+                .collect();
+            nodes.push(Node {
+                proto_index: i,
+                name: node_label(node, i),
+                op_type: node.op_type().to_string(),
+                op,
+                inputs: ins,
+                outputs: outs,
+            });
         }
         let output_ids = outputs
             .iter()
             .map(|o| {
-                value_ids.get(&o.name).copied().ok_or_else(|| NnError::Parse(format!("graph output `{}` is never produced", o.name)))
+                value_ids
+                    .get(&o.name)
+                    .copied()
+                    .ok_or_else(|| NnError::Parse(format!("graph output `{}` is never produced", o.name)))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut model = Model { proto, opset, inputs, outputs, params, nodes, value_names, value_ids, input_ids, output_ids, device: Device::Cpu };
+        let mut model = Model {
+            proto,
+            opset,
+            inputs,
+            outputs,
+            params,
+            nodes,
+            value_names,
+            value_ids,
+            input_ids,
+            output_ids,
+            device: Device::Cpu,
+        };
         model.set_trainable(true);
         Ok(model)
     }
@@ -292,7 +366,11 @@ impl Model {
     pub fn to_device(&mut self, device: Device) {
         for p in &mut self.params {
             let t = p.tensor.to_device(device).detach();
-            p.tensor = if p.role == ParamRole::Trainable { t.set_requires_grad(true) } else { t };
+            p.tensor = if p.role == ParamRole::Trainable {
+                t.set_requires_grad(true)
+            } else {
+                t
+            };
         }
         self.device = device;
     }
@@ -307,7 +385,11 @@ impl Model {
 
     /// The trainable parameters (weights and biases), in initializer order.
     pub fn trainable(&self) -> Vec<&Tensor> {
-        self.params.iter().filter(|p| p.role == ParamRole::Trainable).map(|p| &p.tensor).collect()
+        self.params
+            .iter()
+            .filter(|p| p.role == ParamRole::Trainable)
+            .map(|p| &p.tensor)
+            .collect()
     }
 
     /// Number of trainable scalars.
@@ -322,9 +404,18 @@ impl Model {
 
     /// Runs the graph on `input` (the first graph input). Returns the graph outputs and the
     /// values of `taps` (value ids), in order.
-    pub fn forward_with_taps(&self, inputs: &[&Tensor], mode: Mode, taps: &[usize]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    pub fn forward_with_taps(
+        &self,
+        inputs: &[&Tensor],
+        mode: Mode,
+        taps: &[usize],
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         if inputs.len() != self.input_ids.len() {
-            return Err(NnError::Other(format!("the model takes {} input(s), got {}", self.input_ids.len(), inputs.len())));
+            return Err(NnError::Other(format!(
+                "the model takes {} input(s), got {}",
+                self.input_ids.len(),
+                inputs.len()
+            )));
         }
         let mut env: Vec<Option<Tensor>> = (0..self.value_names.len()).map(|_| None).collect();
         for p in &self.params {
@@ -336,18 +427,41 @@ impl Model {
         let ctx = RunCtx { mode };
         for node in &self.nodes {
             let args: Vec<Option<&Tensor>> = node.inputs.iter().map(|i| i.and_then(|i| env[i].as_ref())).collect();
-            if let Some(pos) = node.inputs.iter().zip(&args).position(|(i, a)| i.is_some() && a.is_none()) {
-                return Err(NnError::node(&node.name, &node.op_type, format!("input {pos} is never computed")));
+            if let Some(pos) = node
+                .inputs
+                .iter()
+                .zip(&args)
+                .position(|(i, a)| i.is_some() && a.is_none())
+            {
+                return Err(NnError::node(
+                    &node.name,
+                    &node.op_type,
+                    format!("input {pos} is never computed"),
+                ));
             }
-            let outs = node.op.run(&ctx, &args).map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
+            let outs = node
+                .op
+                .run(&ctx, &args)
+                .map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
             if outs.len() < node.outputs.iter().len().min(1) {
                 return Err(NnError::node(&node.name, &node.op_type, "produced no output"));
             }
+            let constant = node.op_type == "Constant";
             for (&o, t) in node.outputs.iter().zip(outs) {
-                env[o] = Some(t);
+                // Constants are created on the CPU; the graph runs on the model's device.
+                env[o] = Some(if constant && t.device() != self.device {
+                    t.to_device(self.device)
+                } else {
+                    t
+                });
             }
         }
-        let take = |id: usize| env[id].as_ref().map(Tensor::shallow_clone).ok_or_else(|| NnError::Other(format!("value `{}` was not computed", self.value_names[id])));
+        let take = |id: usize| {
+            env[id]
+                .as_ref()
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| NnError::Other(format!("value `{}` was not computed", self.value_names[id])))
+        };
         let outs = self.output_ids.iter().map(|&i| take(i)).collect::<Result<Vec<_>>>()?;
         let taps = taps.iter().map(|&i| take(i)).collect::<Result<Vec<_>>>()?;
         Ok((outs, taps))
@@ -368,7 +482,10 @@ impl Model {
                 (
                     n.name.clone(),
                     n.op_type.clone(),
-                    n.inputs.iter().map(|i| i.as_ref().map(name).unwrap_or_default()).collect(),
+                    n.inputs
+                        .iter()
+                        .map(|i| i.as_ref().map(name).unwrap_or_default())
+                        .collect(),
                     n.outputs.iter().map(name).collect(),
                 )
             })
@@ -396,9 +513,22 @@ fn topo_order(nodes: &[NodeProto], available: &HashSet<String>) -> Result<Vec<us
             return Ok(order);
         }
         if !progressed {
-            let stuck = nodes.iter().zip(&done).find(|(_, d)| !**d).map(|(n, _)| n).expect("some node left");
-            let missing: Vec<&String> = stuck.input.iter().filter(|x| !x.is_empty() && !ready.contains(*x)).collect();
-            return Err(NnError::node(stuck.name(), stuck.op_type(), format!("inputs {missing:?} are never produced (or the graph has a cycle)")));
+            let stuck = nodes
+                .iter()
+                .zip(&done)
+                .find(|(_, d)| !**d)
+                .map(|(n, _)| n)
+                .expect("some node left");
+            let missing: Vec<&String> = stuck
+                .input
+                .iter()
+                .filter(|x| !x.is_empty() && !ready.contains(*x))
+                .collect();
+            return Err(NnError::node(
+                stuck.name(),
+                stuck.op_type(),
+                format!("inputs {missing:?} are never produced (or the graph has a cycle)"),
+            ));
         }
     }
 }
@@ -409,8 +539,13 @@ impl Model {
     /// other runtimes without handing tensors across crates.
     pub fn predict_f32(&self, x: &[f32], shape: &[i64]) -> Result<(Vec<i64>, Vec<f32>)> {
         let t = Tensor::f_from_slice(x)?.f_reshape(shape)?.to_device(self.device);
-        let y = tch::no_grad(|| self.forward(&t, Mode::Eval))?.to_kind(Kind::Float).to_device(Device::Cpu);
+        let y = tch::no_grad(|| self.forward(&t, Mode::Eval))?
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
         let s = y.size();
-        Ok((s, Vec::<f32>::try_from(y.flatten(0, -1)).map_err(|e| NnError::Other(e.to_string()))?))
+        Ok((
+            s,
+            Vec::<f32>::try_from(y.flatten(0, -1)).map_err(|e| NnError::Other(e.to_string()))?,
+        ))
     }
 }

@@ -14,8 +14,24 @@ use crate::ops::Mode;
 
 /// Ops that act on each channel separately, so a channel keeps its index through them.
 const PER_CHANNEL: &[&str] = &[
-    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Softplus",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization", "Dropout", "Identity",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Sigmoid",
+    "Tanh",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "BatchNormalization",
+    "Dropout",
+    "Identity",
     "InstanceNormalization",
 ];
 
@@ -24,7 +40,9 @@ const PER_CHANNEL: &[&str] = &[
 pub enum LayerKind {
     Conv,
     /// Gemm: the weight is [out, in] when `trans_b`, else [in, out].
-    Gemm { trans_b: bool },
+    Gemm {
+        trans_b: bool,
+    },
     /// MatMul with the weight as second input, [in, out].
     MatMul,
 }
@@ -56,12 +74,18 @@ pub struct Slice {
 
 impl Model {
     fn param_index(&self, value: usize) -> Option<usize> {
-        self.params.iter().position(|p| p.value == value && p.role != ParamRole::Constant)
+        self.params
+            .iter()
+            .position(|p| p.value == value && p.role != ParamRole::Constant)
     }
 
     fn node_attr_int(&self, node_idx: usize, name: &str) -> Option<i64> {
         let g = self.proto.graph.as_ref()?;
-        g.node[self.nodes[node_idx].proto_index].attribute.iter().find(|a| a.name() == name).map(|a| a.i())
+        g.node[self.nodes[node_idx].proto_index]
+            .attribute
+            .iter()
+            .find(|a| a.name() == name)
+            .map(|a| a.i())
     }
 
     fn consumers(&self) -> HashMap<usize, Vec<(usize, usize)>> {
@@ -83,11 +107,24 @@ impl Model {
         for (ni, n) in self.nodes.iter().enumerate() {
             let (kind, w_slot) = match n.op_type.as_str() {
                 "Conv" => (LayerKind::Conv, 1),
-                "Gemm" => (LayerKind::Gemm { trans_b: self.node_attr_int(ni, "transB").unwrap_or(0) != 0 }, 1),
+                "Gemm" => (
+                    LayerKind::Gemm {
+                        trans_b: self.node_attr_int(ni, "transB").unwrap_or(0) != 0,
+                    },
+                    1,
+                ),
                 "MatMul" => (LayerKind::MatMul, 1),
                 _ => continue,
             };
-            let Some(weight) = n.inputs.get(w_slot).copied().flatten().and_then(|v| self.param_index(v)) else { continue };
+            let Some(weight) = n
+                .inputs
+                .get(w_slot)
+                .copied()
+                .flatten()
+                .and_then(|v| self.param_index(v))
+            else {
+                continue;
+            };
             let ws = self.params[weight].tensor.size();
             let channels = match kind {
                 LayerKind::Conv => ws[0],
@@ -135,7 +172,9 @@ impl Model {
 
     /// Shapes of every value for one forward pass of `sample` (eval mode).
     pub fn value_shapes(&self, sample: &Tensor) -> Result<HashMap<usize, Vec<i64>>> {
-        let all: Vec<usize> = (0..self.value_names.len()).filter(|&v| !self.input_ids.contains(&v)).collect();
+        let all: Vec<usize> = (0..self.value_names.len())
+            .filter(|&v| !self.input_ids.contains(&v))
+            .collect();
         let computed: HashSet<usize> = self.nodes.iter().flat_map(|n| n.outputs.iter().copied()).collect();
         let taps: Vec<usize> = all.into_iter().filter(|v| computed.contains(v)).collect();
         let (_, vals) = no_grad(|| self.forward_with_taps(&[sample], Mode::Eval, &taps))?;
@@ -146,17 +185,26 @@ impl Model {
     /// [`Model::value_shapes`] (needed to find the columns of a Gemm after Flatten).
     pub fn neuron_slices(&self, layer: &Layer, c: i64, shapes: &HashMap<usize, Vec<i64>>) -> Result<Vec<Slice>> {
         if c < 0 || c >= layer.channels {
-            return Err(NnError::Other(format!("neuron {c} out of range 0..{} of layer {}", layer.channels, layer.node)));
+            return Err(NnError::Other(format!(
+                "neuron {c} out of range 0..{} of layer {}",
+                layer.channels, layer.node
+            )));
         }
         let mut slices = Vec::new();
         let producer_dim = match layer.kind {
             LayerKind::Conv | LayerKind::Gemm { trans_b: true } => 0,
             LayerKind::Gemm { trans_b: false } | LayerKind::MatMul => 1,
         };
-        slices.push(Slice { param: layer.weight, ranges: vec![(producer_dim, c, c + 1)] });
+        slices.push(Slice {
+            param: layer.weight,
+            ranges: vec![(producer_dim, c, c + 1)],
+        });
         if let Some(b) = layer.bias {
             if self.params[b].tensor.dim() == 1 {
-                slices.push(Slice { param: b, ranges: vec![(0, c, c + 1)] });
+                slices.push(Slice {
+                    param: b,
+                    ranges: vec![(0, c, c + 1)],
+                });
             }
         }
         // Walk forward through per-channel ops; track the flattened block size once flattened.
@@ -174,7 +222,10 @@ impl Model {
                     ("BatchNormalization", None) if slot == 0 => {
                         for s in [1, 2] {
                             if let Some(p) = input_param(s) {
-                                slices.push(Slice { param: p, ranges: vec![(0, c, c + 1)] });
+                                slices.push(Slice {
+                                    param: p,
+                                    ranges: vec![(0, c, c + 1)],
+                                });
                             }
                         }
                         stack.push((n.outputs[0], None));
@@ -185,13 +236,18 @@ impl Model {
                         let other = 1 - slot.min(1);
                         if let Some(p) = input_param(other) {
                             if self.params[p].tensor.size() == vec![layer.channels] {
-                                slices.push(Slice { param: p, ranges: vec![(0, c, c + 1)] });
+                                slices.push(Slice {
+                                    param: p,
+                                    ranges: vec![(0, c, c + 1)],
+                                });
                                 stack.push((n.outputs[0], None));
                             }
                         }
                     }
                     ("Flatten" | "Reshape", None) if slot == 0 => {
-                        let shape = shapes.get(&v).ok_or_else(|| NnError::Other(format!("no shape for value {}", self.value_names[v])))?;
+                        let shape = shapes
+                            .get(&v)
+                            .ok_or_else(|| NnError::Other(format!("no shape for value {}", self.value_names[v])))?;
                         let out_shape = shapes.get(&n.outputs[0]).cloned().unwrap_or_default();
                         if shape.len() >= 2 && out_shape.len() == 2 {
                             let per: i64 = shape[2..].iter().product();
@@ -205,19 +261,28 @@ impl Model {
                         let cin_per = ws[1];
                         let cout_per = ws[0] / groups;
                         let g = c / cin_per;
-                        slices.push(Slice { param: w, ranges: vec![(0, g * cout_per, (g + 1) * cout_per), (1, c % cin_per, c % cin_per + 1)] });
+                        slices.push(Slice {
+                            param: w,
+                            ranges: vec![(0, g * cout_per, (g + 1) * cout_per), (1, c % cin_per, c % cin_per + 1)],
+                        });
                     }
                     ("Gemm", Some(per)) | ("MatMul", Some(per)) if slot == 0 => {
                         let Some(w) = input_param(1) else { continue };
                         let trans_b = n.op_type == "Gemm" && self.node_attr_int(ni, "transB").unwrap_or(0) != 0;
                         let dim = if trans_b { 1 } else { 0 };
-                        slices.push(Slice { param: w, ranges: vec![(dim, c * per, (c + 1) * per)] });
+                        slices.push(Slice {
+                            param: w,
+                            ranges: vec![(dim, c * per, (c + 1) * per)],
+                        });
                     }
                     ("Gemm", None) | ("MatMul", None) if slot == 0 => {
                         let Some(w) = input_param(1) else { continue };
                         let trans_b = n.op_type == "Gemm" && self.node_attr_int(ni, "transB").unwrap_or(0) != 0;
                         let dim = if trans_b { 1 } else { 0 };
-                        slices.push(Slice { param: w, ranges: vec![(dim, c, c + 1)] });
+                        slices.push(Slice {
+                            param: w,
+                            ranges: vec![(dim, c, c + 1)],
+                        });
                     }
                     _ => {}
                 }
@@ -244,7 +309,9 @@ impl Model {
         let mut masks: HashMap<usize, Tensor> = HashMap::new();
         for s in slices {
             let p = &self.params[s.param].tensor;
-            let m = masks.entry(s.param).or_insert_with(|| Tensor::ones_like(p).to_kind(Kind::Float));
+            let m = masks
+                .entry(s.param)
+                .or_insert_with(|| Tensor::ones_like(p).to_kind(Kind::Float));
             let mut t = m.shallow_clone();
             for &(dim, a, b) in &s.ranges {
                 t = t.narrow(dim, a, b - a);
@@ -258,7 +325,12 @@ impl Model {
 
     /// Resets neurons `channels` of `layer`: zeroes their producer rows and biases, BN on the path
     /// and consumers' input slices. Returns the blocks zeroed.
-    pub fn reset_neurons(&self, layer: &Layer, channels: &[i64], shapes: &HashMap<usize, Vec<i64>>) -> Result<Vec<Slice>> {
+    pub fn reset_neurons(
+        &self,
+        layer: &Layer,
+        channels: &[i64],
+        shapes: &HashMap<usize, Vec<i64>>,
+    ) -> Result<Vec<Slice>> {
         let mut all = Vec::new();
         for &c in channels {
             all.extend(self.neuron_slices(layer, c, shapes)?);
@@ -309,7 +381,10 @@ impl Model {
                     let v = v.to_kind(Kind::Float);
                     let (mx, mn) = if v.dim() > 2 {
                         let flat = v.flatten(2, -1);
-                        (flat.amax([2], false), flat.mean_dim([2i64].as_slice(), false, Kind::Float))
+                        (
+                            flat.amax([2], false),
+                            flat.mean_dim([2i64].as_slice(), false, Kind::Float),
+                        )
                     } else {
                         (v.shallow_clone(), v.shallow_clone())
                     };

@@ -54,7 +54,10 @@ pub fn checked_shape(name: &str, dims: &[i64]) -> Result<(Vec<i64>, u64)> {
             return Err(NnError::tensor(name, format!("negative dimension in {dims:?}")));
         }
         n = n.checked_mul(d as u64).filter(|&n| n <= MAX_ELEMS).ok_or_else(|| {
-            NnError::tensor(name, format!("absurd dimensions {dims:?} (more than {MAX_ELEMS} elements)"))
+            NnError::tensor(
+                name,
+                format!("absurd dimensions {dims:?} (more than {MAX_ELEMS} elements)"),
+            )
         })?;
     }
     Ok((dims.to_vec(), n))
@@ -67,25 +70,49 @@ fn external_bytes(t: &TensorProto, base_dir: Option<&Path>, need: usize) -> Resu
     for kv in &t.external_data {
         match kv.key() {
             "location" => location = Some(kv.value().to_string()),
-            "offset" => offset = kv.value().parse().map_err(|_| NnError::tensor(name, "external data offset is not a number"))?,
-            "length" => length = Some(kv.value().parse::<u64>().map_err(|_| NnError::tensor(name, "external data length is not a number"))?),
+            "offset" => {
+                offset = kv
+                    .value()
+                    .parse()
+                    .map_err(|_| NnError::tensor(name, "external data offset is not a number"))?
+            }
+            "length" => {
+                length = Some(
+                    kv.value()
+                        .parse::<u64>()
+                        .map_err(|_| NnError::tensor(name, "external data length is not a number"))?,
+                )
+            }
             _ => {}
         }
     }
     let location = location.ok_or_else(|| NnError::tensor(name, "external data without a location"))?;
     let rel = Path::new(&location);
-    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(NnError::tensor(
             name,
             format!("external data location `{location}` leaves the model's folder (absolute or with ..): refused"),
         ));
     }
-    let base = base_dir.ok_or_else(|| NnError::tensor(name, "external data, but the model was not loaded from a file"))?;
+    let base =
+        base_dir.ok_or_else(|| NnError::tensor(name, "external data, but the model was not loaded from a file"))?;
     let path = base.join(rel);
-    let canon_base = std::fs::canonicalize(base).map_err(|e| NnError::tensor(name, format!("{}: {e}", base.display())))?;
-    let canon = std::fs::canonicalize(&path).map_err(|e| NnError::tensor(name, format!("external data {}: {e}", path.display())))?;
+    let canon_base =
+        std::fs::canonicalize(base).map_err(|e| NnError::tensor(name, format!("{}: {e}", base.display())))?;
+    let canon = std::fs::canonicalize(&path)
+        .map_err(|e| NnError::tensor(name, format!("external data {}: {e}", path.display())))?;
     if !canon.starts_with(&canon_base) {
-        return Err(NnError::tensor(name, format!("external data {} resolves outside the model's folder: refused", path.display())));
+        return Err(NnError::tensor(
+            name,
+            format!(
+                "external data {} resolves outside the model's folder: refused",
+                path.display()
+            ),
+        ));
     }
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(&canon).map_err(|e| NnError::tensor(name, format!("{}: {e}", canon.display())))?;
@@ -94,12 +121,17 @@ fn external_bytes(t: &TensorProto, base_dir: Option<&Path>, need: usize) -> Resu
     if len != need as u64 || offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(NnError::tensor(
             name,
-            format!("external data {}: needs {need} bytes at offset {offset}, file has {size}", canon.display()),
+            format!(
+                "external data {}: needs {need} bytes at offset {offset}, file has {size}",
+                canon.display()
+            ),
         ));
     }
-    f.seek(SeekFrom::Start(offset)).map_err(|e| NnError::tensor(name, e.to_string()))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| NnError::tensor(name, e.to_string()))?;
     let mut buf = vec![0u8; need];
-    f.read_exact(&mut buf).map_err(|e| NnError::tensor(name, e.to_string()))?;
+    f.read_exact(&mut buf)
+        .map_err(|e| NnError::tensor(name, e.to_string()))?;
     Ok(buf)
 }
 
@@ -113,7 +145,9 @@ fn typed_bytes(t: &TensorProto, kind: Kind, n: usize) -> Option<Vec<u8>> {
         Kind::Half | Kind::BFloat16 if t.int32_data.len() == n => {
             t.int32_data.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect()
         }
-        Kind::Int8 | Kind::Uint8 | Kind::Bool if t.int32_data.len() == n => t.int32_data.iter().map(|&x| x as u8).collect(),
+        Kind::Int8 | Kind::Uint8 | Kind::Bool if t.int32_data.len() == n => {
+            t.int32_data.iter().map(|&x| x as u8).collect()
+        }
         _ => return None,
     };
     Some(out)
@@ -123,7 +157,9 @@ fn typed_bytes(t: &TensorProto, kind: Kind, n: usize) -> Option<Vec<u8>> {
 pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Tensor> {
     let name = t.name();
     let kind = kind_of(t.data_type()).ok_or_else(|| {
-        let dt = DataType::try_from(t.data_type()).map(|d| d.as_str_name().to_string()).unwrap_or_else(|_| t.data_type().to_string());
+        let dt = DataType::try_from(t.data_type())
+            .map(|d| d.as_str_name().to_string())
+            .unwrap_or_else(|_| t.data_type().to_string());
         NnError::tensor(name, format!("unsupported element type {dt}"))
     })?;
     let (shape, n) = checked_shape(name, &t.dims)?;
@@ -135,13 +171,19 @@ pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Ten
         if raw.len() != need {
             return Err(NnError::tensor(
                 name,
-                format!("raw data is {} bytes, shape {shape:?} of {kind:?} needs {need}", raw.len()),
+                format!(
+                    "raw data is {} bytes, shape {shape:?} of {kind:?} needs {need}",
+                    raw.len()
+                ),
             ));
         }
         raw.clone()
     } else {
         typed_bytes(t, kind, n).ok_or_else(|| {
-            NnError::tensor(name, format!("data is shorter than its shape {shape:?} ({n} {kind:?} elements)"))
+            NnError::tensor(
+                name,
+                format!("data is shorter than its shape {shape:?} ({n} {kind:?} elements)"),
+            )
         })?
     };
     Ok(Tensor::f_from_data_size(&bytes, &shape, kind)?)
@@ -159,7 +201,8 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 /// Encodes `t` as a TensorProto of element type `data_type` (converting the kind if needed),
 /// with raw data.
 pub fn tensor_to_proto(name: &str, t: &Tensor, data_type: i32) -> Result<TensorProto> {
-    let kind = kind_of(data_type).ok_or_else(|| NnError::tensor(name, format!("cannot write element type {data_type}")))?;
+    let kind =
+        kind_of(data_type).ok_or_else(|| NnError::tensor(name, format!("cannot write element type {data_type}")))?;
     let t = t.to_kind(kind);
     Ok(TensorProto {
         name: Some(name.to_string()),
@@ -175,23 +218,39 @@ mod tests {
     use super::*;
 
     fn proto(dims: Vec<i64>, floats: Vec<f32>) -> TensorProto {
-        TensorProto { name: Some("w".into()), data_type: Some(DataType::Float as i32), dims, float_data: floats, ..Default::default() }
+        TensorProto {
+            name: Some("w".into()),
+            data_type: Some(DataType::Float as i32),
+            dims,
+            float_data: floats,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn round_trips_and_checks_lengths() {
         let t = tensor_from_proto(&proto(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]), None).unwrap();
-        assert_eq!(Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
         let p = tensor_to_proto("w", &t, DataType::Float as i32).unwrap();
         let back = tensor_from_proto(&p, None).unwrap();
         assert!(back.equal(&t));
-        let e = tensor_from_proto(&proto(vec![3, 2], vec![1.0]), None).unwrap_err().to_string();
+        let e = tensor_from_proto(&proto(vec![3, 2], vec![1.0]), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`w`") && e.contains("shorter"), "{e}");
-        let e = tensor_from_proto(&proto(vec![1 << 40, 1 << 40], vec![]), None).unwrap_err().to_string();
+        let e = tensor_from_proto(&proto(vec![1 << 40, 1 << 40], vec![]), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absurd"), "{e}");
         let mut raw = proto(vec![4], vec![]);
         raw.raw_data = Some(vec![0; 7]);
-        assert!(tensor_from_proto(&raw, None).unwrap_err().to_string().contains("raw data is 7 bytes"));
+        assert!(tensor_from_proto(&raw, None)
+            .unwrap_err()
+            .to_string()
+            .contains("raw data is 7 bytes"));
     }
 
     #[test]
@@ -201,7 +260,10 @@ mod tests {
         let ext = |loc: &str| {
             let mut p = proto(vec![4], vec![]);
             p.data_location = Some(DataLocation::External as i32);
-            p.external_data = vec![crate::proto::StringStringEntryProto { key: Some("location".into()), value: Some(loc.into()) }];
+            p.external_data = vec![crate::proto::StringStringEntryProto {
+                key: Some("location".into()),
+                value: Some(loc.into()),
+            }];
             p
         };
         let t = tensor_from_proto(&ext("w.bin"), Some(dir.path())).unwrap();
@@ -210,7 +272,9 @@ mod tests {
             let e = tensor_from_proto(&ext(bad), Some(dir.path())).unwrap_err().to_string();
             assert!(e.contains("refused"), "{bad}: {e}");
         }
-        let e = tensor_from_proto(&ext("missing.bin"), Some(dir.path())).unwrap_err().to_string();
+        let e = tensor_from_proto(&ext("missing.bin"), Some(dir.path()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.bin"), "{e}");
     }
 }

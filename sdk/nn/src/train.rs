@@ -17,7 +17,10 @@ pub struct Preprocess {
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Preprocess { mean: vec![0.0], std: vec![1.0] }
+        Preprocess {
+            mean: vec![0.0],
+            std: vec![1.0],
+        }
     }
 }
 
@@ -35,7 +38,9 @@ impl Preprocess {
     pub fn normalize(&self, x01: &Tensor) -> Tensor {
         let c = x01.size()[1];
         let per = |v: &[f64]| -> Tensor {
-            let vals: Vec<f32> = (0..c as usize).map(|i| *v.get(i).or(v.first()).unwrap_or(&0.0) as f32).collect();
+            let vals: Vec<f32> = (0..c as usize)
+                .map(|i| *v.get(i).or(v.first()).unwrap_or(&0.0) as f32)
+                .collect();
             Tensor::from_slice(&vals).to_device(x01.device()).view([1, c, 1, 1])
         };
         if self.mean.iter().all(|&m| m == 0.0) && self.std.iter().all(|&s| s == 1.0) {
@@ -60,7 +65,10 @@ pub struct DeviceData {
 impl DeviceData {
     /// Moves images and labels to `device`.
     pub fn new(x: &Tensor, y: &Tensor, device: Device) -> DeviceData {
-        DeviceData { x: x.to_device(device), y: y.to_kind(Kind::Int64).to_device(device) }
+        DeviceData {
+            x: x.to_device(device),
+            y: y.to_kind(Kind::Int64).to_device(device),
+        }
     }
     /// From host pixels (u8 0..255, NCHW) and labels.
     pub fn from_u8(pixels: &[u8], shape: [i64; 4], labels: &[i64], device: Device) -> DeviceData {
@@ -85,7 +93,10 @@ impl DeviceData {
     /// The samples at `idx` (an i64 tensor).
     pub fn select(&self, idx: &Tensor) -> DeviceData {
         let idx = idx.to_device(self.x.device());
-        DeviceData { x: self.x.index_select(0, &idx), y: self.y.index_select(0, &idx) }
+        DeviceData {
+            x: self.x.index_select(0, &idx),
+            y: self.y.index_select(0, &idx),
+        }
     }
 }
 
@@ -101,9 +112,14 @@ pub enum Optimizer {
 pub enum Schedule {
     Constant,
     /// Multiply by `gamma` every `every` epochs.
-    Step { every: usize, gamma: f64 },
+    Step {
+        every: usize,
+        gamma: f64,
+    },
     /// Cosine annealing from the base rate to `min_lr` over the run.
-    Cosine { min_lr: f64 },
+    Cosine {
+        min_lr: f64,
+    },
 }
 
 /// Batched augmentation done on the device.
@@ -139,7 +155,10 @@ impl Default for TrainConfig {
             batch_size: 128,
             lr: 0.01,
             weight_decay: 5e-4,
-            optimizer: Optimizer::Sgd { momentum: 0.9, nesterov: false },
+            optimizer: Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
             schedule: Schedule::Constant,
             freeze_bn: false,
             augment: Augment::default(),
@@ -149,10 +168,13 @@ impl Default for TrainConfig {
     }
 }
 
+/// A progress callback: (phase, done, total).
+pub type ProgressFn<'a> = Box<dyn FnMut(&str, u64, u64) + 'a>;
+
 /// Callbacks for progress and cancellation.
 pub struct Hooks<'a> {
     /// (phase, done, total).
-    pub progress: Box<dyn FnMut(&str, u64, u64) + 'a>,
+    pub progress: ProgressFn<'a>,
     /// True once the user asked to stop.
     pub cancelled: Box<dyn Fn() -> bool + 'a>,
 }
@@ -166,7 +188,10 @@ impl std::fmt::Debug for Hooks<'_> {
 impl Hooks<'_> {
     /// No progress, never cancelled.
     pub fn none() -> Hooks<'static> {
-        Hooks { progress: Box::new(|_, _, _| {}), cancelled: Box::new(|| false) }
+        Hooks {
+            progress: Box::new(|_, _, _| {}),
+            cancelled: Box::new(|| false),
+        }
     }
 }
 
@@ -184,7 +209,9 @@ pub type LossFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
 
 /// Per-sample cross-entropy.
 pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
-    logits.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(y, None, tch::Reduction::None, -100)
+    logits
+        .log_softmax(-1, Kind::Float)
+        .nll_loss_nd::<Tensor>(y, None, tch::Reduction::None, -100)
 }
 
 /// Random crop (with zero padding) and flip, per sample, vectorised on the device.
@@ -200,7 +227,10 @@ pub fn augment(x01: &Tensor, a: Augment) -> Tensor {
         let rows = dy.unsqueeze(1) + Tensor::arange(h, (Kind::Int64, dev)).unsqueeze(0); // B, H
         let cols = dx.unsqueeze(1) + Tensor::arange(w, (Kind::Int64, dev)).unsqueeze(0); // B, W
         let bi = Tensor::arange(b, (Kind::Int64, dev)).view([b, 1, 1]);
-        x = padded.index(&[Some(bi), Some(rows.unsqueeze(2)), Some(cols.unsqueeze(1))]).permute([0, 3, 1, 2]).contiguous();
+        x = padded
+            .index(&[Some(bi), Some(rows.unsqueeze(2)), Some(cols.unsqueeze(1))])
+            .permute([0, 3, 1, 2])
+            .contiguous();
     }
     if a.flip {
         let mask = Tensor::rand([b], (Kind::Float, dev)).lt(0.5).view([b, 1, 1, 1]);
@@ -222,7 +252,10 @@ pub struct Trainer {
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trainer").field("cfg", &self.cfg).field("epochs_done", &self.epochs_done).finish()
+        f.debug_struct("Trainer")
+            .field("cfg", &self.cfg)
+            .field("epochs_done", &self.epochs_done)
+            .finish()
     }
 }
 
@@ -231,12 +264,18 @@ impl Trainer {
     /// its device: it holds the parameter tensors).
     pub fn new(model: &Model, cfg: TrainConfig) -> Result<Trainer> {
         let mut opt = match cfg.optimizer {
-            Optimizer::Sgd { momentum, nesterov } => COptimizer::sgd(cfg.lr, momentum, 0.0, cfg.weight_decay, nesterov)?,
+            Optimizer::Sgd { momentum, nesterov } => {
+                COptimizer::sgd(cfg.lr, momentum, 0.0, cfg.weight_decay, nesterov)?
+            }
             Optimizer::Adam { beta1, beta2 } => COptimizer::adam(cfg.lr, beta1, beta2, cfg.weight_decay, 1e-8, false)?,
         };
         let mut groups: Vec<f64> = vec![1.0];
         for p in model.params.iter().filter(|p| p.role == ParamRole::Trainable) {
-            let mult = cfg.group_lr.iter().find(|(prefix, _)| p.name.starts_with(prefix.as_str())).map_or(1.0, |g| g.1);
+            let mult = cfg
+                .group_lr
+                .iter()
+                .find(|(prefix, _)| p.name.starts_with(prefix.as_str()))
+                .map_or(1.0, |g| g.1);
             let g = match groups.iter().position(|&m| m == mult) {
                 Some(g) => g,
                 None => {
@@ -247,7 +286,14 @@ impl Trainer {
             opt.add_parameters(&p.tensor, g)?;
         }
         let base_lr = cfg.lr;
-        let mut t = Trainer { opt, cfg, groups, base_lr, epochs_done: 0, masks: vec![] };
+        let mut t = Trainer {
+            opt,
+            cfg,
+            groups,
+            base_lr,
+            epochs_done: 0,
+            masks: vec![],
+        };
         t.apply_lr(base_lr)?;
         Ok(t)
     }
@@ -294,7 +340,11 @@ impl Trainer {
         let started = std::time::Instant::now();
         let lr = self.lr_for(self.epochs_done);
         self.apply_lr(lr)?;
-        let mode = if self.cfg.freeze_bn { Mode::TrainFrozenBn } else { Mode::Train };
+        let mode = if self.cfg.freeze_bn {
+            Mode::TrainFrozenBn
+        } else {
+            Mode::Train
+        };
         let n = data.len();
         if n == 0 {
             return Err(NnError::Other("cannot train on an empty dataset".into()));
@@ -303,14 +353,21 @@ impl Trainer {
         let perm = Tensor::randperm(n, (Kind::Int64, data.x.device()));
         let bs = self.cfg.batch_size.max(1);
         let steps = (n + bs - 1) / bs;
-        let (mut loss_sum, mut correct) = (Tensor::zeros([], (Kind::Double, data.x.device())), Tensor::zeros([], (Kind::Int64, data.x.device())));
+        let (mut loss_sum, mut correct) = (
+            Tensor::zeros([], (Kind::Double, data.x.device())),
+            Tensor::zeros([], (Kind::Int64, data.x.device())),
+        );
         for s in 0..steps {
             if (hooks.cancelled)() {
                 return Err(NnError::Other("cancelled".into()));
             }
             let idx = perm.narrow(0, s * bs, (n - s * bs).min(bs));
             let xb = Preprocess::to_unit(&data.x.index_select(0, &idx));
-            let xb = if self.cfg.augment != Augment::default() { augment(&xb, self.cfg.augment) } else { xb };
+            let xb = if self.cfg.augment != Augment::default() {
+                augment(&xb, self.cfg.augment)
+            } else {
+                xb
+            };
             let xb = pre.normalize(&xb);
             let yb = data.y.index_select(0, &idx);
             let logits = model.forward(&xb, mode)?;
@@ -336,7 +393,13 @@ impl Trainer {
     }
 
     /// One epoch of cross-entropy training.
-    pub fn epoch(&mut self, model: &Model, data: &DeviceData, pre: &Preprocess, hooks: &mut Hooks<'_>) -> Result<EpochStats> {
+    pub fn epoch(
+        &mut self,
+        model: &Model,
+        data: &DeviceData,
+        pre: &Preprocess,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<EpochStats> {
         self.epoch_with(model, data, pre, &cross_entropy, hooks)
     }
 
@@ -371,5 +434,10 @@ pub fn predict(model: &Model, data: &DeviceData, pre: &Preprocess, batch: i64) -
 /// Accuracy in eval mode.
 pub fn accuracy(model: &Model, data: &DeviceData, pre: &Preprocess, batch: i64) -> Result<f64> {
     let logits = predict(model, data, pre, batch)?;
-    Ok(logits.argmax(-1, false).eq_tensor(&data.y).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]))
+    Ok(logits
+        .argmax(-1, false)
+        .eq_tensor(&data.y)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]))
 }

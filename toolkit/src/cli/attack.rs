@@ -77,7 +77,7 @@ impl TrainArgs {
     /// The tch device.
     pub fn device(&self) -> Result<audit_nn::tch::Device> {
         let req: audit_nn::DeviceRequest = self.device.parse()?;
-        Ok(audit_nn::resolve_device(req).map_err(|e| input_error(e.to_string()))?)
+        audit_nn::resolve_device(req).map_err(|e| input_error(e.to_string()))
     }
 }
 

@@ -72,20 +72,34 @@ fn with_metadata(bytes: &[u8], entries: &[(String, String)]) -> Result<Vec<u8>> 
     let mut proto = audit_nn::model::parse(bytes)?;
     for (k, v) in entries {
         proto.metadata_props.retain(|e| e.key() != k);
-        proto.metadata_props.push(audit_nn::proto::StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) });
+        proto.metadata_props.push(audit_nn::proto::StringStringEntryProto {
+            key: Some(k.clone()),
+            value: Some(v.clone()),
+        });
     }
     Ok(proto.encode_to_vec())
 }
 
 fn op_types(bytes: &[u8]) -> Result<Vec<String>> {
     let proto = audit_nn::model::parse(bytes)?;
-    Ok(proto.graph.map(|g| g.node.iter().map(|n| n.op_type().to_string()).collect()).unwrap_or_default())
+    Ok(proto
+        .graph
+        .map(|g| g.node.iter().map(|n| n.op_type().to_string()).collect())
+        .unwrap_or_default())
 }
 
 fn precision_recall(found: &[i64], truth: &HashSet<i64>) -> Value {
     let hits = found.iter().filter(|i| truth.contains(i)).count();
-    let precision = if found.is_empty() { Value::Null } else { json!(hits as f64 / found.len() as f64) };
-    let recall = if truth.is_empty() { Value::Null } else { json!(hits as f64 / truth.len() as f64) };
+    let precision = if found.is_empty() {
+        Value::Null
+    } else {
+        json!(hits as f64 / found.len() as f64)
+    };
+    let recall = if truth.is_empty() {
+        Value::Null
+    } else {
+        json!(hits as f64 / truth.len() as f64)
+    };
     json!({"precision": precision, "recall": recall, "found": found.len(), "poisoned": truth.len()})
 }
 
@@ -128,29 +142,61 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     let dirs = crate::plugin::search_dirs(&global.plugin_dirs);
     let defense = super::plugins::find(&dirs, &args.defense)?;
     if defense.kind != Kind::Defense {
-        return Err(input_error(format!("`{}` is a {} plugin, not a defense", defense.name, defense.kind)));
+        return Err(input_error(format!(
+            "`{}` is a {} plugin, not a defense",
+            defense.name, defense.kind
+        )));
     }
     let params = defense.schema.resolve(&args.params).map_err(|e| {
-        let hint = if args.eval_attack.is_some() { " (parameters of --eval-attack go in --attack-param)" } else { "" };
-        PluginError::InvalidInput { name: defense.name.clone(), path: defense.path.clone(), message: format!("{e}{hint}") }
+        let hint = if args.eval_attack.is_some() {
+            " (parameters of --eval-attack go in --attack-param)"
+        } else {
+            ""
+        };
+        PluginError::InvalidInput {
+            name: defense.name.clone(),
+            path: defense.path.clone(),
+            message: format!("{e}{hint}"),
+        }
     })?;
-    let attack = args.eval_attack.as_deref().map(|n| super::plugins::find(&dirs, n)).transpose()?;
+    let attack = args
+        .eval_attack
+        .as_deref()
+        .map(|n| super::plugins::find(&dirs, n))
+        .transpose()?;
     if let Some(a) = &attack {
         if a.kind != Kind::Attack {
-            return Err(input_error(format!("--eval-attack `{}` is a {} plugin", a.name, a.kind)));
+            return Err(input_error(format!(
+                "--eval-attack `{}` is a {} plugin",
+                a.name, a.kind
+            )));
         }
     } else if !args.attack_params.is_empty() {
         return Err(input_error("--attack-param needs --eval-attack NAME"));
     }
     let attack_params = match &attack {
-        Some(a) => Some(a.schema.resolve(&args.attack_params).map_err(|e| PluginError::InvalidInput { name: a.name.clone(), path: a.path.clone(), message: e })?),
+        Some(a) => Some(
+            a.schema
+                .resolve(&args.attack_params)
+                .map_err(|e| PluginError::InvalidInput {
+                    name: a.name.clone(),
+                    path: a.path.clone(),
+                    message: e,
+                })?,
+        ),
         None => None,
     };
 
     check_output(&out, args.force, &inputs)?;
     let original = read_model(&args.model)?;
     let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
-    let meta = |k: &str| proto.metadata_props.iter().find(|e| e.key() == k).map(|e| e.value().to_string());
+    let meta = |k: &str| {
+        proto
+            .metadata_props
+            .iter()
+            .find(|e| e.key() == k)
+            .map(|e| e.value().to_string())
+    };
     let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
     let lent = with_metadata(&original, &norm.metadata())?;
     let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
@@ -162,18 +208,33 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         Some(k) => ds.test.head(k),
         None => ds.test.clone(),
     };
-    let truth: Option<HashSet<i64>> = ds.poison_idx.as_ref().map(|ix| ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect());
+    let truth: Option<HashSet<i64>> = ds
+        .poison_idx
+        .as_ref()
+        .map(|ix| ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect());
     let device_req: audit_nn::DeviceRequest = args.device.parse()?;
     let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
     let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
 
-    let spec = attack.as_ref().zip(attack_params.as_ref()).map(|(p, params)| AttackSpec { plugin: p, params, seed: args.seed });
+    let spec = attack
+        .as_ref()
+        .zip(attack_params.as_ref())
+        .map(|(p, params)| AttackSpec {
+            plugin: p,
+            params,
+            seed: args.seed,
+        });
     let before = match &spec {
         Some(s) => Some(evaluate(&original, &test, ds.num_classes, &norm, Some(s))?),
         None => None,
     };
 
-    eprintln!("hardening {} with `{}` on {} training samples ({device_name})", args.model.display(), defense.name, train.len());
+    eprintln!(
+        "hardening {} with `{}` on {} training samples ({device_name})",
+        args.model.display(),
+        defense.name,
+        train.len()
+    );
     let clean = (defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0).then(|| ds.test.head(1000));
     let result = defense.call(&CallInput {
         op: Op::Defend,
@@ -189,19 +250,31 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
 
     // The artifact must be the same graph, and the engine and onnxruntime must agree on it.
     if op_types(&hardened)? != op_types(&original)? {
-        anyhow::bail!("the defense changed the graph's nodes; refusing to write {}", out.display());
+        anyhow::bail!(
+            "the defense changed the graph's nodes; refusing to write {}",
+            out.display()
+        );
     }
     let mut hardened = with_metadata(
         &hardened,
         &[
-            ("audit.source_sha256".to_string(), audit_nn::export::sha256_hex(&original)),
-            ("audit.toolkit_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            (
+                "audit.source_sha256".to_string(),
+                audit_nn::export::sha256_hex(&original),
+            ),
+            (
+                "audit.toolkit_version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
             ("audit.seed".to_string(), args.seed.to_string()),
         ],
     )?;
     hardened = with_metadata(&hardened, &norm.metadata())?;
     let engine_model = audit_nn::Model::load(&hardened, None).context("the engine cannot reload the hardened model")?;
-    let chw = input_chw(&engine_model, Some([train.images.c as i64, train.images.h as i64, train.images.w as i64]))?;
+    let chw = input_chw(
+        &engine_model,
+        Some([train.images.c as i64, train.images.h as i64, train.images.w as i64]),
+    )?;
     let shape = [4, chw[0], chw[1], chw[2]];
     let diff = parity(&engine_model, &hardened, &random_batch(4, chw, 99), &shape)?;
     if diff > PARITY_TOLERANCE {
@@ -243,25 +316,46 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         "defense_report": report,
     });
     if let Some(path) = &args.report {
-        let text = if path.extension().is_some_and(|e| e == "md") { markdown(&doc) } else { serde_json::to_string_pretty(&doc)? + "\n" };
+        let text = if path.extension().is_some_and(|e| e == "md") {
+            markdown(&doc)
+        } else {
+            serde_json::to_string_pretty(&doc)? + "\n"
+        };
         crate::plugin::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(EXIT_OK);
     }
-    println!("wrote {} ({} on {device_name}, {seconds:.1}s, parity {diff:.1e})", out.display(), defense.name);
+    println!(
+        "wrote {} ({} on {device_name}, {seconds:.1}s, parity {diff:.1e})",
+        out.display(),
+        defense.name
+    );
     if let (Some(b), Some(a)) = (&before, &after) {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header(["", "clean accuracy", "attack success rate", "robust accuracy"]);
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
-        t.add_row(["before".to_string(), f(Some(b.clean_accuracy)), f(b.attack_success_rate), f(b.robust_accuracy)]);
-        t.add_row(["after".to_string(), f(Some(a.clean_accuracy)), f(a.attack_success_rate), f(a.robust_accuracy)]);
+        t.add_row([
+            "before".to_string(),
+            f(Some(b.clean_accuracy)),
+            f(b.attack_success_rate),
+            f(b.robust_accuracy),
+        ]);
+        t.add_row([
+            "after".to_string(),
+            f(Some(a.clean_accuracy)),
+            f(a.attack_success_rate),
+            f(a.robust_accuracy),
+        ]);
         println!("{t}");
     }
     if let Some(pr) = doc["defense_report"].get("dropped_vs_poison_idx") {
-        println!("suspects dropped: {} (precision {}, recall {} against the data's poison_idx)", pr["found"], pr["precision"], pr["recall"]);
+        println!(
+            "suspects dropped: {} (precision {}, recall {} against the data's poison_idx)",
+            pr["found"], pr["precision"], pr["recall"]
+        );
     }
     Ok(EXIT_OK)
 }
@@ -288,7 +382,12 @@ fn markdown(doc: &Value) -> String {
         s += "| | clean accuracy | attack success rate | robust accuracy |\n|---|---|---|---|\n";
         for k in ["before", "after"] {
             let m = &doc[k];
-            s += &format!("| {k} | {} | {} | {} |\n", f(&m["clean_accuracy"]), f(&m["attack_success_rate"]), f(&m["robust_accuracy"]));
+            s += &format!(
+                "| {k} | {} | {} | {} |\n",
+                f(&m["clean_accuracy"]),
+                f(&m["attack_success_rate"]),
+                f(&m["robust_accuracy"])
+            );
         }
     }
     s

@@ -34,26 +34,41 @@ impl Padding {
         match auto.as_str() {
             "SAME_UPPER" => Ok(Padding::SameUpper),
             "SAME_LOWER" => Ok(Padding::SameLower),
-            "VALID" => Ok(Padding::Explicit { begin: vec![0; spatial.unwrap_or(0)], end: vec![0; spatial.unwrap_or(0)] }),
+            "VALID" => Ok(Padding::Explicit {
+                begin: vec![0; spatial.unwrap_or(0)],
+                end: vec![0; spatial.unwrap_or(0)],
+            }),
             "NOTSET" | "" => {
                 let pads = b.ints("pads")?.unwrap_or_default();
                 if pads.len() % 2 != 0 {
                     return Err(format!("pads {pads:?} has an odd length"));
                 }
                 let h = pads.len() / 2;
-                Ok(Padding::Explicit { begin: pads[..h].to_vec(), end: pads[h..].to_vec() })
+                Ok(Padding::Explicit {
+                    begin: pads[..h].to_vec(),
+                    end: pads[h..].to_vec(),
+                })
             }
             other => Err(format!("unknown auto_pad {other}")),
         }
     }
 
     /// (begin, end) pads for an input of spatial size `size`.
-    pub(crate) fn resolve(&self, size: &[i64], kernel: &[i64], strides: &[i64], dilations: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    pub(crate) fn resolve(
+        &self,
+        size: &[i64],
+        kernel: &[i64],
+        strides: &[i64],
+        dilations: &[i64],
+    ) -> (Vec<i64>, Vec<i64>) {
         let n = size.len();
         match self {
             Padding::Explicit { begin, end } => {
                 let get = |v: &Vec<i64>, i: usize| v.get(i).copied().unwrap_or(0);
-                ((0..n).map(|i| get(begin, i)).collect(), (0..n).map(|i| get(end, i)).collect())
+                (
+                    (0..n).map(|i| get(begin, i)).collect(),
+                    (0..n).map(|i| get(end, i)).collect(),
+                )
             }
             Padding::SameUpper | Padding::SameLower => {
                 let mut b = vec![0; n];
@@ -125,9 +140,12 @@ impl Op for Conv {
         let (begin, end) = self.padding.resolve(&xs[2..], &ws[2..], &strides, &dil);
         let (x, pad) = apply_padding(x, &begin, &end, 0.0);
         if xs[1] != ws[1] * self.group {
-            return Err(format!("input has {} channels, weight expects {} x group {}", xs[1], ws[1], self.group));
+            return Err(format!(
+                "input has {} channels, weight expects {} x group {}",
+                xs[1], ws[1], self.group
+            ));
         }
-        x.f_convolution(w, bias, &strides, &pad, &dil, false, &vec![0; n], self.group)
+        x.f_convolution(w, bias, &strides, &pad, &dil, false, vec![0; n], self.group)
             .map(|t| vec![t])
             .map_err(|e| e.to_string())
     }
@@ -143,13 +161,21 @@ fn build_bn(b: &BuildCtx<'_>) -> Result<Box<dyn Op>, String> {
     if b.node.output.iter().skip(1).any(|o| !o.is_empty()) {
         return Err("BatchNormalization with training outputs (running mean/var) is not supported".into());
     }
-    Ok(Box::new(BatchNorm { epsilon: b.float_or("epsilon", 1e-5)? as f64, momentum: b.float_or("momentum", 0.9)? as f64 }))
+    Ok(Box::new(BatchNorm {
+        epsilon: b.float_or("epsilon", 1e-5)? as f64,
+        momentum: b.float_or("momentum", 0.9)? as f64,
+    }))
 }
 
 impl Op for BatchNorm {
     fn run(&self, ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
         let x = input(inputs, 0)?;
-        let (scale, bias, mean, var) = (input(inputs, 1)?, input(inputs, 2)?, input(inputs, 3)?, input(inputs, 4)?);
+        let (scale, bias, mean, var) = (
+            input(inputs, 1)?,
+            input(inputs, 2)?,
+            input(inputs, 3)?,
+            input(inputs, 4)?,
+        );
         if ctx.mode == Mode::TrainFrozenBn {
             // Frozen statistics with trainable affine parameters: an explicit per-channel affine map
             // (libtorch's eval-mode batch_norm backward is several times slower on CPU).
@@ -166,9 +192,18 @@ impl Op for BatchNorm {
         }
         let training = ctx.mode == Mode::Train;
         // ONNX: running = running * momentum + batch * (1 - momentum); torch's momentum is the other weight.
-        x.f_batch_norm(Some(scale), Some(bias), Some(mean), Some(var), training, 1.0 - self.momentum, self.epsilon, true)
-            .map(|t| vec![t])
-            .map_err(|e| e.to_string())
+        x.f_batch_norm(
+            Some(scale),
+            Some(bias),
+            Some(mean),
+            Some(var),
+            training,
+            1.0 - self.momentum,
+            self.epsilon,
+            true,
+        )
+        .map(|t| vec![t])
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -204,10 +239,10 @@ impl Op for Gemm {
         }
         let mut y = a.mm(&b);
         if self.alpha != 1.0 {
-            y = y * self.alpha;
+            y *= self.alpha;
         }
         if let Some(c) = c {
-            y = y + c * self.beta;
+            y += c * self.beta;
         }
         one(y)
     }
@@ -260,7 +295,11 @@ impl Op for MaxPool {
                 p.push(begin[i]);
                 p.push(end[i]);
             }
-            (x.f_pad(&p[..], "constant", Some(f64::NEG_INFINITY)).map_err(|e| e.to_string())?, vec![0; n])
+            (
+                x.f_pad(&p[..], "constant", Some(f64::NEG_INFINITY))
+                    .map_err(|e| e.to_string())?,
+                vec![0; n],
+            )
         };
         let y = match n {
             1 => x.f_max_pool1d(&self.kernel, &strides, &pad, &dil, self.ceil),
@@ -287,14 +326,20 @@ struct Flatten {
 }
 
 fn build_flatten(b: &BuildCtx<'_>) -> Result<Box<dyn Op>, String> {
-    Ok(Box::new(Flatten { axis: b.int_or("axis", 1)? }))
+    Ok(Box::new(Flatten {
+        axis: b.int_or("axis", 1)?,
+    }))
 }
 
 impl Op for Flatten {
     fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
         let x = input(inputs, 0)?;
         let s = x.size();
-        let a = if self.axis == s.len() as i64 { s.len() as i64 } else { axis(self.axis, s.len() as i64)? } as usize;
+        let a = if self.axis == s.len() as i64 {
+            s.len() as i64
+        } else {
+            axis(self.axis, s.len() as i64)?
+        } as usize;
         let outer: i64 = s[..a].iter().product();
         let inner: i64 = s[a..].iter().product();
         one(x.reshape([outer, inner]))
@@ -306,7 +351,10 @@ struct Add;
 
 impl Op for Add {
     fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
-        input(inputs, 0)?.f_add(input(inputs, 1)?).map(|t| vec![t]).map_err(|e| e.to_string())
+        input(inputs, 0)?
+            .f_add(input(inputs, 1)?)
+            .map(|t| vec![t])
+            .map_err(|e| e.to_string())
     }
 }
 
