@@ -2,34 +2,14 @@
 //! kept, and folded) loads, matches torch's outputs, trains, and exports a model that
 //! onnxruntime runs with the same outputs.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
+mod common;
+use common::{ort_parity, rel_diff, run_py};
 
 use audit_nn::train::{DeviceData, Hooks, Preprocess, TrainConfig, Trainer};
 use audit_nn::{Mode, Model};
 use tch::{Device, Kind, Tensor};
-
-fn python() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.is_file(), "{} missing: run scripts/setup", p.display());
-    p
-}
-
-fn run_py(script: &str, args: &[&Path]) -> String {
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "python failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 const EXPORT: &str = r#"
 import sys, torch, numpy as np
@@ -60,20 +40,6 @@ np.save(out + "/y.npy", m(x).detach().numpy())
 import onnx
 print(sorted({n.op_type for n in onnx.load(out + "/model.onnx").graph.node}))
 "#;
-
-const ORT: &str = r#"
-import sys, numpy as np, onnxruntime as ort
-s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-x = np.load(sys.argv[2])
-y = s.run(None, {s.get_inputs()[0].name: x})[0]
-ref = np.load(sys.argv[3])
-print(float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-6)))
-"#;
-
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]).max(1e-6);
-    (a - b).abs().max().double_value(&[]) / scale
-}
 
 fn exercise(fold: bool) {
     let dir = tempfile::tempdir().unwrap();
@@ -141,13 +107,7 @@ fn exercise(fold: bool) {
     let reloaded = Model::load(&bytes, None).unwrap();
     assert_eq!(reloaded.metadata("audit.test"), Some("1"));
     let ours = tch::no_grad(|| model.forward(&x, Mode::Eval)).unwrap();
-    let path = dir.path().join("trained.onnx");
-    std::fs::write(&path, &bytes).unwrap();
-    ours.write_npy(dir.path().join("ours.npy")).unwrap();
-    let diff: f64 = run_py(ORT, &[&path, &dir.path().join("x.npy"), &dir.path().join("ours.npy")])
-        .trim()
-        .parse()
-        .unwrap();
+    let diff = ort_parity(dir.path(), "trained", &bytes, &dir.path().join("x.npy"), &ours);
     assert!(diff < 1e-4, "onnxruntime vs engine after training: {diff}");
 }
 
