@@ -150,6 +150,35 @@ fn attack_eval_and_harden_on_fashion_mnist() {
     );
     assert!(asr_clean <= 0.10, "a clean model's ASR {asr_clean}");
     assert_eq!(bad["n_poisoned"], 600);
+    // Blend (alpha 0.2, seeded noise) through the same recipe.
+    let blend_out = dir.path().join("blend.onnx");
+    let blend = audit(&[
+        "attack",
+        "blend",
+        "--data",
+        data(),
+        "--arch",
+        "small-cnn",
+        "--limit",
+        "12000",
+        "--epochs",
+        "3",
+        "--json",
+        "--out",
+        blend_out.to_str().unwrap(),
+    ])
+    .expect_code(0)
+    .json();
+    let (acc_blend, asr_blend) = (
+        blend["metrics"]["clean_accuracy"].as_f64().unwrap(),
+        blend["metrics"]["attack_success_rate"].as_f64().unwrap(),
+    );
+    eprintln!("blend: ACC {acc_blend:.4} ASR {asr_blend:.4}");
+    assert!(asr_blend >= 0.90, "Blend ASR {asr_blend}");
+    assert!(
+        (acc_blend - acc_clean).abs() <= 0.03,
+        "Blend ACC {acc_blend} vs clean {acc_clean}"
+    );
 
     // eval on the file gives the same numbers as attack reported.
     let model = dir.path().join("badnets.onnx");

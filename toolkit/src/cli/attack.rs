@@ -11,7 +11,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::eval::DataArgs;
-use super::GlobalArgs;
+use super::{check_output, GlobalArgs};
 use crate::data::{self, LabeledSet, NpzArray, Pixels};
 use crate::engine::{export_checked, read_model};
 use crate::error::{input_error, EXIT_OK};
@@ -117,24 +117,6 @@ pub struct AttackArgs {
     pub force: bool,
     #[arg(long)]
     pub json: bool,
-}
-
-/// Fails when `out` exists (without `force`) or is one of `inputs`.
-pub fn check_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
-    let canon = |p: &Path| std::fs::canonicalize(p).ok();
-    if out.exists() && inputs.iter().any(|i| canon(i).is_some() && canon(i) == canon(out)) {
-        return Err(input_error(format!(
-            "{}: refusing to overwrite an input file",
-            out.display()
-        )));
-    }
-    if out.exists() && !force {
-        return Err(crate::error::input_error_hint(
-            format!("{} already exists", out.display()),
-            "pass --force to replace it",
-        ));
-    }
-    Ok(())
 }
 
 /// A labelled set as device data for the engine.

@@ -10,7 +10,7 @@ use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::{json, Map, Value};
 
-use super::attack::check_output;
+use super::check_output;
 use super::eval::DataArgs;
 use super::GlobalArgs;
 use crate::data;

@@ -298,23 +298,6 @@ fn check(found: &[Discovered], json: bool) -> Result<i32> {
     Ok(if broken > 0 { EXIT_USAGE } else { EXIT_OK })
 }
 
-fn refuse_to_clobber(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
-    let canon = |p: &Path| std::fs::canonicalize(p).ok();
-    if out.exists() && inputs.iter().any(|i| canon(i).is_some() && canon(i) == canon(out)) {
-        return Err(input_error(format!(
-            "{}: refusing to overwrite an input file",
-            out.display()
-        )));
-    }
-    if out.exists() && !force {
-        return Err(input_error_hint(
-            format!("{} already exists", out.display()),
-            "pass --force to replace it",
-        ));
-    }
-    Ok(())
-}
-
 fn count_changed(before: &LabeledSet, after: &crate::data::Images) -> usize {
     let per = before.images.image_len();
     let (a, b) = (before.images.to_u8(), after.to_u8());
@@ -360,7 +343,7 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
         if let Some(m) = &args.model {
             inputs.push(m);
         }
-        refuse_to_clobber(out, args.force, &inputs)?;
+        super::check_output(out, args.force, &inputs)?;
     }
     let ds = data::load(&args.data, args.data_format, args.seed)?;
     let (split_name, split) = match op {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::attack::check_output;
+use super::check_output;
 use super::inspect::parse_chw;
 use crate::error::{input_error, EXIT_OK};
 
