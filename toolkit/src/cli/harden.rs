@@ -51,6 +51,10 @@ pub struct HardenArgs {
     /// Evaluate on the first N test samples only.
     #[arg(long)]
     pub test_limit: Option<usize>,
+    /// For defenses that need trusted clean data: the last N test images are lent to the defense
+    /// as its clean subset and left out of the evaluation.
+    #[arg(long, default_value_t = 1000)]
+    pub clean_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Replace an existing output.
@@ -58,6 +62,26 @@ pub struct HardenArgs {
     pub force: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Splits off the last `n` samples: (the rest, the last n).
+fn split_tail(set: &data::LabeledSet, n: usize) -> (data::LabeledSet, data::LabeledSet) {
+    let keep = set.len() - n;
+    let per = set.images.image_len();
+    let part = |a: usize, b: usize| data::LabeledSet {
+        images: data::Images {
+            n: b - a,
+            pixels: match &set.images.pixels {
+                data::Pixels::U8(v) => data::Pixels::U8(v[a * per..b * per].to_vec()),
+                data::Pixels::F32(v) => data::Pixels::F32(v[a * per..b * per].to_vec()),
+            },
+            c: set.images.c,
+            h: set.images.h,
+            w: set.images.w,
+        },
+        labels: set.labels[a..b].to_vec(),
+    };
+    (part(0, keep), part(keep, set.len()))
 }
 
 /// `MODEL.hardened.onnx` beside `model`.
@@ -204,9 +228,23 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         Some(k) => ds.train.head(k),
         None => ds.train.clone(),
     };
+    let needs_clean = defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
+    let (eval_pool, clean) = if needs_clean {
+        if args.clean_size == 0 || args.clean_size >= ds.test.len() {
+            return Err(input_error(format!(
+                "`{}` needs a clean subset: --clean-size must be between 1 and {} (the test split's size - 1)",
+                defense.name,
+                ds.test.len().saturating_sub(1)
+            )));
+        }
+        let (head, tail) = split_tail(&ds.test, args.clean_size);
+        (head, Some(tail))
+    } else {
+        (ds.test.clone(), None)
+    };
     let test = match args.test_limit {
-        Some(k) => ds.test.head(k),
-        None => ds.test.clone(),
+        Some(k) => eval_pool.head(k),
+        None => eval_pool,
     };
     let truth: Option<HashSet<i64>> = ds
         .poison_idx
@@ -235,7 +273,6 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         defense.name,
         train.len()
     );
-    let clean = (defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0).then(|| ds.test.head(1000));
     let result = defense.call(&CallInput {
         op: Op::Defend,
         params: &params,
@@ -306,6 +343,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         "data": ds.source,
         "n_train": train.len(),
         "n_test": test.len(),
+        "n_clean": clean.as_ref().map(data::LabeledSet::len),
         "seconds": seconds,
         "device": device_name,
         "seed": args.seed,
