@@ -222,31 +222,31 @@ fn ctrl_c_cancels_a_running_plugin_and_leaves_no_output() {
     .expect_code(0);
     let out = dir.join("never.npz");
     let started = std::time::Instant::now();
-    let child = std::process::Command::new(audit_tests::audit_bin())
-        .args([
-            "--plugin-dir",
-            dir.to_str().unwrap(),
-            "plugins",
-            "run",
-            "slow-cancel",
-            "--data",
-            "synthetic",
-            "--limit",
-            "4",
-        ])
+    let mut child = std::process::Command::new(audit_tests::audit_bin())
+        .args(["--plugin-dir", dir.to_str().unwrap(), "plugins", "run", "slow-cancel", "--data", "synthetic", "--limit", "4"])
         .args(["--out", out.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    // Wait until the plugin says it runs (a busy machine can take seconds to start the binary).
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+        assert!(n > 0, "audit ended before the plugin started:\n{seen}");
+        seen.push_str(&line);
+        if line.contains("started, waiting for Ctrl-C") {
+            break;
+        }
+    }
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(sent.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     let res = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&res.stderr);
+    let stderr = seen + &rest;
     assert_eq!(res.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("slow-cancel") && stderr.contains("was cancelled"),
