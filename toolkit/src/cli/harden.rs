@@ -328,7 +328,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     };
     let mut report = result.report;
     summarise_report(&mut report, truth.as_ref());
-    if let (Some(t), Some(dropped)) = (&truth, &result.indices) {
+    if let (Some(t), Some(dropped)) = (&truth, result.indices.as_ref().filter(|d| !d.is_empty())) {
         report.insert("dropped_vs_poison_idx".into(), precision_recall(dropped, t));
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -1,0 +1,709 @@
+//! Fine-Pruning (Liu, Dolan-Gavitt, Garg, "Fine-Pruning: Defending Against Backdooring Attacks on
+//! Deep Neural Networks", RAID 2018) as an `audit` defense plugin, with BackdoorBench's defaults.
+//!
+//! 1. Rank: one eval-mode pass over the clean subset the host lends (`AUDIT_CAP_NEEDS_CLEAN_DATA`)
+//!    measures each channel's mean activation (spatial mean, then mean over the samples).
+//!    - `layer=last-conv` (default): the channels of the last Conv layer that still feeds another
+//!      layer (a final 1x1 conv that produces the logits, as in NiN, is skipped). With
+//!      `activation=post` (default) they are ranked on the output of the activation that follows
+//!      the conv (through BatchNormalization/Identity/Dropout), i.e. post-ReLU as BackdoorBench
+//!      and the paper do; when no activation follows directly (a residual `Add` comes first) the
+//!      last value reached (the BN output) is used and the report says `pre-activation`.
+//!      `activation=pre` ranks on the conv's own output.
+//!    - `layer=penultimate`: the features entering the final linear layer (Gemm/MatMul), as
+//!      BackdoorBench v2's `fp.py` hooks them; pruning masks the final layer's input columns.
+//! 2. Prune: the least active channels, `ceil(step * C)` more per step (BackdoorBench's
+//!    `once_prune_ratio`, 1%), while the clean accuracy on the clean subset either does not fall
+//!    or falls by a relative amount under `acc_budget` (BackdoorBench's `acc_ratio`, 10%). The
+//!    first step that breaks the budget stops the search and is undone: the model keeps the last
+//!    count that met it (BackdoorBench keeps the breaking one through an aliasing slip, and prunes
+//!    `num_pruned - 1` channels; here exactly the reported count is pruned). At least one channel
+//!    always remains. A conv channel is pruned by zeroing its filter and bias, its
+//!    BatchNormalization scale and shift and the matching input slice of the next layer
+//!    (`Model::neuron_slices`); a penultimate feature by zeroing its column of the final layer.
+//! 3. Fine-tune on the clean subset (SGD momentum 0.9, lr 0.01, weight decay 5e-4, cosine schedule,
+//!    10 epochs) with masks that keep every pruned block at exactly zero after each step.
+//!
+//! The report gives the ranking, every pruning step with its clean accuracy and whether it met the
+//! budget, the pruned channels, the fine-tuning epochs, and the clean accuracy before, after
+//! pruning and after fine-tuning. Those accuracies are on the clean subset, which is also the
+//! pruning and fine-tuning data: the host's own evaluation on the rest of the test split is the one
+//! to quote.
+
+use std::collections::{HashMap, HashSet};
+
+use audit_nn::neurons::{Layer, LayerKind, Slice};
+use audit_nn::train::{self, Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::{tch, Model};
+use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
+"layer":{"type":"string","default":"last-conv","enum":["last-conv","penultimate"],"description":"what is pruned: the channels of the last conv layer (Liu et al.), or the features entering the final linear layer (BackdoorBench v2; also for models without convs)"},
+"activation":{"type":"string","default":"post","enum":["post","pre"],"description":"last-conv: rank channels on the output of the activation that follows the conv (post-ReLU, as BackdoorBench) or on the conv's own output"},
+"step":{"type":"number","default":0.01,"minimum":0.0001,"maximum":1,"description":"share of the layer's channels pruned per step (ceil(step * channels), at least 1)"},
+"acc_budget":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"pruning continues while the clean accuracy's relative drop from the unpruned model stays under this"},
+"epochs":{"type":"integer","default":10,"minimum":0,"maximum":10000,"description":"fine-tuning epochs on the clean subset after pruning"},
+"lr":{"type":"number","default":0.01,"minimum":0,"description":"fine-tuning learning rate"},
+"batch_size":{"type":"integer","default":128,"minimum":1,"description":"fine-tuning batch size"},
+"weight_decay":{"type":"number","default":0.0005,"minimum":0,"description":"fine-tuning L2 weight decay"},
+"momentum":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"SGD momentum of the fine-tuning"},
+"schedule":{"type":"string","default":"cosine","enum":["cosine","constant"],"description":"fine-tuning learning-rate schedule: cosine annealing to 0 (BackdoorBench) or constant"},
+"freeze_bn":{"type":"boolean","default":false,"description":"keep BatchNormalization running statistics fixed while fine-tuning"},
+"augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
+"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
+
+/// Ops a channel passes through unchanged in index when looking for the activation after a conv.
+const PASS_THROUGH: &[&str] = &["BatchNormalization", "Identity", "Dropout"];
+/// Element-wise activations whose output is the "post-activation" value.
+const ACTIVATIONS: &[&str] = &[
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+];
+
+/// Parameters (see the schema for meaning).
+#[derive(Debug, Clone, Deserialize)]
+struct Params {
+    layer: String,
+    activation: String,
+    step: f64,
+    acc_budget: f64,
+    epochs: usize,
+    lr: f64,
+    batch_size: i64,
+    weight_decay: f64,
+    momentum: f64,
+    schedule: String,
+    freeze_bn: bool,
+    augment: bool,
+    seed: u64,
+}
+
+/// The plugin.
+#[derive(Debug, Default)]
+pub struct FinePruning;
+
+impl Plugin for FinePruning {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "fine-pruning",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "Fine-Pruning (RAID 2018): prune the last conv layer's dormant channels within a clean-accuracy budget, then fine-tune",
+            params_schema: SCHEMA,
+            capabilities: abi::AUDIT_CAP_NEEDS_CLEAN_DATA | abi::AUDIT_CAP_NEEDS_MODEL,
+        }
+    }
+}
+
+fn nn_err(e: audit_nn::NnError) -> Error {
+    match e {
+        audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
+        audit_nn::NnError::Other(m) => Error::failed(m),
+        other => Error::invalid(other.to_string()),
+    }
+}
+
+/// The dataset on the device.
+fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
+    let s = d.images.shape;
+    let shape = [s[0], s[1], s[2], s[3]];
+    Ok(match d.images.dtype {
+        audit_sdk::Dtype::U8 => DeviceData::from_u8(d.images.as_u8()?, shape, d.labels, device),
+        _ => DeviceData::from_f32(d.images.as_f32()?, shape, d.labels, device),
+    })
+}
+
+/// Pixel normalisation from the model's `audit.mean` / `audit.std` metadata (the host writes it).
+fn preprocess(model: &Model) -> Result<Preprocess> {
+    let parse = |key: &str, default: f64| -> Result<Vec<f64>> {
+        match model.metadata(key) {
+            None => Ok(vec![default]),
+            Some(s) => s
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<f64>()
+                        .map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers")))
+                })
+                .collect(),
+        }
+    };
+    Ok(Preprocess {
+        mean: parse("audit.mean", 0.0)?,
+        std: parse("audit.std", 1.0)?,
+    })
+}
+
+/// Runs one sample through the model and checks that its logits cover every label of `data`.
+fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess) -> Result<i64> {
+    let logits = tch::no_grad(|| model.forward(&pre.apply(&data.x.narrow(0, 0, 1)), audit_nn::Mode::Eval))
+        .map_err(|e| Error::invalid(format!("the clean subset does not fit the model: {e}")))?;
+    if logits.dim() != 2 {
+        return Err(Error::invalid(format!(
+            "the model's output has shape {:?}; expected [batch, classes]",
+            logits.size()
+        )));
+    }
+    let k = logits.size()[1];
+    let max_label = data.y.max().int64_value(&[]);
+    if max_label >= k {
+        return Err(Error::invalid(format!(
+            "the clean subset has label {max_label} but the model has only {k} outputs"
+        )));
+    }
+    Ok(k)
+}
+
+/// One step of the pruning search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Channels pruned at this step (cumulative).
+    pub pruned: usize,
+    /// Clean accuracy with them pruned.
+    pub accuracy: f64,
+    /// Whether the accuracy met the budget.
+    pub accepted: bool,
+}
+
+/// Whether `accuracy` meets the budget: not below `base`, or a relative drop under `budget`.
+pub fn within_budget(base: f64, accuracy: f64, budget: f64) -> bool {
+    accuracy >= base || (base > 0.0 && (base - accuracy) / base < budget)
+}
+
+/// Channels pruned per step: `ceil(step * channels)` (BackdoorBench), at least 1.
+pub fn step_size(channels: usize, step: f64) -> usize {
+    // The small epsilon keeps 0.01 * 300 = 3.0000000000000004 at 3.
+    ((step * channels as f64 - 1e-9).ceil() as usize).max(1)
+}
+
+/// The pruning search: tries `k = step, 2 step, ...` (while `k < channels`) pruned channels,
+/// `eval(k)` giving the clean accuracy, and stops at the first `k` that breaks the budget relative
+/// to `base`. Returns the largest accepted `k` (0 when the first step already breaks it) and every
+/// step tried.
+pub fn search(
+    channels: usize,
+    step: usize,
+    base: f64,
+    budget: f64,
+    mut eval: impl FnMut(usize) -> Result<f64>,
+) -> Result<(usize, Vec<Step>)> {
+    let mut kept = 0;
+    let mut steps = Vec::new();
+    let mut k = step.max(1);
+    while k < channels {
+        let accuracy = eval(k)?;
+        let accepted = within_budget(base, accuracy, budget);
+        steps.push(Step {
+            pruned: k,
+            accuracy,
+            accepted,
+        });
+        if !accepted {
+            break;
+        }
+        kept = k;
+        k += step.max(1);
+    }
+    Ok((kept, steps))
+}
+
+/// What is pruned and where it is measured.
+struct Target {
+    /// `last-conv` or `penultimate`.
+    mode: &'static str,
+    /// The node whose channels are pruned (the conv, or the final linear layer for penultimate).
+    node: String,
+    op_type: String,
+    /// The value whose per-channel means rank the channels, as a layer to tap.
+    tap: Layer,
+    ranked_on: &'static str,
+    /// The parameter blocks of each channel.
+    slices: Vec<Vec<Slice>>,
+    /// Notes for the report (a skipped classifier conv, ...).
+    notes: Vec<String>,
+}
+
+/// Node graph by value name: (op type, inputs, outputs) per node and the consumers of each value.
+struct Graph {
+    nodes: Vec<(String, String, Vec<String>, Vec<String>)>,
+    consumers: HashMap<String, Vec<usize>>,
+}
+
+impl Graph {
+    fn new(model: &Model) -> Graph {
+        let nodes = model.node_summaries();
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for v in n.2.iter().filter(|v| !v.is_empty()) {
+                consumers.entry(v.clone()).or_default().push(i);
+            }
+        }
+        Graph { nodes, consumers }
+    }
+
+    fn consumers_of(&self, value: &str) -> &[usize] {
+        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether any of `layer_nodes` is reachable downstream of `value`.
+    fn reaches(&self, value: &str, layer_nodes: &HashSet<&str>) -> bool {
+        let mut stack = vec![value.to_string()];
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v.clone()) {
+                continue;
+            }
+            for &ni in self.consumers_of(&v) {
+                let n = &self.nodes[ni];
+                if layer_nodes.contains(n.0.as_str()) {
+                    return true;
+                }
+                stack.extend(n.3.iter().cloned());
+            }
+        }
+        false
+    }
+
+    /// From a layer's output, follows a single-consumer chain through per-channel pass-through ops
+    /// to the first activation: (its output, true), or (the last value reached, false).
+    fn activation_after(&self, value: &str) -> (String, bool) {
+        let mut v = value.to_string();
+        loop {
+            let cons = self.consumers_of(&v);
+            if cons.len() != 1 {
+                return (v, false);
+            }
+            let n = &self.nodes[cons[0]];
+            if n.2.first() != Some(&v) || n.3.is_empty() {
+                return (v, false);
+            }
+            if ACTIVATIONS.contains(&n.1.as_str()) {
+                return (n.3[0].clone(), true);
+            }
+            if !PASS_THROUGH.contains(&n.1.as_str()) {
+                return (v, false);
+            }
+            v = n.3[0].clone();
+        }
+    }
+}
+
+/// Chooses the layer to prune and precomputes every channel's parameter blocks.
+fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
+    let layers = model.layers();
+    let graph = Graph::new(model);
+    let shapes = model.value_shapes(sample).map_err(nn_err)?;
+    let value_id = |name: &str| {
+        model
+            .value_id(name)
+            .ok_or_else(|| Error::failed(format!("value `{name}` has no id")))
+    };
+    let mut notes = Vec::new();
+    if p.layer == "penultimate" {
+        let out = layers.iter().rev().find(|l| l.is_output).ok_or_else(|| {
+            Error::invalid("layer=penultimate: the model has no final linear layer (Gemm or MatMul with a weight)")
+        })?;
+        let input = graph
+            .nodes
+            .iter()
+            .find(|n| n.0 == out.node)
+            .and_then(|n| n.2.first().cloned())
+            .ok_or_else(|| Error::failed(format!("the final layer {} has no input", out.node)))?;
+        let id = value_id(&input)?;
+        let shape = shapes.get(&id).cloned().unwrap_or_default();
+        if shape.len() != 2 {
+            return Err(Error::invalid(format!(
+                "layer=penultimate: the final layer's input `{input}` has shape {shape:?}; expected [batch, features]"
+            )));
+        }
+        let features = shape[1];
+        let dim = match out.kind {
+            LayerKind::Gemm { trans_b: true } => 1,
+            _ => 0,
+        };
+        let wshape = model.params[out.weight].tensor.size();
+        if wshape.get(dim) != Some(&features) {
+            return Err(Error::invalid(format!(
+                "layer=penultimate: the final layer's weight {wshape:?} does not take {features} features"
+            )));
+        }
+        let slices = (0..features)
+            .map(|c| {
+                vec![Slice {
+                    param: out.weight,
+                    ranges: vec![(dim as i64, c, c + 1)],
+                }]
+            })
+            .collect();
+        let mut tap = out.clone();
+        tap.value = id;
+        tap.value_name = input;
+        tap.channels = features;
+        return Ok(Target {
+            mode: "penultimate",
+            node: out.node.clone(),
+            op_type: out.op_type.clone(),
+            tap,
+            ranked_on: "final-linear-input",
+            slices,
+            notes,
+        });
+    }
+
+    let layer_nodes: HashSet<&str> = layers.iter().map(|l| l.node.as_str()).collect();
+    let convs: Vec<&Layer> = layers.iter().filter(|l| l.op_type == "Conv").collect();
+    let Some(&last) = convs.last() else {
+        return Err(Error::invalid(
+            "the model has no Conv layer to prune; use --param layer=penultimate to prune the features entering the final linear layer",
+        ));
+    };
+    let conv = match convs.iter().rev().find(|l| graph.reaches(&l.value_name, &layer_nodes)) {
+        Some(&c) => {
+            if c.node != last.node {
+                notes.push(format!(
+                    "the last conv `{}` produces the logits (no layer follows it); pruning `{}` instead",
+                    last.node, c.node
+                ));
+            }
+            c
+        }
+        None => {
+            return Err(Error::invalid(format!(
+                "the only conv layers feed the output directly (last: `{}`); use --param layer=penultimate",
+                last.node
+            )))
+        }
+    };
+    let (tap_name, post) = if p.activation == "post" {
+        graph.activation_after(&conv.value_name)
+    } else {
+        (conv.value_name.clone(), false)
+    };
+    if p.activation == "post" && !post {
+        notes.push(format!(
+            "no activation follows `{}` directly; channels ranked on `{tap_name}` (pre-activation)",
+            conv.node
+        ));
+    }
+    let mut tap = conv.clone();
+    tap.value = value_id(&tap_name)?;
+    tap.value_name = tap_name;
+    let slices = (0..conv.channels)
+        .map(|c| model.neuron_slices(conv, c, &shapes).map_err(nn_err))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Target {
+        mode: "last-conv",
+        node: conv.node.clone(),
+        op_type: conv.op_type.clone(),
+        tap,
+        ranked_on: if post { "post-activation" } else { "pre-activation" },
+        slices,
+        notes,
+    })
+}
+
+/// Channel indices sorted by ascending mean activation (ties by index).
+pub fn rank(means: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..means.len()).collect();
+    order.sort_by(|&a, &b| means[a].total_cmp(&means[b]).then(a.cmp(&b)));
+    order
+}
+
+/// Copies of parameters, to undo a pruning step.
+struct Snapshot(Vec<(usize, Tensor)>);
+
+impl Snapshot {
+    fn take(model: &Model, slices: &[Vec<Slice>]) -> Snapshot {
+        let params: std::collections::BTreeSet<usize> = slices.iter().flatten().map(|s| s.param).collect();
+        Snapshot(
+            params
+                .into_iter()
+                .map(|i| (i, model.params[i].tensor.detach().copy()))
+                .collect(),
+        )
+    }
+
+    fn restore(&self, model: &Model) {
+        tch::no_grad(|| {
+            for (i, t) in &self.0 {
+                model.params[*i].tensor.shallow_clone().copy_(t);
+            }
+        });
+    }
+}
+
+/// Largest absolute value left in the given blocks (0 when they are all exactly zero).
+fn max_abs(model: &Model, slices: &[Slice]) -> f64 {
+    slices
+        .iter()
+        .map(|s| {
+            let mut t = model.params[s.param].tensor.detach();
+            for &(dim, a, b) in &s.ranges {
+                t = t.narrow(dim, a, b - a);
+            }
+            t.abs().max().to_kind(Kind::Double).double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Mean activation per channel of `tap` over `data` (eval mode).
+fn mean_activations(
+    call: &Call<'_>,
+    model: &Model,
+    data: &DeviceData,
+    pre: &Preprocess,
+    tap: &Layer,
+) -> Result<Vec<f64>> {
+    let host = call.host;
+    let acts = model
+        .collect_activations(data, pre, std::slice::from_ref(tap), 512, &mut |d, t| {
+            host.progress("ranking", d, t)
+        })
+        .map_err(nn_err)?;
+    let means = acts.channel_mean[0].mean_dim([0i64].as_slice(), false, Kind::Double);
+    Vec::<f64>::try_from(means.to_device(Device::Cpu)).map_err(|e| Error::failed(e.to_string()))
+}
+
+fn training_config(p: &Params, seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: p.epochs,
+        batch_size: p.batch_size,
+        lr: p.lr,
+        weight_decay: p.weight_decay,
+        optimizer: Optimizer::Sgd {
+            momentum: p.momentum,
+            nesterov: false,
+        },
+        schedule: if p.schedule == "constant" {
+            Schedule::Constant
+        } else {
+            Schedule::Cosine { min_lr: 0.0 }
+        },
+        freeze_bn: p.freeze_bn,
+        augment: if p.augment {
+            Augment {
+                crop_padding: 4,
+                flip: true,
+            }
+        } else {
+            Augment::default()
+        },
+        seed,
+        group_lr: vec![],
+    }
+}
+
+/// Trains `epochs` epochs with progress, logs and cancellation from the host.
+fn train_epochs(
+    call: &Call<'_>,
+    model: &Model,
+    trainer: &mut Trainer,
+    data: &DeviceData,
+    pre: &Preprocess,
+    epochs: usize,
+) -> Result<Vec<Value>> {
+    let host = call.host;
+    let mut log = Vec::with_capacity(epochs);
+    for e in 0..epochs {
+        host.check_cancelled()?;
+        let label = format!("fine-tune epoch {}/{epochs}", e + 1);
+        let mut hooks = Hooks {
+            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
+            cancelled: Box::new(|| host.is_cancelled()),
+        };
+        let stats = trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?;
+        host.info(&format!(
+            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
+            stats.loss, stats.accuracy, stats.seconds
+        ));
+        log.push(
+            json!({"epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}),
+        );
+    }
+    host.check_cancelled()?;
+    Ok(log)
+}
+
+impl Defense for FinePruning {
+    fn defend(
+        &self,
+        call: &Call<'_>,
+        model_bytes: &[u8],
+        _train: Option<&DatasetRef<'_>>,
+        clean: Option<&DatasetRef<'_>>,
+    ) -> Result<Hardened> {
+        let p: Params = call.params.parse()?;
+        for (key, value, allowed) in [
+            ("layer", &p.layer, &["last-conv", "penultimate"]),
+            ("activation", &p.activation, &["post", "pre"]),
+            ("schedule", &p.schedule, &["cosine", "constant"]),
+        ] {
+            if !allowed.contains(&value.as_str()) {
+                return Err(Error::invalid(format!(
+                    "{key} `{value}`: expected one of {}",
+                    allowed.join(", ")
+                )));
+            }
+        }
+        if !(p.step > 0.0 && p.step <= 1.0) {
+            return Err(Error::invalid(format!("step {}: must be in (0, 1]", p.step)));
+        }
+        let clean = clean.filter(|c| !c.is_empty()).ok_or_else(|| {
+            Error::invalid("fine-pruning needs a clean subset (the host lends the last --clean-size test images)")
+        })?;
+        let req: audit_nn::DeviceRequest = call
+            .device
+            .parse()
+            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
+        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let seed = call.seed.wrapping_add(p.seed);
+        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
+        model.to_device(device);
+        let pre = preprocess(&model)?;
+        let data = device_data(clean, device)?;
+        let classes = check_fit(&model, &data, &pre)?;
+        let host = call.host;
+
+        // 1. Rank.
+        let target = target(&model, &p, &pre.apply(&data.x.narrow(0, 0, 1)))?;
+        for n in &target.notes {
+            host.warn(n);
+        }
+        let channels = target.slices.len();
+        host.check_cancelled()?;
+        let means = mean_activations(call, &model, &data, &pre, &target.tap)?;
+        if means.len() != channels {
+            return Err(Error::failed(format!(
+                "measured {} channels at `{}` but `{}` has {channels}",
+                means.len(),
+                target.tap.value_name,
+                target.node
+            )));
+        }
+        let order = rank(&means);
+
+        // 2. Prune while the clean accuracy stays within the budget.
+        let base = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
+        host.info(&format!(
+            "clean accuracy before pruning: {base:.4}; pruning `{}` ({channels} channels, ranked on `{}`)",
+            target.node, target.tap.value_name
+        ));
+        let per_step = step_size(channels, p.step);
+        let snapshot = Snapshot::take(&model, &target.slices);
+        let mut applied = 0;
+        let (kept, steps) = search(channels, per_step, base, p.acc_budget, |k| {
+            host.check_cancelled()?;
+            let fresh: Vec<Slice> = order[applied..k]
+                .iter()
+                .flat_map(|&c| target.slices[c].iter().cloned())
+                .collect();
+            model.zero_slices(&fresh);
+            applied = k;
+            let acc = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
+            host.progress("pruning", k as u64, channels as u64);
+            host.info(&format!(
+                "pruned {k}/{channels} ({:.1}%): clean accuracy {acc:.4}",
+                100.0 * k as f64 / channels as f64
+            ));
+            Ok(acc)
+        })?;
+        let pruned: Vec<usize> = order[..kept].to_vec();
+        let pruned_slices: Vec<Slice> = pruned.iter().flat_map(|&c| target.slices[c].iter().cloned()).collect();
+        if applied != kept {
+            // The last step broke the budget: back to the last count that met it.
+            snapshot.restore(&model);
+            model.zero_slices(&pruned_slices);
+        }
+        drop(snapshot);
+        let acc_pruned = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
+        host.info(&format!(
+            "kept {kept}/{channels} pruned ({:.1}%): clean accuracy {acc_pruned:.4}",
+            100.0 * kept as f64 / channels.max(1) as f64
+        ));
+
+        // 3. Fine-tune with the pruned blocks held at zero.
+        let mut trainer = Trainer::new(&model, training_config(&p, seed)).map_err(nn_err)?;
+        for (param, mask) in model.masks_for(&pruned_slices) {
+            trainer.add_mask(param, mask);
+        }
+        let epochs = train_epochs(call, &model, &mut trainer, &data, &pre, p.epochs)?;
+        let after = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
+        let residue = max_abs(&model, &pruned_slices);
+        if residue != 0.0 {
+            return Err(Error::failed(format!(
+                "pruned weights regrew during fine-tuning (max |w| = {residue:e})"
+            )));
+        }
+        host.info(&format!("clean accuracy after fine-tuning: {after:.4}"));
+
+        let out = model
+            .export(&[
+                ("audit.defense".to_string(), "fine-pruning".to_string()),
+                (
+                    "audit.defense_params".to_string(),
+                    Value::Object(call.params.0.clone()).to_string(),
+                ),
+            ])
+            .map_err(nn_err)?;
+        let steps: Vec<Value> = steps
+            .iter()
+            .map(|s| {
+                json!({
+                    "pruned": s.pruned,
+                    "ratio": s.pruned as f64 / channels as f64,
+                    "clean_accuracy": s.accuracy,
+                    "accepted": s.accepted,
+                })
+            })
+            .collect();
+        Ok(Hardened {
+            model: out,
+            dropped: vec![],
+            report: json!({
+                "defense": "fine-pruning",
+                "device": format!("{device:?}").to_lowercase(),
+                "n_clean": data.len(),
+                "classes": classes,
+                "layer": {
+                    "mode": target.mode,
+                    "node": target.node,
+                    "op_type": target.op_type,
+                    "channels": channels,
+                    "ranked_value": target.tap.value_name,
+                    "ranked_on": target.ranked_on,
+                },
+                "notes": target.notes,
+                "ranking": order,
+                "mean_activation": means,
+                "step_channels": per_step,
+                "acc_budget": p.acc_budget,
+                "steps": steps,
+                "pruned_channels": pruned,
+                "n_pruned": kept,
+                "prune_ratio": kept as f64 / channels as f64,
+                "clean_accuracy_before": base,
+                "clean_accuracy_pruned": acc_pruned,
+                "clean_accuracy_after": after,
+                "accuracy_measured_on": "the clean subset (also the ranking, pruning and fine-tuning data)",
+                "epochs": epochs,
+                "pruned_weights_max_abs": residue,
+            }),
+        })
+    }
+}
+
+audit_sdk::export_plugin!(defense: FinePruning);
+
+#[cfg(test)]
+mod tests;

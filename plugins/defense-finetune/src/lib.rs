@@ -1,0 +1,289 @@
+//! Plain fine-tuning as an `audit` defense plugin: the floor every other defense has to beat.
+//!
+//! The model is trained for a few epochs on the trusted clean subset the host lends
+//! (`AUDIT_CAP_NEEDS_CLEAN_DATA`: the last `--clean-size` test images, left out of the evaluation);
+//! nothing is pruned or reset. BackdoorBench's `ft` baseline does the same (SGD, momentum 0.9,
+//! weight decay 5e-4, lr 0.01, cosine schedule) with 100 epochs on 5% of the training set; the
+//! defaults here are 10 epochs at batch 128.
+//!
+//! The report gives every epoch (loss, training accuracy) and the clean accuracy before and after,
+//! both measured in eval mode on the clean subset: that subset is also the fine-tuning data, so
+//! the host's own before/after evaluation (on the rest of the test split) is the one to quote.
+
+use audit_nn::train::{self, Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::{tch, Model};
+use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
+"epochs":{"type":"integer","default":10,"minimum":0,"maximum":10000,"description":"fine-tuning epochs on the clean subset"},
+"lr":{"type":"number","default":0.01,"minimum":0,"description":"learning rate"},
+"batch_size":{"type":"integer","default":128,"minimum":1,"description":"training batch size"},
+"weight_decay":{"type":"number","default":0.0005,"minimum":0,"description":"L2 weight decay"},
+"optimizer":{"type":"string","default":"sgd","enum":["sgd","adam"],"description":"sgd (with momentum) or adam (betas 0.9, 0.999)"},
+"momentum":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"SGD momentum (ignored by adam)"},
+"schedule":{"type":"string","default":"cosine","enum":["cosine","constant"],"description":"learning-rate schedule over the epochs: cosine annealing to 0 (BackdoorBench) or constant"},
+"freeze_bn":{"type":"boolean","default":false,"description":"keep BatchNormalization running statistics fixed (affine parameters still train)"},
+"augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
+"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
+
+/// Parameters (see the schema for meaning).
+#[derive(Debug, Clone, Deserialize)]
+struct Params {
+    epochs: usize,
+    lr: f64,
+    batch_size: i64,
+    weight_decay: f64,
+    optimizer: String,
+    momentum: f64,
+    schedule: String,
+    freeze_bn: bool,
+    augment: bool,
+    seed: u64,
+}
+
+/// The plugin.
+#[derive(Debug, Default)]
+pub struct Finetune;
+
+impl Plugin for Finetune {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "finetune",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "Plain fine-tuning on the clean subset (baseline): no pruning, no reset",
+            params_schema: SCHEMA,
+            capabilities: abi::AUDIT_CAP_NEEDS_CLEAN_DATA | abi::AUDIT_CAP_NEEDS_MODEL,
+        }
+    }
+}
+
+fn nn_err(e: audit_nn::NnError) -> Error {
+    match e {
+        audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
+        audit_nn::NnError::Other(m) => Error::failed(m),
+        other => Error::invalid(other.to_string()),
+    }
+}
+
+/// The dataset on the device.
+fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
+    let s = d.images.shape;
+    let shape = [s[0], s[1], s[2], s[3]];
+    Ok(match d.images.dtype {
+        audit_sdk::Dtype::U8 => DeviceData::from_u8(d.images.as_u8()?, shape, d.labels, device),
+        _ => DeviceData::from_f32(d.images.as_f32()?, shape, d.labels, device),
+    })
+}
+
+/// Pixel normalisation from the model's `audit.mean` / `audit.std` metadata (the host writes it).
+fn preprocess(model: &Model) -> Result<Preprocess> {
+    let parse = |key: &str, default: f64| -> Result<Vec<f64>> {
+        match model.metadata(key) {
+            None => Ok(vec![default]),
+            Some(s) => s
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<f64>()
+                        .map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers")))
+                })
+                .collect(),
+        }
+    };
+    Ok(Preprocess {
+        mean: parse("audit.mean", 0.0)?,
+        std: parse("audit.std", 1.0)?,
+    })
+}
+
+/// Runs one sample through the model and checks that its logits cover every label of `data`
+/// (a label past the logits would abort the loss). Returns the number of logits.
+fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess) -> Result<i64> {
+    let logits = tch::no_grad(|| model.forward(&pre.apply(&data.x.narrow(0, 0, 1)), audit_nn::Mode::Eval))
+        .map_err(|e| Error::invalid(format!("the clean subset does not fit the model: {e}")))?;
+    if logits.dim() != 2 {
+        return Err(Error::invalid(format!(
+            "the model's output has shape {:?}; expected [batch, classes]",
+            logits.size()
+        )));
+    }
+    let k = logits.size()[1];
+    let max_label = data.y.max().int64_value(&[]);
+    if max_label >= k {
+        return Err(Error::invalid(format!(
+            "the clean subset has label {max_label} but the model has only {k} outputs"
+        )));
+    }
+    Ok(k)
+}
+
+fn training_config(p: &Params, seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: p.epochs,
+        batch_size: p.batch_size,
+        lr: p.lr,
+        weight_decay: p.weight_decay,
+        optimizer: if p.optimizer == "adam" {
+            Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+            }
+        } else {
+            Optimizer::Sgd {
+                momentum: p.momentum,
+                nesterov: false,
+            }
+        },
+        schedule: if p.schedule == "constant" {
+            Schedule::Constant
+        } else {
+            Schedule::Cosine { min_lr: 0.0 }
+        },
+        freeze_bn: p.freeze_bn,
+        augment: if p.augment {
+            Augment {
+                crop_padding: 4,
+                flip: true,
+            }
+        } else {
+            Augment::default()
+        },
+        seed,
+        group_lr: vec![],
+    }
+}
+
+/// Trains `epochs` epochs with progress, logs and cancellation from the host (checked between
+/// epochs and between batches). One report entry per epoch.
+fn train_epochs(
+    call: &Call<'_>,
+    model: &Model,
+    trainer: &mut Trainer,
+    data: &DeviceData,
+    pre: &Preprocess,
+    epochs: usize,
+) -> Result<Vec<Value>> {
+    let host = call.host;
+    let mut log = Vec::with_capacity(epochs);
+    for e in 0..epochs {
+        host.check_cancelled()?;
+        let label = format!("fine-tune epoch {}/{epochs}", e + 1);
+        let mut hooks = Hooks {
+            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
+            cancelled: Box::new(|| host.is_cancelled()),
+        };
+        let stats = trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?;
+        host.info(&format!(
+            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
+            stats.loss, stats.accuracy, stats.seconds
+        ));
+        log.push(
+            json!({"epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}),
+        );
+    }
+    host.check_cancelled()?;
+    Ok(log)
+}
+
+/// Sum of squared parameter changes (how far fine-tuning moved the weights), for the report.
+fn distance(before: &[Tensor], model: &Model) -> f64 {
+    let now = model.trainable();
+    before
+        .iter()
+        .zip(now)
+        .map(|(a, b)| (b.detach() - a).square().sum(Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt()
+}
+
+impl Defense for Finetune {
+    fn defend(
+        &self,
+        call: &Call<'_>,
+        model_bytes: &[u8],
+        _train: Option<&DatasetRef<'_>>,
+        clean: Option<&DatasetRef<'_>>,
+    ) -> Result<Hardened> {
+        let p: Params = call.params.parse()?;
+        if !matches!(p.optimizer.as_str(), "sgd" | "adam") {
+            return Err(Error::invalid(format!(
+                "optimizer `{}`: expected sgd or adam",
+                p.optimizer
+            )));
+        }
+        if !matches!(p.schedule.as_str(), "cosine" | "constant") {
+            return Err(Error::invalid(format!(
+                "schedule `{}`: expected cosine or constant",
+                p.schedule
+            )));
+        }
+        let clean = clean.filter(|c| !c.is_empty()).ok_or_else(|| {
+            Error::invalid("finetune needs a clean subset (the host lends the last --clean-size test images)")
+        })?;
+        let req: audit_nn::DeviceRequest = call
+            .device
+            .parse()
+            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
+        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let seed = call.seed.wrapping_add(p.seed);
+        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
+        model.to_device(device);
+        if model.parameter_count() == 0 {
+            return Err(Error::invalid("the model has no trainable parameters to fine-tune"));
+        }
+        let pre = preprocess(&model)?;
+        let data = device_data(clean, device)?;
+        let classes = check_fit(&model, &data, &pre)?;
+        let host = call.host;
+
+        let before = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
+        host.info(&format!(
+            "clean accuracy before fine-tuning: {before:.4} ({} clean samples)",
+            data.len()
+        ));
+        let start: Vec<Tensor> = model.trainable().iter().map(|t| t.detach().copy()).collect();
+        let mut trainer = Trainer::new(&model, training_config(&p, seed)).map_err(nn_err)?;
+        let epochs = train_epochs(call, &model, &mut trainer, &data, &pre, p.epochs)?;
+        let after = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
+        host.info(&format!("clean accuracy after fine-tuning: {after:.4}"));
+        let moved = distance(&start, &model);
+
+        let out = model
+            .export(&[
+                ("audit.defense".to_string(), "finetune".to_string()),
+                (
+                    "audit.defense_params".to_string(),
+                    Value::Object(call.params.0.clone()).to_string(),
+                ),
+            ])
+            .map_err(nn_err)?;
+        Ok(Hardened {
+            model: out,
+            dropped: vec![],
+            report: json!({
+                "defense": "finetune",
+                "device": format!("{device:?}").to_lowercase(),
+                "n_clean": data.len(),
+                "classes": classes,
+                "optimizer": p.optimizer,
+                "schedule": p.schedule,
+                "lr": p.lr,
+                "batch_size": p.batch_size,
+                "freeze_bn": p.freeze_bn,
+                "epochs": epochs,
+                "clean_accuracy_before": before,
+                "clean_accuracy_after": after,
+                "accuracy_measured_on": "the clean subset (also the fine-tuning data)",
+                "weight_change_l2": moved,
+            }),
+        })
+    }
+}
+
+audit_sdk::export_plugin!(defense: Finetune);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+use audit_attack_common::testing::{self, TestData};
+use audit_attack_common::Rng;
+use audit_nn::zoo::{self, Arch};
+use audit_sdk::{Call, Host, Status};
+use serde_json::{json, Value};
+
+use super::*;
+
+/// A zoo small CNN for 1x28x28 inputs and 10 classes.
+fn small_cnn(seed: u64) -> Vec<u8> {
+    zoo::to_bytes(&zoo::build(Arch::SmallCnn, [1, 28, 28], 10, seed).expect("zoo model"))
+}
+
+/// `n` 1x28x28 images of 10 classes, learnable: class k is a bright 6x6 block at one of ten
+/// positions, over faint noise.
+fn blocks(n: usize, seed: u64) -> TestData {
+    let mut rng = Rng::new(seed);
+    let mut pixels = vec![0u8; n * 28 * 28];
+    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
+    for (i, &y) in labels.iter().enumerate() {
+        let img = &mut pixels[i * 784..(i + 1) * 784];
+        for p in img.iter_mut() {
+            *p = rng.below(40) as u8;
+        }
+        let (r0, c0) = (2 + 12 * (y as usize / 5), 1 + 5 * (y as usize % 5));
+        for r in r0..r0 + 6 {
+            for c in c0..c0 + 6 {
+                img[r * 28 + c] = 200 + rng.below(56) as u8;
+            }
+        }
+    }
+    TestData::u8([n, 1, 28, 28], pixels, labels, 10)
+}
+
+fn call(overrides: Value, seed: u64) -> Call<'static> {
+    testing::call(testing::params(SCHEMA, overrides), seed)
+}
+
+fn weights(bytes: &[u8]) -> Vec<Tensor> {
+    let m = Model::load(bytes, None).expect("model loads");
+    m.trainable().iter().map(|t| t.detach().copy()).collect()
+}
+
+#[test]
+fn schema_is_valid_and_descriptor_matches() {
+    audit_attack_common::check_schema(SCHEMA).expect("valid schema");
+    let info = Finetune::info();
+    assert_eq!(info.name, "finetune");
+    assert_eq!(
+        info.capabilities,
+        abi::AUDIT_CAP_NEEDS_CLEAN_DATA | abi::AUDIT_CAP_NEEDS_MODEL
+    );
+    let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
+    assert_eq!(
+        (
+            p.epochs,
+            p.lr,
+            p.batch_size,
+            p.weight_decay,
+            p.optimizer.as_str(),
+            p.freeze_bn
+        ),
+        (10, 0.01, 128, 5e-4, "sgd", false)
+    );
+}
+
+#[test]
+fn finetune_changes_weights_learns_and_is_deterministic() {
+    let model = small_cnn(1);
+    let clean = blocks(200, 7);
+    let c = call(json!({"epochs": 3, "batch_size": 32, "lr": 0.05}), 3);
+    let h = Finetune
+        .defend(&c, &model, None, Some(&clean.dataset()))
+        .expect("defend");
+    let r = &h.report;
+    assert_eq!(r["epochs"].as_array().unwrap().len(), 3);
+    assert!(r["epochs"][0]["loss"].as_f64().unwrap().is_finite());
+    let (b, a) = (
+        r["clean_accuracy_before"].as_f64().unwrap(),
+        r["clean_accuracy_after"].as_f64().unwrap(),
+    );
+    assert!(a > b && a > 0.5, "fine-tuning learns the blocks: {b} -> {a}");
+    assert!(r["weight_change_l2"].as_f64().unwrap() > 0.0);
+    assert!(h.dropped.is_empty());
+    // Weights changed, the graph did not.
+    let (w0, w1) = (weights(&model), weights(&h.model));
+    assert_eq!(w0.len(), w1.len());
+    assert!(w0.iter().zip(&w1).any(|(x, y)| x.size() == y.size() && !x.equal(y)));
+    let m = Model::load(&h.model, None).unwrap();
+    assert_eq!(m.metadata("audit.defense"), Some("finetune"));
+    // The same seed gives the same model.
+    let again = Finetune
+        .defend(&c, &model, None, Some(&clean.dataset()))
+        .expect("defend");
+    assert_eq!(again.model, h.model);
+}
+
+#[test]
+fn adam_frozen_bn_and_constant_schedule_run() {
+    let model = small_cnn(2);
+    let clean = blocks(40, 8);
+    let c = call(
+        json!({"epochs": 1, "batch_size": 20, "optimizer": "adam", "lr": 0.001, "freeze_bn": true, "schedule": "constant"}),
+        0,
+    );
+    let h = Finetune
+        .defend(&c, &model, None, Some(&clean.dataset()))
+        .expect("defend");
+    assert_eq!(h.report["optimizer"], "adam");
+    // Frozen BN: running statistics are unchanged.
+    let stats = |bytes: &[u8]| -> Vec<Tensor> {
+        let m = Model::load(bytes, None).unwrap();
+        m.params
+            .iter()
+            .filter(|p| p.role == audit_nn::ParamRole::BnStat)
+            .map(|p| p.tensor.copy())
+            .collect()
+    };
+    let (s0, s1) = (stats(&model), stats(&h.model));
+    assert!(!s0.is_empty());
+    assert!(s0.iter().zip(&s1).all(|(a, b)| a.equal(b)));
+}
+
+#[test]
+fn zero_epochs_returns_the_same_weights() {
+    let model = small_cnn(3);
+    let clean = blocks(20, 9);
+    let h = Finetune
+        .defend(&call(json!({"epochs": 0}), 0), &model, None, Some(&clean.dataset()))
+        .expect("defend");
+    let (w0, w1) = (weights(&model), weights(&h.model));
+    assert!(w0.iter().zip(&w1).all(|(a, b)| a.equal(b)));
+    assert_eq!(h.report["clean_accuracy_before"], h.report["clean_accuracy_after"]);
+}
+
+#[test]
+fn missing_or_mismatched_clean_data_is_invalid() {
+    let model = small_cnn(4);
+    let c = call(json!({"epochs": 1}), 0);
+    let e = Finetune.defend(&c, &model, None, None).unwrap_err();
+    assert_eq!(e.status, Status::InvalidInput);
+    assert!(e.message.contains("clean subset"), "{}", e.message);
+    let empty = TestData::u8([0, 1, 28, 28], vec![], vec![], 10);
+    let e = Finetune.defend(&c, &model, None, Some(&empty.dataset())).unwrap_err();
+    assert_eq!(e.status, Status::InvalidInput);
+    // Images of the wrong size for the model.
+    let wrong = TestData::random_u8([4, 3, 8, 8], 10, 1);
+    let e = Finetune.defend(&c, &model, None, Some(&wrong.dataset())).unwrap_err();
+    assert_eq!(e.status, Status::InvalidInput, "{}", e.message);
+    // More classes than the model has outputs.
+    let five = zoo::to_bytes(&zoo::build(Arch::SmallCnn, [1, 28, 28], 5, 0).unwrap());
+    let ten = blocks(20, 1);
+    let e = Finetune.defend(&c, &five, None, Some(&ten.dataset())).unwrap_err();
+    assert_eq!(e.status, Status::InvalidInput);
+    assert!(e.message.contains("only 5 outputs"), "{}", e.message);
+}
+
+unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
+    1
+}
+
+#[test]
+fn cancellation_is_reported() {
+    let api = abi::AuditHostApi {
+        struct_size: std::mem::size_of::<abi::AuditHostApi>() as u32,
+        abi_min: abi::AUDIT_ABI_VERSION,
+        abi_max: abi::AUDIT_ABI_VERSION,
+        _reserved: 0,
+        ctx: std::ptr::null_mut(),
+        log: None,
+        progress: None,
+        is_cancelled: Some(always_cancelled),
+    };
+    let c = Call {
+        host: Host::new(Some(&api)),
+        params: testing::params(SCHEMA, json!({"epochs": 2})),
+        seed: 0,
+        device: "cpu",
+    };
+    let clean = blocks(20, 2);
+    let e = Finetune
+        .defend(&c, &small_cnn(5), None, Some(&clean.dataset()))
+        .unwrap_err();
+    assert_eq!(e.status, Status::Cancelled);
+}
