@@ -223,7 +223,17 @@ fn ctrl_c_cancels_a_running_plugin_and_leaves_no_output() {
     let out = dir.join("never.npz");
     let started = std::time::Instant::now();
     let mut child = std::process::Command::new(audit_tests::audit_bin())
-        .args(["--plugin-dir", dir.to_str().unwrap(), "plugins", "run", "slow-cancel", "--data", "synthetic", "--limit", "4"])
+        .args([
+            "--plugin-dir",
+            dir.to_str().unwrap(),
+            "plugins",
+            "run",
+            "slow-cancel",
+            "--data",
+            "synthetic",
+            "--limit",
+            "4",
+        ])
         .args(["--out", out.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -241,7 +251,10 @@ fn ctrl_c_cancels_a_running_plugin_and_leaves_no_output() {
             break;
         }
     }
-    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(sent.success());
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();

@@ -1,5 +1,6 @@
 //! Glue between the CLI and the engine (audit-nn): loading model files with clear errors,
-//! input shapes, and the engine-vs-onnxruntime parity check that guards every export.
+//! input shapes, and the engine-vs-runtime parity check (onnxruntime, with tract as second opinion
+//! and fallback) that guards every export.
 
 use std::path::Path;
 
@@ -7,9 +8,9 @@ use anyhow::{Context, Result};
 use audit_nn::Model;
 
 use crate::error::input_error;
-use crate::infer::{max_rel_diff, OrtModel};
+use crate::infer::{load_runtime, max_rel_diff, RuntimeChoice};
 
-/// Parity tolerance for exports: max |engine - onnxruntime| / max |onnxruntime|.
+/// Parity tolerance for exports: max |engine - runtime| / max |runtime|, for onnxruntime and tract.
 pub const PARITY_TOLERANCE: f64 = 1e-4;
 
 /// Reads a model file (exit 2 naming the file when missing or invalid).
@@ -58,23 +59,47 @@ pub fn random_batch(n: usize, chw: [i64; 3], seed: u64) -> Vec<f32> {
 
 /// Runs `x` through the engine and through onnxruntime on `bytes`; returns max_rel_diff.
 pub fn parity(model: &Model, bytes: &[u8], x: &[f32], shape: &[i64]) -> Result<f64> {
-    let (_, ours) = model.predict_f32(x, shape)?;
-    let mut ort = OrtModel::from_bytes(bytes)?;
-    let (_, theirs) = ort.run(x.to_vec(), shape)?;
-    Ok(max_rel_diff(&ours, &theirs))
+    parity_in(model, bytes, RuntimeChoice::Onnxruntime, x, shape).map(|(_, diff)| diff)
 }
 
-/// Exports the model with metadata and refuses to hand back an export that onnxruntime does not
-/// reproduce within [`PARITY_TOLERANCE`] on a seeded batch.
+/// Runs `x` through the engine and through the chosen runtime on `bytes`; returns the runtime
+/// that ran (`Auto` picks) and max_rel_diff.
+pub fn parity_in(
+    model: &Model,
+    bytes: &[u8],
+    runtime: RuntimeChoice,
+    x: &[f32],
+    shape: &[i64],
+) -> Result<(&'static str, f64)> {
+    let (_, ours) = model.predict_f32(x, shape)?;
+    let mut rt = load_runtime(bytes, runtime)?;
+    let (_, theirs) = rt.run(x.to_vec(), shape)?;
+    Ok((rt.name(), max_rel_diff(&ours, &theirs)))
+}
+
+fn check_diff(runtime: &str, diff: f64) -> Result<()> {
+    if diff > PARITY_TOLERANCE {
+        anyhow::bail!(
+            "export failed its parity check: {runtime} differs from the engine by {diff:.3e} (relative), above {PARITY_TOLERANCE:e}"
+        );
+    }
+    Ok(())
+}
+
+/// Exports the model with metadata and refuses to hand back an export that onnxruntime (tract when
+/// onnxruntime cannot be loaded) does not reproduce within [`PARITY_TOLERANCE`] on a seeded batch.
+/// After onnxruntime, tract checks it too; a model tract cannot run is noted, not refused.
 pub fn export_checked(model: &Model, metadata: &[(String, String)], chw: [i64; 3]) -> Result<Vec<u8>> {
     let bytes = model.export(metadata)?;
     let shape = [4, chw[0], chw[1], chw[2]];
     let x = random_batch(4, chw, 1234);
-    let diff = parity(model, &bytes, &x, &shape)?;
-    if diff > PARITY_TOLERANCE {
-        anyhow::bail!(
-            "export failed its parity check: onnxruntime differs from the engine by {diff:.3e} (relative), above {PARITY_TOLERANCE:e}"
-        );
+    let (runtime, diff) = parity_in(model, &bytes, RuntimeChoice::Auto, &x, &shape)?;
+    check_diff(runtime, diff)?;
+    if runtime != "tract" {
+        match parity_in(model, &bytes, RuntimeChoice::Tract, &x, &shape) {
+            Ok((_, diff)) => check_diff("tract", diff)?,
+            Err(e) => eprintln!("note: tract could not check the export ({e:#}); onnxruntime did"),
+        }
     }
     Ok(bytes)
 }

@@ -1,12 +1,12 @@
 //! Measuring a model file: clean accuracy (overall and per class) and, with an attack plugin's
-//! trigger, attack success rate and robust accuracy, all through onnxruntime on the ONNX bytes
-//! (the artifact that ships).
+//! trigger, attack success rate and robust accuracy, all through an inference runtime on the ONNX
+//! bytes (the artifact that ships): onnxruntime, or tract when onnxruntime cannot be loaded.
 
 use anyhow::{Context, Result};
 use serde_json::Map;
 
 use crate::data::{Images, LabeledSet, Pixels};
-use crate::infer::OrtModel;
+use crate::infer::{load_runtime, InferenceRuntime, RuntimeChoice};
 use crate::plugin::{CallInput, LoadedPlugin, Op};
 
 /// Preprocessing: the model sees `(pixel/255 - mean) / std` per channel.
@@ -85,8 +85,13 @@ impl Normalization {
     }
 }
 
-/// Predicted classes for every image, through onnxruntime, in batches.
-pub fn predict(model: &mut OrtModel, images: &Images, norm: &Normalization, batch: usize) -> Result<Vec<i64>> {
+/// Predicted classes for every image, through the given runtime, in batches.
+pub fn predict(
+    model: &mut dyn InferenceRuntime,
+    images: &Images,
+    norm: &Normalization,
+    batch: usize,
+) -> Result<Vec<i64>> {
     let mut preds = Vec::with_capacity(images.n);
     let mut s = 0;
     while s < images.n {
@@ -137,7 +142,8 @@ fn share(hits: usize, n: usize) -> Option<f64> {
     (n > 0).then(|| hits as f64 / n as f64)
 }
 
-/// Clean accuracy, and with an attack its ASR and robust accuracy, on `bytes` through onnxruntime.
+/// Clean accuracy, and with an attack its ASR and robust accuracy, on `bytes` through onnxruntime,
+/// or through tract when onnxruntime cannot be loaded (noted on stderr).
 pub fn evaluate(
     bytes: &[u8],
     test: &LabeledSet,
@@ -145,8 +151,19 @@ pub fn evaluate(
     norm: &Normalization,
     attack: Option<&AttackSpec<'_>>,
 ) -> Result<Metrics> {
-    let mut model = OrtModel::from_bytes(bytes)?;
-    let preds = predict(&mut model, &test.images, norm, 256)?;
+    let mut model = load_runtime(bytes, RuntimeChoice::Auto)?;
+    evaluate_with(model.as_mut(), test, num_classes, norm, attack)
+}
+
+/// [`evaluate`] on a model already loaded in a runtime.
+pub fn evaluate_with(
+    model: &mut dyn InferenceRuntime,
+    test: &LabeledSet,
+    num_classes: usize,
+    norm: &Normalization,
+    attack: Option<&AttackSpec<'_>>,
+) -> Result<Metrics> {
+    let preds = predict(model, &test.images, norm, 256)?;
     let correct = preds.iter().zip(&test.labels).filter(|(p, y)| p == y).count();
     let per_class = (0..num_classes as i64)
         .map(|k| {
@@ -176,7 +193,7 @@ pub fn evaluate(
         })?;
         let triggered = out.images.context("trigger returned no images")?;
         let targets = out.labels.context("trigger returned no labels")?;
-        let tp = predict(&mut model, &triggered, norm, 256)?;
+        let tp = predict(model, &triggered, norm, 256)?;
         let counted: Vec<usize> = (0..test.len()).filter(|&i| test.labels[i] != targets[i]).collect();
         m.attack_success_rate = share(counted.iter().filter(|&&i| tp[i] == targets[i]).count(), counted.len());
         m.robust_accuracy = share(

@@ -1,9 +1,60 @@
-//! Inference through onnxruntime (loaded dynamically; see `runtime`), for evaluation and parity
-//! checks on the exported artifact.
+//! Inference on the exported artifact, for evaluation and parity checks: onnxruntime (loaded
+//! dynamically; see `runtime`) and tract (pure Rust), the fallback when onnxruntime cannot be
+//! loaded and the second opinion in parity checks. Both sit behind [`InferenceRuntime`].
 
-use anyhow::{anyhow, Context, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::{
+    tract_ndarray, DatumExt, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoTensor, RunOptions,
+    TValue, TVec, TypedRunnableModel,
+};
+use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
 
 use crate::runtime::ort_env;
+
+/// One model loaded in an inference runtime: runs float NCHW batches, returns the first output.
+pub trait InferenceRuntime {
+    /// `onnxruntime` or `tract`, as reports name it.
+    fn name(&self) -> &'static str;
+
+    /// Runs a float batch (flat NCHW values and shape); returns the first output's shape and values.
+    fn run(&mut self, x: Vec<f32>, shape: &[i64]) -> Result<(Vec<i64>, Vec<f32>)>;
+}
+
+/// Which runtime to evaluate with (`--runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RuntimeChoice {
+    /// onnxruntime when its library loads, else tract (with a note on stderr).
+    #[default]
+    Auto,
+    /// onnxruntime only; an error when its library cannot be loaded.
+    Onnxruntime,
+    /// tract (pure Rust) only.
+    Tract,
+}
+
+/// Loads `bytes` in the chosen runtime. `Auto` takes onnxruntime when its library loads, else
+/// tract, saying so on stderr once per process.
+pub fn load_runtime(bytes: &[u8], choice: RuntimeChoice) -> Result<Box<dyn InferenceRuntime>> {
+    match choice {
+        RuntimeChoice::Onnxruntime => Ok(Box::new(OrtModel::from_bytes(bytes)?)),
+        RuntimeChoice::Tract => Ok(Box::new(TractModel::from_bytes(bytes)?)),
+        RuntimeChoice::Auto => match ort_env() {
+            Ok(_) => Ok(Box::new(OrtModel::from_bytes(bytes)?)),
+            Err(e) => {
+                static NOTED: AtomicBool = AtomicBool::new(false);
+                if !NOTED.swap(true, Ordering::Relaxed) {
+                    eprintln!("note: onnxruntime is not available ({e:#}); using tract instead");
+                }
+                Ok(Box::new(TractModel::from_bytes(bytes)?))
+            }
+        },
+    }
+}
 
 /// An onnxruntime session over one model.
 pub struct OrtModel {
@@ -20,7 +71,7 @@ impl std::fmt::Debug for OrtModel {
 impl OrtModel {
     /// Builds a session from ONNX bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<OrtModel> {
-        let env = ort_env()?;
+        let env = ort_env().context("onnxruntime is not available")?;
         let session = ort::session::Session::builder(env)
             .and_then(|mut b| b.commit_from_memory(bytes))
             .map_err(|e| anyhow!("onnxruntime could not load the model: {e}"))?;
@@ -44,6 +95,125 @@ impl OrtModel {
             .try_extract_tensor::<f32>()
             .map_err(|e| anyhow!("onnxruntime output: {e}"))?;
         Ok((shape.iter().copied().collect(), data.to_vec()))
+    }
+}
+
+impl InferenceRuntime for OrtModel {
+    fn name(&self) -> &'static str {
+        "onnxruntime"
+    }
+
+    fn run(&mut self, x: Vec<f32>, shape: &[i64]) -> Result<(Vec<i64>, Vec<f32>)> {
+        OrtModel::run(self, x, shape)
+    }
+}
+
+/// tract's thread pool, one per process, one thread per CPU.
+fn tract_executor() -> Executor {
+    static POOL: OnceLock<Executor> = OnceLock::new();
+    POOL.get_or_init(|| Executor::multithread(std::thread::available_parallelism().map_or(1, |n| n.get())))
+        .clone()
+}
+
+/// A tract model: parsed once, then typed and optimised for each distinct input shape it is run
+/// with (an evaluation sees two: the full batch and the last, smaller one), the plans cached.
+pub struct TractModel {
+    model: InferenceModel,
+    plans: HashMap<Vec<usize>, Arc<TypedRunnableModel>>,
+}
+
+impl std::fmt::Debug for TractModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractModel")
+            .field("plans", &self.plans.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl TractModel {
+    /// Parses ONNX bytes (external data is not supported, as with onnxruntime from bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<TractModel> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(|e| anyhow!("tract could not load the model: {e:#}"))?;
+        if model.inputs.is_empty() {
+            bail!("tract could not load the model: it has no input");
+        }
+        if model.outputs.is_empty() {
+            bail!("tract could not load the model: it has no output");
+        }
+        let unsupported: Vec<String> = model
+            .nodes
+            .iter()
+            .filter(|n| n.op_as::<UnimplementedOp>().is_some())
+            .map(|n| {
+                let op = n.op().name();
+                let op = op
+                    .strip_prefix("Unimplemented(")
+                    .and_then(|o| o.strip_suffix(')'))
+                    .unwrap_or(&op);
+                format!("{op} (node `{}`)", n.name)
+            })
+            .collect();
+        if !unsupported.is_empty() {
+            bail!(
+                "tract could not load the model: unsupported operator(s): {}",
+                unsupported.join(", ")
+            );
+        }
+        Ok(TractModel {
+            model,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// The runnable for one concrete input shape: the first input fixed to f32 `shape`.
+    fn plan(&mut self, shape: &[usize]) -> Result<Arc<TypedRunnableModel>> {
+        if let Some(p) = self.plans.get(shape) {
+            return Ok(p.clone());
+        }
+        let plan = (|| {
+            let mut m = self.model.clone();
+            let fact: InferenceFact = f32::fact(shape).into();
+            m.set_input_fact(0, fact)?;
+            let options = RunOptions {
+                executor: Some(tract_executor()),
+                ..Default::default()
+            };
+            m.into_optimized()?.into_runnable_with_options(&options)
+        })()
+        .map_err(|e: anyhow::Error| anyhow!("tract could not prepare the model for input shape {shape:?}: {e:#}"))?;
+        self.plans.insert(shape.to_vec(), plan.clone());
+        Ok(plan)
+    }
+}
+
+impl InferenceRuntime for TractModel {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn run(&mut self, x: Vec<f32>, shape: &[i64]) -> Result<(Vec<i64>, Vec<f32>)> {
+        let dims: Vec<usize> = shape
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| anyhow!("tract input: negative dimension in {shape:?}")))
+            .collect::<Result<_>>()?;
+        let plan = self.plan(&dims)?;
+        let input = tract_ndarray::ArrayD::from_shape_vec(tract_ndarray::IxDyn(&dims), x)
+            .map_err(|e| anyhow!("tract input: {e}"))?
+            .into_tensor();
+        let outputs = plan
+            .run(TVec::<TValue>::from_elem(input.into(), 1))
+            .map_err(|e| anyhow!("tract run failed: {e:#}"))?;
+        let out = outputs.first().context("tract: the model produced no output")?;
+        let out = out.cast_to::<f32>().map_err(|e| anyhow!("tract output: {e:#}"))?;
+        let view = out
+            .to_plain_array_view::<f32>()
+            .map_err(|e| anyhow!("tract output: {e:#}"))?;
+        Ok((
+            view.shape().iter().map(|&d| d as i64).collect(),
+            view.iter().copied().collect(),
+        ))
     }
 }
 

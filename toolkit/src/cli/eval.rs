@@ -1,6 +1,6 @@
 //! `audit eval MODEL.onnx --data DATA [--attack NAME --param k=v ...] [--json]`: clean accuracy,
 //! and with an attack, attack success rate and robust accuracy, measured on the ONNX file
-//! through onnxruntime.
+//! through onnxruntime or tract (`--runtime`; by default onnxruntime, tract when it cannot load).
 
 use std::path::PathBuf;
 
@@ -12,13 +12,14 @@ use super::GlobalArgs;
 use crate::data::{self, DataFormat};
 use crate::engine::read_model;
 use crate::error::{input_error, EXIT_OK};
-use crate::evaluate::{evaluate, AttackSpec, Normalization};
+use crate::evaluate::{evaluate_with, AttackSpec, Normalization};
+use crate::infer::{load_runtime, RuntimeChoice};
 use crate::plugin::PluginError;
 
 /// Options shared by commands that read a dataset.
 #[derive(Debug, Args, Clone)]
 pub struct DataArgs {
-    /// Dataset: a folder of IDX files, an NPZ file, `fashion-mnist`, or `synthetic`.
+    /// Dataset: a folder of IDX files, CIFAR-10/100 binary batches or an image folder (train/ and test/ with a folder per class), an NPZ file, `fashion-mnist`, or `synthetic`.
     #[arg(long)]
     pub data: String,
     #[arg(long, value_enum, default_value = "auto")]
@@ -47,6 +48,10 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Inference runtime: onnxruntime, tract (pure Rust), or auto (onnxruntime when its library
+    /// loads, else tract).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub runtime: RuntimeChoice,
     #[arg(long)]
     pub json: bool,
 }
@@ -90,13 +95,15 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
         seed: args.seed,
     });
     let started = std::time::Instant::now();
-    let m = evaluate(&bytes, &test, ds.num_classes, &norm, spec.as_ref())?;
+    let mut model = load_runtime(&bytes, args.runtime)?;
+    let runtime = model.name();
+    let m = evaluate_with(model.as_mut(), &test, ds.num_classes, &norm, spec.as_ref())?;
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         let doc = json!({
             "schema_version": 1,
             "model": {"path": args.model.display().to_string(), "sha256": audit_nn::export::sha256_hex(&bytes)},
-            "runtime": "onnxruntime",
+            "runtime": runtime,
             "data": ds.source,
             "n_test": m.n_test,
             "seconds": seconds,
@@ -115,7 +122,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
         return Ok(EXIT_OK);
     }
     println!(
-        "{} on {} ({} test images, onnxruntime)",
+        "{} on {} ({} test images, {runtime})",
         args.model.display(),
         ds.source,
         m.n_test

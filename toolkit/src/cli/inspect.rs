@@ -1,5 +1,6 @@
 //! `audit inspect MODEL.onnx [--parity] [--json]`: inputs, outputs, opset, parameters, neurons,
-//! every unsupported op in one pass, and optionally engine-vs-onnxruntime parity.
+//! every unsupported op in one pass, and optionally engine-vs-onnxruntime parity, with tract's as a
+//! second opinion.
 
 use std::path::PathBuf;
 
@@ -7,13 +8,14 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::engine::{input_chw, parity, random_batch, read_model, PARITY_TOLERANCE};
+use crate::engine::{input_chw, parity, parity_in, random_batch, read_model, PARITY_TOLERANCE};
 use crate::error::{input_error, EXIT_OK};
+use crate::infer::RuntimeChoice;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     pub model: PathBuf,
-    /// Compare the engine with onnxruntime on a seeded random batch.
+    /// Compare the engine with onnxruntime, and with tract, on a seeded random batch.
     #[arg(long)]
     pub parity: bool,
     /// Input size when the model's is symbolic, e.g. 3x32x32.
@@ -88,7 +90,11 @@ pub fn run(args: InspectArgs) -> Result<i32> {
                 let shape = [4, chw[0], chw[1], chw[2]];
                 let x = random_batch(4, chw, args.seed);
                 let diff = parity(model, &bytes, &x, &shape)?;
-                doc["parity"] = json!({"runtime": "onnxruntime", "batch_shape": shape, "max_rel_diff": diff, "tolerance": PARITY_TOLERANCE, "ok": diff <= PARITY_TOLERANCE});
+                let tract = match parity_in(model, &bytes, RuntimeChoice::Tract, &x, &shape) {
+                    Ok((_, d)) => json!({"max_rel_diff": d, "ok": d <= PARITY_TOLERANCE}),
+                    Err(e) => json!({"error": format!("{e:#}")}),
+                };
+                doc["parity"] = json!({"runtime": "onnxruntime", "batch_shape": shape, "max_rel_diff": diff, "tolerance": PARITY_TOLERANCE, "ok": diff <= PARITY_TOLERANCE, "tract": tract});
             }
             _ => doc["parity"] = json!({"error": "the engine cannot load this model"}),
         }
@@ -152,6 +158,16 @@ pub fn run(args: InspectArgs) -> Result<i32> {
                 if p["ok"] == true { "ok" } else { "ABOVE TOLERANCE" }
             ),
             None => println!("  parity: {}", p["error"]),
+        }
+        if let Some(t) = p.get("tract") {
+            match t.get("max_rel_diff") {
+                Some(d) => println!(
+                    "  parity vs tract:       max_rel_diff {:.3e} ({})",
+                    d.as_f64().unwrap_or(f64::NAN),
+                    if t["ok"] == true { "ok" } else { "ABOVE TOLERANCE" }
+                ),
+                None => println!("  parity vs tract: {}", t["error"].as_str().unwrap_or("")),
+            }
         }
     }
     Ok(EXIT_OK)

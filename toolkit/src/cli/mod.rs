@@ -105,4 +105,3 @@ pub(crate) fn check_output(out: &Path, force: bool, inputs: &[&Path]) -> anyhow:
     }
     Ok(())
 }
-

@@ -57,7 +57,7 @@ pub struct RunArgs {
     /// Operation (default: trigger for attacks, scan for detectors, defend for defenses).
     #[arg(long, value_enum)]
     pub op: Option<Op>,
-    /// Dataset: a folder of IDX files, an NPZ file, `fashion-mnist`, or `synthetic`.
+    /// Dataset: a folder of IDX files, CIFAR-10/100 binary batches or an image folder (train/ and test/ with a folder per class), an NPZ file, `fashion-mnist`, or `synthetic`.
     #[arg(long, default_value = "synthetic")]
     pub data: String,
     #[arg(long, value_enum, default_value = "auto")]

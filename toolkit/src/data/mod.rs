@@ -1,9 +1,12 @@
-//! Datasets: IDX (MNIST/Fashion-MNIST), NPZ, and a seeded synthetic set.
+//! Datasets: IDX (MNIST/Fashion-MNIST), NPZ, CIFAR-10/100 binary batches, image folders
+//! (`train/<class>/*.png`), and a seeded synthetic set.
 //!
 //! Images are kept as NCHW pixels in 0..255 (`u8`) or 0..1 (`f32`), labels as `i64`, exactly the
 //! layout that crosses the plugin ABI, so a dataset is lent to a plugin without copying.
 
+mod cifar;
 mod idx;
+mod imagefolder;
 mod npz;
 mod synthetic;
 
@@ -135,23 +138,38 @@ pub enum DataFormat {
     Npz,
     /// The seeded synthetic set (no files).
     Synthetic,
+    /// CIFAR-10 binary batches: data_batch_1.bin .. data_batch_5.bin and test_batch.bin (or their
+    /// cifar-10-batches-bin folder one level down).
+    Cifar10,
+    /// CIFAR-100 binary: train.bin and test.bin (or their cifar-100-binary folder one level down);
+    /// the fine labels (100 classes).
+    Cifar100,
+    /// train/<class>/*.png|jpg|jpeg and test/<class>/*; classes sorted by folder name.
+    ImageFolder,
 }
 
-/// Loads `--data`: a folder of IDX files, `fashion-mnist` (Debian's copy), or `synthetic`.
+/// Loads `--data`: a folder of IDX files, CIFAR-10/100 binary batches or class folders, an NPZ
+/// file, `fashion-mnist` (Debian's copy), or `synthetic`.
+///
+/// `Auto` picks, in order: `synthetic`; `*.npz`; a folder with `train/` and `test/` subfolders (an
+/// image folder); a folder with `data_batch_1.bin` or `cifar-10-batches-bin/` (CIFAR-10); one with
+/// `train.bin` and `test.bin` or `cifar-100-binary/` (CIFAR-100); anything else, `fashion-mnist`
+/// included, as IDX.
 pub fn load(spec: &str, format: DataFormat, seed: u64) -> Result<Dataset, DataError> {
     let format = match format {
-        DataFormat::Auto if spec == "synthetic" => DataFormat::Synthetic,
-        DataFormat::Auto if spec.ends_with(".npz") => DataFormat::Npz,
-        DataFormat::Auto => DataFormat::Idx,
+        DataFormat::Auto => detect(spec),
         f => f,
     };
-    match format {
-        DataFormat::Synthetic => Ok(synthetic(seed, 2000, 500)),
+    let mut d = match format {
+        DataFormat::Synthetic => return Ok(synthetic(seed, 2000, 500)),
         DataFormat::Npz => {
             let (mut d, poison) = read_npz(Path::new(spec))?;
             d.poison_idx = poison;
-            Ok(d)
+            return Ok(d);
         }
+        DataFormat::Cifar10 => cifar::load_dir(Path::new(spec), cifar::Variant::Cifar10)?,
+        DataFormat::Cifar100 => cifar::load_dir(Path::new(spec), cifar::Variant::Cifar100)?,
+        DataFormat::ImageFolder => imagefolder::load_dir(Path::new(spec))?,
         DataFormat::Idx | DataFormat::Auto => {
             let dir = if spec == "fashion-mnist" {
                 PathBuf::from(FASHION_MNIST_DIR)
@@ -163,9 +181,99 @@ pub fn load(spec: &str, format: DataFormat, seed: u64) -> Result<Dataset, DataEr
                     "Fashion-MNIST is not installed at {FASHION_MNIST_DIR}; run scripts/setup (as root) or use --data synthetic"
                 )));
             }
-            let mut d = idx::load_dir(&dir)?;
-            d.source = spec.to_string();
-            Ok(d)
+            idx::load_dir(&dir)?
         }
+    };
+    d.source = spec.to_string();
+    Ok(d)
+}
+
+/// The format `--data-format auto` picks for `spec` (see [`load`]).
+pub fn detect(spec: &str) -> DataFormat {
+    let path = Path::new(spec);
+    if spec == "synthetic" {
+        DataFormat::Synthetic
+    } else if spec.ends_with(".npz") {
+        DataFormat::Npz
+    } else if spec == "fashion-mnist" || !path.is_dir() {
+        DataFormat::Idx
+    } else if imagefolder::detect(path) {
+        DataFormat::ImageFolder
+    } else {
+        match cifar::detect(path) {
+            Some(cifar::Variant::Cifar10) => DataFormat::Cifar10,
+            Some(cifar::Variant::Cifar100) => DataFormat::Cifar100,
+            None => DataFormat::Idx,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_detects_every_format() {
+        assert_eq!(detect("synthetic"), DataFormat::Synthetic);
+        assert_eq!(detect("x/poisoned.npz"), DataFormat::Npz);
+        assert_eq!(detect("fashion-mnist"), DataFormat::Idx);
+        assert_eq!(detect("/no/such/folder"), DataFormat::Idx);
+
+        let idx = tempfile::tempdir().unwrap();
+        assert_eq!(detect(idx.path().to_str().unwrap()), DataFormat::Idx);
+
+        let c10 = tempfile::tempdir().unwrap();
+        cifar::tests::write_cifar10(c10.path());
+        let spec = c10.path().to_str().unwrap();
+        assert_eq!(detect(spec), DataFormat::Cifar10);
+        let d = load(spec, DataFormat::Auto, 0).unwrap();
+        assert_eq!((d.num_classes, d.train.len(), d.source.as_str()), (10, 10, spec));
+
+        let nested = tempfile::tempdir().unwrap();
+        cifar::tests::write_cifar10(&nested.path().join("cifar-10-batches-bin"));
+        assert_eq!(detect(nested.path().to_str().unwrap()), DataFormat::Cifar10);
+
+        let c100 = tempfile::tempdir().unwrap();
+        std::fs::write(c100.path().join("train.bin"), b"").unwrap();
+        std::fs::write(c100.path().join("test.bin"), b"").unwrap();
+        assert_eq!(detect(c100.path().to_str().unwrap()), DataFormat::Cifar100);
+
+        let folder = tempfile::tempdir().unwrap();
+        for split in ["train", "test"] {
+            let class = folder.path().join(split).join("only");
+            std::fs::create_dir_all(&class).unwrap();
+            imagefolder::tests::rgb(3, 3, 1).save(class.join("a.png")).unwrap();
+        }
+        let spec = folder.path().to_str().unwrap();
+        assert_eq!(detect(spec), DataFormat::ImageFolder);
+        let d = load(spec, DataFormat::Auto, 0).unwrap();
+        assert_eq!((d.num_classes, d.train.len(), d.test.len()), (1, 1, 1));
+    }
+
+    #[test]
+    fn an_explicit_format_overrides_detection() {
+        let c10 = tempfile::tempdir().unwrap();
+        cifar::tests::write_cifar10(c10.path());
+        let spec = c10.path().to_str().unwrap();
+        let e = load(spec, DataFormat::ImageFolder, 0).unwrap_err().to_string();
+        assert!(e.contains("train: missing (an image folder holds"), "{e}");
+        let e = load(spec, DataFormat::Cifar100, 0).unwrap_err().to_string();
+        assert!(e.contains("train.bin: missing"), "{e}");
+        let e = load(spec, DataFormat::Idx, 0).unwrap_err().to_string();
+        assert!(e.contains("expected IDX files"), "{e}");
+        assert_eq!(load(spec, DataFormat::Cifar10, 0).unwrap().test.len(), 2);
+    }
+
+    #[test]
+    fn format_names_on_the_command_line() {
+        use clap::ValueEnum;
+        let names: Vec<String> = DataFormat::value_variants()
+            .iter()
+            .map(|v| v.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["auto", "idx", "npz", "synthetic", "cifar10", "cifar100", "image-folder"]
+        );
     }
 }
