@@ -14,7 +14,13 @@ pub fn noise(seed: u64, dims: Dims) -> Vec<f32> {
 /// A one-pixel checkerboard: 1 where `row + col` is even, else 0, the same in every channel.
 pub fn checker(dims: Dims) -> Vec<f32> {
     (0..dims.len())
-        .map(|i| if (i / dims.w + i % dims.w) % 2 == 0 { 1.0 } else { 0.0 })
+        .map(|i| {
+            if (i / dims.w + i % dims.w).is_multiple_of(2) {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect()
 }
 

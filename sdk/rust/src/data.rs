@@ -82,7 +82,7 @@ impl<'a> TensorRef<'a> {
             return Err(Error::invalid(format!("{what}: null data pointer")));
         }
         let align = dtype.size();
-        if t.byte_len > 0 && (t.data as usize) % align != 0 {
+        if t.byte_len > 0 && !(t.data as usize).is_multiple_of(align) {
             return Err(Error::invalid(format!(
                 "{what}: data pointer not aligned to {align} bytes"
             )));

@@ -126,7 +126,7 @@ fn parse_batch(
             format!("empty file: not a {} binary batch", variant.name()),
         ));
     }
-    if bytes.len() % rec != 0 {
+    if !bytes.len().is_multiple_of(rec) {
         return Err(DataError::malformed(
             path,
             format!(
