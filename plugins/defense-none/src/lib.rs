@@ -13,6 +13,7 @@
 
 mod analysis;
 
+use audit_defense_common::{device_data, nn_err, preprocess};
 use audit_nn::train::{Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
@@ -93,44 +94,6 @@ impl Plugin for NoneDefense {
             capabilities: abi::AUDIT_CAP_NEEDS_MODEL | abi::AUDIT_CAP_NEEDS_TRAINING_DATA,
         }
     }
-}
-
-fn nn_err(e: audit_nn::NnError) -> Error {
-    match e {
-        audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
-        audit_nn::NnError::Other(m) => Error::failed(m),
-        other => Error::invalid(other.to_string()),
-    }
-}
-
-/// The dataset on the device.
-fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
-    let s = d.images.shape;
-    let shape = [s[0], s[1], s[2], s[3]];
-    Ok(match d.images.dtype {
-        audit_sdk::Dtype::U8 => DeviceData::from_u8(d.images.as_u8()?, shape, d.labels, device),
-        _ => DeviceData::from_f32(d.images.as_f32()?, shape, d.labels, device),
-    })
-}
-
-fn preprocess(model: &Model) -> Result<Preprocess> {
-    let parse = |key: &str, default: f64| -> Result<Vec<f64>> {
-        match model.metadata(key) {
-            None => Ok(vec![default]),
-            Some(s) => s
-                .split(',')
-                .map(|p| {
-                    p.trim()
-                        .parse::<f64>()
-                        .map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers")))
-                })
-                .collect(),
-        }
-    };
-    Ok(Preprocess {
-        mean: parse("audit.mean", 0.0)?,
-        std: parse("audit.std", 1.0)?,
-    })
 }
 
 /// A stretch of training: `epochs` epochs labelled `phase`; `extra` = (suspects, weight) makes

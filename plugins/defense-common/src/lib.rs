@@ -1,0 +1,67 @@
+//! Helpers shared by the bundled defense plugins (rlib only: a plugin links it; it exports no
+//! plugin entry point): engine errors as plugin errors, datasets on the device, the model's
+//! preprocessing metadata, and a check that data fits the model.
+
+use audit_nn::tch::{self, Device};
+use audit_nn::train::{DeviceData, Preprocess};
+use audit_nn::Model;
+use audit_sdk::{DatasetRef, Error, Result};
+
+pub fn nn_err(e: audit_nn::NnError) -> Error {
+    match e {
+        audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
+        audit_nn::NnError::Other(m) => Error::failed(m),
+        other => Error::invalid(other.to_string()),
+    }
+}
+
+/// The dataset on the device.
+pub fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
+    let s = d.images.shape;
+    let shape = [s[0], s[1], s[2], s[3]];
+    Ok(match d.images.dtype {
+        audit_sdk::Dtype::U8 => DeviceData::from_u8(d.images.as_u8()?, shape, d.labels, device),
+        _ => DeviceData::from_f32(d.images.as_f32()?, shape, d.labels, device),
+    })
+}
+
+/// Pixel normalisation from the model's `audit.mean` / `audit.std` metadata (the host writes it).
+pub fn preprocess(model: &Model) -> Result<Preprocess> {
+    let parse = |key: &str, default: f64| -> Result<Vec<f64>> {
+        match model.metadata(key) {
+            None => Ok(vec![default]),
+            Some(s) => s
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<f64>()
+                        .map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers")))
+                })
+                .collect(),
+        }
+    };
+    Ok(Preprocess {
+        mean: parse("audit.mean", 0.0)?,
+        std: parse("audit.std", 1.0)?,
+    })
+}
+
+/// Runs one sample through the model and checks that its logits cover every label of `data`.
+pub fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess) -> Result<i64> {
+    let logits = tch::no_grad(|| model.forward(&pre.apply(&data.x.narrow(0, 0, 1)), audit_nn::Mode::Eval))
+        .map_err(|e| Error::invalid(format!("the clean subset does not fit the model: {e}")))?;
+    if logits.dim() != 2 {
+        return Err(Error::invalid(format!(
+            "the model's output has shape {:?}; expected [batch, classes]",
+            logits.size()
+        )));
+    }
+    let k = logits.size()[1];
+    let max_label = data.y.max().int64_value(&[]);
+    if max_label >= k {
+        return Err(Error::invalid(format!(
+            "the clean subset has label {max_label} but the model has only {k} outputs"
+        )));
+    }
+    Ok(k)
+}
