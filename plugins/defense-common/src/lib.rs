@@ -1,11 +1,12 @@
 //! Helpers shared by the bundled defense plugins (rlib only: a plugin links it; it exports no
 //! plugin entry point): engine errors as plugin errors, datasets on the device, the model's
-//! preprocessing metadata, and a check that data fits the model.
+//! preprocessing metadata, a check that data fits the model, and the fine-tuning epoch loop.
 
 use audit_nn::tch::{self, Device};
-use audit_nn::train::{DeviceData, Preprocess};
+use audit_nn::train::{DeviceData, Hooks, Preprocess, Trainer};
 use audit_nn::Model;
-use audit_sdk::{DatasetRef, Error, Result};
+use audit_sdk::{Call, DatasetRef, Error, Result};
+use serde_json::{json, Value};
 
 pub fn nn_err(e: audit_nn::NnError) -> Error {
     match e {
@@ -64,4 +65,36 @@ pub fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess) -> Result<i
         )));
     }
     Ok(k)
+}
+
+/// Trains `epochs` epochs with progress, logs and cancellation from the host (checked between
+/// epochs and between batches). One report entry per epoch.
+pub fn train_epochs(
+    call: &Call<'_>,
+    model: &Model,
+    trainer: &mut Trainer,
+    data: &DeviceData,
+    pre: &Preprocess,
+    epochs: usize,
+) -> Result<Vec<Value>> {
+    let host = call.host;
+    let mut log = Vec::with_capacity(epochs);
+    for e in 0..epochs {
+        host.check_cancelled()?;
+        let label = format!("fine-tune epoch {}/{epochs}", e + 1);
+        let mut hooks = Hooks {
+            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
+            cancelled: Box::new(|| host.is_cancelled()),
+        };
+        let stats = trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?;
+        host.info(&format!(
+            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
+            stats.loss, stats.accuracy, stats.seconds
+        ));
+        log.push(
+            json!({"epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}),
+        );
+    }
+    host.check_cancelled()?;
+    Ok(log)
 }

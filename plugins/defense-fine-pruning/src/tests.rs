@@ -1,3 +1,4 @@
+use audit_nn::train::Hooks;
 use std::sync::OnceLock;
 
 use audit_attack_common::testing::{self, TestData};

@@ -10,8 +10,8 @@
 //! both measured in eval mode on the clean subset: that subset is also the fine-tuning data, so
 //! the host's own before/after evaluation (on the rest of the test split) is the one to quote.
 
-use audit_defense_common::{check_fit, device_data, nn_err, preprocess};
-use audit_nn::train::{self, Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_defense_common::{check_fit, device_data, nn_err, preprocess, train_epochs};
+use audit_nn::train::{self, Augment, Optimizer, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
@@ -95,38 +95,6 @@ fn training_config(p: &Params, seed: u64) -> TrainConfig {
         seed,
         group_lr: vec![],
     }
-}
-
-/// Trains `epochs` epochs with progress, logs and cancellation from the host (checked between
-/// epochs and between batches). One report entry per epoch.
-fn train_epochs(
-    call: &Call<'_>,
-    model: &Model,
-    trainer: &mut Trainer,
-    data: &DeviceData,
-    pre: &Preprocess,
-    epochs: usize,
-) -> Result<Vec<Value>> {
-    let host = call.host;
-    let mut log = Vec::with_capacity(epochs);
-    for e in 0..epochs {
-        host.check_cancelled()?;
-        let label = format!("fine-tune epoch {}/{epochs}", e + 1);
-        let mut hooks = Hooks {
-            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
-            cancelled: Box::new(|| host.is_cancelled()),
-        };
-        let stats = trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?;
-        host.info(&format!(
-            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
-            stats.loss, stats.accuracy, stats.seconds
-        ));
-        log.push(
-            json!({"epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}),
-        );
-    }
-    host.check_cancelled()?;
-    Ok(log)
 }
 
 /// Sum of squared parameter changes (how far fine-tuning moved the weights), for the report.
