@@ -242,7 +242,18 @@ fn attack_eval_and_harden_on_fashion_mnist() {
     let round = &h["defense_report"]["rounds"][0];
     assert!(round["suspects_vs_poison_idx"]["recall"].as_f64().is_some(), "{round}");
     assert!(round.get("suspects").is_none(), "raw suspect lists are summarised");
-    assert!(std::fs::read_to_string(&report).unwrap().contains("| after |"));
+    let md = std::fs::read_to_string(&report).unwrap();
+    assert!(md.contains("| undefended |") && md.contains("| none |"), "{md}");
+    assert!(
+        md.contains(
+            h["after"]["clean_accuracy"]
+                .as_f64()
+                .map(|a| format!("{a:.4}"))
+                .unwrap()
+                .as_str()
+        ),
+        "{md}"
+    );
 
     // Same graph; never overwrites the input or an existing output without --force.
     let a = audit(&["inspect", hardened.to_str().unwrap(), "--json"]).json();

@@ -12,4 +12,5 @@ pub mod evaluate;
 pub mod infer;
 pub mod plugin;
 pub mod progress;
+pub mod report;
 pub mod runtime;

@@ -50,3 +50,23 @@ pub fn torch_version() -> &'static str {
 pub fn ort_version() -> &'static str {
     option_env!("AUDIT_ORT_VERSION").unwrap_or("unknown")
 }
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes; `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod peak_tests {
+    #[test]
+    fn peak_rss_grows_with_touched_memory() {
+        let before = super::peak_rss_bytes().expect("Linux VmHWM");
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        let after = super::peak_rss_bytes().unwrap();
+        assert!(after >= before && after >= 64 << 20, "{before} -> {after}");
+    }
+}

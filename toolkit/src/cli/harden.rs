@@ -18,6 +18,7 @@ use crate::engine::{input_chw, parity, random_batch, read_model, PARITY_TOLERANC
 use crate::error::{input_error, input_error_hint, EXIT_OK};
 use crate::evaluate::{evaluate, AttackSpec, Metrics, Normalization};
 use crate::plugin::{CallInput, Kind, Op, PluginError};
+use crate::report::{self, Report, Row};
 
 #[derive(Debug, Args)]
 pub struct HardenArgs {
@@ -42,9 +43,9 @@ pub struct HardenArgs {
     /// Parameter of the evaluation attack KEY=VALUE (repeatable).
     #[arg(long = "attack-param", value_name = "KEY=VALUE")]
     pub attack_params: Vec<String>,
-    /// Also write a report (.json or .md).
-    #[arg(long)]
-    pub report: Option<PathBuf>,
+    /// Also write a report: .json, .md or .html (self-contained, with charts); repeatable.
+    #[arg(long = "report", value_name = "FILE")]
+    pub reports: Vec<PathBuf>,
     /// Use the first N training samples only.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -212,6 +213,16 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     };
 
     check_output(&out, args.force, &inputs)?;
+    for r in &args.reports {
+        report::Format::of(r)?;
+        check_output(r, args.force, &inputs)?;
+        if r == &out {
+            return Err(input_error(format!(
+                "--report {} is also the model output",
+                r.display()
+            )));
+        }
+    }
     let original = read_model(&args.model)?;
     let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
     let meta = |k: &str| {
@@ -262,10 +273,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             params,
             seed: args.seed,
         });
-    let before = match &spec {
-        Some(s) => Some(evaluate(&original, &test, ds.num_classes, &norm, Some(s))?),
-        None => None,
-    };
+    let before = evaluate(&original, &test, ds.num_classes, &norm, spec.as_ref())?;
 
     eprintln!(
         "hardening {} with `{}` on {} training samples ({device_name})",
@@ -322,16 +330,14 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     }
     crate::plugin::write_atomic(&out, &hardened).with_context(|| format!("writing {}", out.display()))?;
 
-    let after = match &spec {
-        Some(s) => Some(evaluate(&hardened, &test, ds.num_classes, &norm, Some(s))?),
-        None => None,
-    };
+    let after = evaluate(&hardened, &test, ds.num_classes, &norm, spec.as_ref())?;
     let mut report = result.report;
     summarise_report(&mut report, truth.as_ref());
     if let (Some(t), Some(dropped)) = (&truth, result.indices.as_ref().filter(|d| !d.is_empty())) {
         report.insert("dropped_vs_poison_idx".into(), precision_recall(dropped, t));
     }
     let seconds = started.elapsed().as_secs_f64();
+    let fingerprint = data::fingerprint(&[&ds.train, &ds.test]);
     let doc = json!({
         "schema_version": 1,
         "defense": defense.name,
@@ -349,17 +355,49 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         "seed": args.seed,
         "parity_max_rel_diff": diff,
         "eval_attack": args.eval_attack,
-        "before": before.as_ref().map(metrics_json),
-        "after": after.as_ref().map(metrics_json),
+        "before": metrics_json(&before),
+        "after": metrics_json(&after),
+        "peak_rss_bytes": crate::runtime::peak_rss_bytes(),
+        "data_fingerprint": fingerprint,
         "defense_report": report,
     });
-    if let Some(path) = &args.report {
-        let text = if path.extension().is_some_and(|e| e == "md") {
-            markdown(&doc)
-        } else {
-            serde_json::to_string_pretty(&doc)? + "\n"
+    if !args.reports.is_empty() {
+        let mut r = Report {
+            schema_version: report::SCHEMA_VERSION,
+            command: "harden".into(),
+            toolkit_version: env!("CARGO_PKG_VERSION").into(),
+            created: report::now_rfc3339(),
+            model: report::ModelInfo {
+                path: args.model.display().to_string(),
+                sha256: audit_nn::export::sha256_hex(&original),
+            },
+            data: report::DataInfo {
+                source: ds.source.clone(),
+                fingerprint: doc["data_fingerprint"].as_str().unwrap_or_default().to_string(),
+                num_classes: ds.num_classes,
+                n_train: train.len(),
+                n_eval: test.len(),
+                n_clean: clean.as_ref().map_or(0, data::LabeledSet::len),
+                n_poisoned: truth.as_ref().map(HashSet::len),
+            },
+            eval_attack: attack
+                .as_ref()
+                .zip(attack_params.as_ref())
+                .map(|(a, p)| report::PluginRef {
+                    name: a.name.clone(),
+                    version: a.version.clone(),
+                    params: Value::Object(p.clone()),
+                }),
+            seed: args.seed,
+            device: device_name.to_string(),
+            baseline: Row::measured("undefended", &before),
+            rows: vec![row_from_doc(&doc)],
+            best: Default::default(),
         };
-        crate::plugin::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        r.finish();
+        for path in &args.reports {
+            r.write(path)?;
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -370,7 +408,8 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         out.display(),
         defense.name
     );
-    if let (Some(b), Some(a)) = (&before, &after) {
+    if spec.is_some() {
+        let (b, a) = (&before, &after);
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header(["", "clean accuracy", "attack success rate", "robust accuracy"]);
@@ -398,35 +437,35 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-/// A small Markdown report.
-fn markdown(doc: &Value) -> String {
-    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
-    let mut s = format!(
-        "# audit harden report\n\n- model: `{}` (sha256 `{}`)\n- defense: `{}` {}\n- output: `{}` (sha256 `{}`)\n- data: {} ({} train, {} test), seed {}, device {}\n- parameters: `{}`\n\n",
-        doc["model"]["path"].as_str().unwrap_or(""),
-        doc["model"]["sha256"].as_str().unwrap_or(""),
-        doc["defense"].as_str().unwrap_or(""),
-        doc["defense_version"].as_str().unwrap_or(""),
-        doc["output"].as_str().unwrap_or(""),
-        doc["output_sha256"].as_str().unwrap_or(""),
-        doc["data"].as_str().unwrap_or(""),
-        doc["n_train"],
-        doc["n_test"],
-        doc["seed"],
-        doc["device"].as_str().unwrap_or(""),
-        doc["params"],
-    );
-    if !doc["before"].is_null() {
-        s += "| | clean accuracy | attack success rate | robust accuracy |\n|---|---|---|---|\n";
-        for k in ["before", "after"] {
-            let m = &doc[k];
-            s += &format!(
-                "| {k} | {} | {} | {} |\n",
-                f(&m["clean_accuracy"]),
-                f(&m["attack_success_rate"]),
-                f(&m["robust_accuracy"])
-            );
-        }
+/// The report row of a defense run from `harden --json`'s document (`audit compare` reads its
+/// children's documents with this too).
+pub(crate) fn row_from_doc(doc: &Value) -> Row {
+    let after = &doc["after"];
+    let floats = |v: &Value| -> Vec<Option<f64>> {
+        v.as_array()
+            .map(|a| a.iter().map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let dropped = &doc["defense_report"]["dropped_vs_poison_idx"];
+    Row {
+        defense: doc["defense"].as_str().unwrap_or_default().to_string(),
+        version: doc["defense_version"].as_str().map(str::to_string),
+        params: doc["params"].clone(),
+        status: "ok".into(),
+        error: None,
+        clean_accuracy: after["clean_accuracy"].as_f64(),
+        attack_success_rate: after["attack_success_rate"].as_f64(),
+        robust_accuracy: after["robust_accuracy"].as_f64(),
+        der: None,
+        seconds: doc["seconds"].as_f64(),
+        peak_rss_bytes: doc["peak_rss_bytes"].as_u64(),
+        precision: dropped["precision"].as_f64(),
+        recall: dropped["recall"].as_f64(),
+        n_dropped: dropped["found"].as_u64().map(|n| n as usize),
+        per_class_accuracy: floats(&after["per_class_accuracy"]),
+        per_class_asr: floats(&after["per_class_attack_success_rate"]),
+        output: doc["output"].as_str().map(str::to_string),
+        output_sha256: doc["output_sha256"].as_str().map(str::to_string),
+        defense_report: doc["defense_report"].clone(),
     }
-    s
 }

@@ -1,11 +1,13 @@
 //! The command line: clap types here, one module per command family.
 
 mod attack;
+mod compare;
 mod doctor;
 mod eval;
 mod harden;
 mod inspect;
 mod plugins;
+mod report;
 mod templates;
 mod zoo;
 
@@ -45,6 +47,10 @@ pub enum Command {
     Attack(attack::AttackArgs),
     /// Harden a model with a defense (NONE by default) and write the hardened ONNX model.
     Harden(harden::HardenArgs),
+    /// Run several defenses on the same model and data; compare them in a table and a report.
+    Compare(compare::CompareArgs),
+    /// Re-render a JSON report (from compare or harden) as a table, Markdown or HTML.
+    Report(report::ReportArgs),
     /// Clean accuracy, attack success rate and robust accuracy of an ONNX model (onnxruntime).
     Eval(eval::EvalArgs),
     /// Write a freshly initialised model of a zoo architecture.
@@ -74,6 +80,8 @@ pub fn main() -> i32 {
         Command::Eval(args) => eval::run(args, &cli.global),
         Command::Attack(args) => attack::run(args, &cli.global),
         Command::Harden(args) => harden::run(args, &cli.global),
+        Command::Compare(args) => compare::run(args, &cli.global),
+        Command::Report(args) => report::run(args),
         Command::Zoo(args) => zoo::run(args),
     };
     match result {

@@ -1,0 +1,522 @@
+//! `audit compare MODEL.onnx --data DATA --defenses none,fine-pruning,abl,nad,finetune`: runs each
+//! defense on the same model, data and seed, measures every hardened model on the same test
+//! images through onnxruntime, and reports one row per defense plus the undefended model.
+//!
+//! Each defense runs as its own `audit harden` process: a defense that crashes (even a plugin
+//! that aborts the process) gets its row with the error while the others still run, and each
+//! row's peak memory is that process's own. The child's progress comes back as `@progress` lines
+//! (`progress::LINES_ENV`) and is drawn here as one bar per defense under an overall bar.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Map, Value};
+
+use super::check_output;
+use super::eval::DataArgs;
+use super::harden::row_from_doc;
+use super::GlobalArgs;
+use crate::data;
+use crate::engine::read_model;
+use crate::error::{input_error, input_error_hint, EXIT_FAILURE, EXIT_OK};
+use crate::evaluate::{evaluate, AttackSpec, Normalization};
+use crate::plugin::{Kind, PluginError};
+use crate::progress::{self, LINES_ENV};
+use crate::report::{self, Report, Row};
+
+/// The defenses compared when `--defenses` is not given.
+pub const DEFAULT_DEFENSES: &str = "none,fine-pruning,abl,nad,finetune";
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Defense plugins to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_DEFENSES)]
+    pub defenses: Vec<String>,
+    /// Parameter of one defense (or of the evaluation attack): NAME.KEY=VALUE, repeatable,
+    /// e.g. `--param none.E2=5 --param nad.epochs=10`.
+    #[arg(long = "param", value_name = "NAME.KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Attack whose trigger measures ASR and RA for every row.
+    #[arg(long)]
+    pub eval_attack: Option<String>,
+    /// Parameter of the evaluation attack KEY=VALUE (repeatable; same as --param ATTACK.KEY=VALUE).
+    #[arg(long = "attack-param", value_name = "KEY=VALUE")]
+    pub attack_params: Vec<String>,
+    /// Write the report: .json, .md or .html (self-contained, with charts); repeatable.
+    #[arg(long = "report", value_name = "FILE")]
+    pub reports: Vec<PathBuf>,
+    /// Keep the hardened models in this folder (DEFENSE.onnx); by default they are discarded.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// auto (CUDA when available), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
+    /// Use the first N training samples only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Measure on the first N test samples only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// The last N test images are the clean subset lent to defenses that need one; no row is
+    /// measured on them.
+    #[arg(long, default_value_t = 1000)]
+    pub clean_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace existing reports and kept models.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the report as JSON on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `NAME.KEY=VALUE` arguments grouped by NAME, checked against the known names.
+fn split_params(params: &[String], names: &[&str]) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in params {
+        let (name, rest) = p
+            .split_once('.')
+            .filter(|(n, r)| names.contains(n) && r.contains('='))
+            .ok_or_else(|| {
+                input_error_hint(
+                    format!(
+                        "--param `{p}`: expected NAME.KEY=VALUE with NAME one of {}",
+                        names.join(", ")
+                    ),
+                    "compare runs several plugins: say whose parameter it is, e.g. --param none.E2=5",
+                )
+            })?;
+        out.entry(name.to_string()).or_default().push(rest.to_string());
+    }
+    Ok(out)
+}
+
+/// One defense to run: its plugin and resolved parameters.
+struct Planned {
+    name: String,
+    version: String,
+    raw_params: Vec<String>,
+    params: Map<String, Value>,
+}
+
+/// What a child run left: its JSON document or its error.
+fn run_child(
+    exe: &Path,
+    args: &[String],
+    name: &str,
+    bars: &MultiProgress,
+    bar: &ProgressBar,
+) -> std::result::Result<Value, String> {
+    let mut child = Command::new(exe)
+        .args(args)
+        .env(LINES_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut s);
+        s
+    });
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut error: Option<String> = None;
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+            if let Some((phase, done, total)) = progress::parse_line(&line) {
+                bar.set_length(total.max(done).max(1));
+                bar.set_position(done);
+                bar.set_message(phase);
+                continue;
+            }
+            if let Some(e) = line.strip_prefix("audit: error: ") {
+                error = Some(e.to_string());
+            } else if let (Some(e), Some(h)) = (error.as_mut(), line.strip_prefix("hint: ")) {
+                e.push_str(&format!(" (hint: {h})"));
+            }
+            bars.suspend(|| eprintln!("  {name} | {line}"));
+            tail.push_back(line);
+            if tail.len() > 20 {
+                tail.pop_front();
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| format!("waiting for the defense run: {e}"))?;
+    let stdout = reader.join().unwrap_or_default();
+    if status.success() {
+        return serde_json::from_str(&stdout).map_err(|e| format!("the defense run printed no report ({e})"));
+    }
+    let how = match status.code() {
+        Some(c) => format!("exit code {c}"),
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            format!("killed by signal {}", status.signal().unwrap_or(0))
+        }
+    };
+    Err(match error {
+        Some(e) => format!("{e} ({how})"),
+        None => {
+            let last: Vec<String> = tail.into_iter().filter(|l| !l.trim().is_empty()).collect();
+            format!(
+                "the defense run ended with {how}; its last output:\n{}",
+                last.join("\n")
+            )
+        }
+    })
+}
+
+pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
+    let dirs = crate::plugin::search_dirs(&global.plugin_dirs);
+    let mut seen = HashSet::new();
+    let names: Vec<String> = args
+        .defenses
+        .iter()
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Err(input_error("--defenses: name at least one defense"));
+    }
+    if let Some(d) = names.iter().find(|d| !seen.insert(d.as_str())) {
+        return Err(input_error(format!("--defenses names `{d}` twice")));
+    }
+    let mut known: Vec<&str> = names.iter().map(String::as_str).collect();
+    if let Some(a) = &args.eval_attack {
+        if known.contains(&a.as_str()) {
+            return Err(input_error(format!(
+                "`{a}` is both a defense and the evaluation attack"
+            )));
+        }
+        known.push(a);
+    }
+    let mut by_name = split_params(&args.params, &known)?;
+
+    // Every plugin and parameter is checked before anything runs.
+    let mut planned = Vec::new();
+    for name in &names {
+        let p = super::plugins::find(&dirs, name)?;
+        if p.kind != Kind::Defense {
+            return Err(input_error(format!(
+                "--defenses: `{}` is a {} plugin, not a defense",
+                p.name, p.kind
+            )));
+        }
+        let raw = by_name.remove(name).unwrap_or_default();
+        let params = p.schema.resolve(&raw).map_err(|e| PluginError::InvalidInput {
+            name: p.name.clone(),
+            path: p.path.clone(),
+            message: e,
+        })?;
+        planned.push(Planned {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            raw_params: raw,
+            params,
+        });
+    }
+    let attack = args
+        .eval_attack
+        .as_deref()
+        .map(|n| super::plugins::find(&dirs, n))
+        .transpose()?;
+    let mut attack_raw = args.attack_params.clone();
+    if let Some(a) = &attack {
+        if a.kind != Kind::Attack {
+            return Err(input_error(format!(
+                "--eval-attack `{}` is a {} plugin",
+                a.name, a.kind
+            )));
+        }
+        attack_raw.extend(by_name.remove(&a.name).unwrap_or_default());
+    } else if !attack_raw.is_empty() {
+        return Err(input_error("--attack-param needs --eval-attack NAME"));
+    }
+    let attack_params = attack
+        .as_ref()
+        .map(|a| {
+            a.schema.resolve(&attack_raw).map_err(|e| PluginError::InvalidInput {
+                name: a.name.clone(),
+                path: a.path.clone(),
+                message: e,
+            })
+        })
+        .transpose()?;
+
+    // Outputs: refuse to clobber anything before the long run.
+    let data_path = Path::new(&args.data.data);
+    let mut inputs: Vec<&Path> = vec![&args.model];
+    if data_path.exists() {
+        inputs.push(data_path);
+    }
+    for r in &args.reports {
+        report::Format::of(r)?;
+        check_output(r, args.force, &inputs)?;
+    }
+    let keep_dir = args.out_dir.clone();
+    if let Some(d) = &keep_dir {
+        std::fs::create_dir_all(d).map_err(|e| input_error(format!("--out-dir {}: {e}", d.display())))?;
+        for p in &planned {
+            check_output(&d.join(format!("{}.onnx", p.name)), args.force, &inputs)?;
+        }
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("audit-compare-")
+        .tempdir()
+        .context("creating a scratch folder")?;
+    let model_dir = keep_dir.as_deref().unwrap_or(scratch.path());
+
+    // The undefended model, measured on the evaluation set every row shares.
+    let original = read_model(&args.model)?;
+    let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
+    let meta = |k: &str| {
+        proto
+            .metadata_props
+            .iter()
+            .find(|e| e.key() == k)
+            .map(|e| e.value().to_string())
+    };
+    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
+    let n_test = ds.test.len();
+    if args.clean_size == 0 || args.clean_size >= n_test {
+        return Err(input_error(format!(
+            "--clean-size must be between 1 and {} (the test split's size - 1)",
+            n_test.saturating_sub(1)
+        )));
+    }
+    let n_eval = args
+        .test_limit
+        .map_or(n_test - args.clean_size, |k| k.min(n_test - args.clean_size));
+    if n_eval == 0 {
+        return Err(input_error("--test-limit 0 leaves nothing to measure"));
+    }
+    let test = ds.test.head(n_eval);
+    let train_len = args.limit.map_or(ds.train.len(), |k| k.min(ds.train.len()));
+    let n_poisoned = ds
+        .poison_idx
+        .as_ref()
+        .map(|ix| ix.iter().filter(|&&i| (i as usize) < train_len).count());
+    let device_req: audit_nn::DeviceRequest = args.device.parse()?;
+    let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
+    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let spec = attack
+        .as_ref()
+        .zip(attack_params.as_ref())
+        .map(|(p, params)| AttackSpec {
+            plugin: p,
+            params,
+            seed: args.seed,
+        });
+    eprintln!(
+        "comparing {} defense(s) on {} ({} training samples; {n_eval} test images measured, {} lent as clean data; {device_name})",
+        planned.len(),
+        args.model.display(),
+        train_len,
+        args.clean_size
+    );
+    let baseline = Row::measured(
+        "undefended",
+        &evaluate(&original, &test, ds.num_classes, &norm, spec.as_ref())?,
+    );
+
+    // The child command line every defense shares.
+    let exe = std::env::current_exe().context("locating the audit binary")?;
+    let mut common: Vec<String> = Vec::new();
+    for d in &global.plugin_dirs {
+        common.extend(["--plugin-dir".into(), d.display().to_string()]);
+    }
+    common.extend([
+        "harden".into(),
+        args.model.display().to_string(),
+        "--data".into(),
+        args.data.data.clone(),
+        "--data-format".into(),
+        args.data
+            .data_format
+            .to_possible_value()
+            .map_or("auto".to_string(), |v| v.get_name().to_string()),
+    ]);
+    for (flag, v) in [("--mean", &args.data.mean), ("--std", &args.data.std)] {
+        if let Some(v) = v {
+            common.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    common.extend([
+        "--device".into(),
+        device_name.into(),
+        "--seed".into(),
+        args.seed.to_string(),
+        "--clean-size".into(),
+        args.clean_size.to_string(),
+        "--test-limit".into(),
+        n_eval.to_string(),
+        "--json".into(),
+        "--force".into(),
+    ]);
+    if let Some(k) = args.limit {
+        common.extend(["--limit".into(), k.to_string()]);
+    }
+    if let Some(a) = &attack {
+        common.extend(["--eval-attack".into(), a.name.clone()]);
+        for p in &attack_raw {
+            common.extend(["--attack-param".into(), p.clone()]);
+        }
+    }
+
+    let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let overall = bars.add(ProgressBar::new(planned.len() as u64));
+    overall.set_style(
+        ProgressStyle::with_template("compare [{bar:30}] {pos}/{len} defenses {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut rows = Vec::new();
+    for p in &planned {
+        if progress::is_cancelled() {
+            break;
+        }
+        overall.set_message(format!("now: {}", p.name));
+        let bar = bars.add(ProgressBar::new(1));
+        bar.set_style(
+            ProgressStyle::with_template("  {prefix:>14} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(p.name.clone());
+        let out = model_dir.join(format!("{}.onnx", p.name));
+        let mut child_args = common.clone();
+        child_args.extend([
+            "--defense".into(),
+            p.name.clone(),
+            "--out".into(),
+            out.display().to_string(),
+        ]);
+        for kv in &p.raw_params {
+            child_args.extend(["--param".into(), kv.clone()]);
+        }
+        let started = std::time::Instant::now();
+        let row = match run_child(&exe, &child_args, &p.name, &bars, &bar) {
+            Ok(doc) => {
+                let mut row = row_from_doc(&doc);
+                if keep_dir.is_none() {
+                    row.output = None;
+                }
+                row
+            }
+            Err(e) => {
+                let mut row = Row::failed(&p.name, e);
+                row.version = Some(p.version.clone());
+                row.params = Value::Object(p.params.clone());
+                row.seconds = Some(started.elapsed().as_secs_f64());
+                row
+            }
+        };
+        bar.finish_and_clear();
+        bars.remove(&bar);
+        bars.suspend(|| {
+            eprintln!(
+                "{}: {}",
+                p.name,
+                if row.ok() {
+                    format!(
+                        "ACC {} ASR {} ({:.1}s)",
+                        report::fmt_ratio(row.clean_accuracy),
+                        report::fmt_ratio(row.attack_success_rate),
+                        row.seconds.unwrap_or(0.0)
+                    )
+                } else {
+                    format!("FAILED: {}", report::one_line(row.error.as_deref().unwrap_or(""), 200))
+                }
+            )
+        });
+        rows.push(row);
+        overall.inc(1);
+    }
+    overall.finish_and_clear();
+    if progress::is_cancelled() {
+        return Err(input_error_hint("cancelled", "no report was written"));
+    }
+
+    let mut r = Report {
+        schema_version: report::SCHEMA_VERSION,
+        command: "compare".into(),
+        toolkit_version: env!("CARGO_PKG_VERSION").into(),
+        created: report::now_rfc3339(),
+        model: report::ModelInfo {
+            path: args.model.display().to_string(),
+            sha256: audit_nn::export::sha256_hex(&original),
+        },
+        data: report::DataInfo {
+            source: ds.source.clone(),
+            fingerprint: data::fingerprint(&[&ds.train, &ds.test]),
+            num_classes: ds.num_classes,
+            n_train: train_len,
+            n_eval,
+            n_clean: args.clean_size,
+            n_poisoned,
+        },
+        eval_attack: attack
+            .as_ref()
+            .zip(attack_params.as_ref())
+            .map(|(a, p)| report::PluginRef {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                params: Value::Object(p.clone()),
+            }),
+        seed: args.seed,
+        device: device_name.into(),
+        baseline,
+        rows,
+        best: BTreeMap::new(),
+    };
+    r.finish();
+    for path in &args.reports {
+        r.write(path)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", report::terminal_table(&r));
+        for path in &args.reports {
+            println!("wrote {}", path.display());
+        }
+    }
+    let failed = r.rows.iter().filter(|row| !row.ok()).count();
+    if failed > 0 {
+        eprintln!("audit: {failed} of {} defense(s) failed (see their rows)", r.rows.len());
+        return Ok(EXIT_FAILURE);
+    }
+    Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_grouped_by_plugin_and_unknown_owners_refused() {
+        let names = ["none", "nad", "badnets"];
+        let g = split_params(
+            &["none.E2=5".into(), "nad.betas=1,2".into(), "none.lr=0.1".into()],
+            &names,
+        )
+        .unwrap();
+        assert_eq!(g["none"], vec!["E2=5", "lr=0.1"]);
+        assert_eq!(g["nad"], vec!["betas=1,2"]);
+        for bad in ["E2=5", "abl.epochs=1", "none.E2"] {
+            let e = split_params(&[bad.into()], &names).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("NAME.KEY=VALUE"), "{e}");
+        }
+    }
+}
