@@ -207,6 +207,10 @@ pub struct EpochStats {
 /// A loss over logits and labels: returns per-sample losses of shape [B].
 pub type LossFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
 
+/// A step of [`Trainer::epoch_custom`]: (normalised batch, labels, mode) to (per-sample losses
+/// `[B]`, logits `[B, K]`).
+type StepFn<'a> = dyn FnMut(&Tensor, &Tensor, Mode) -> Result<(Tensor, Tensor)> + 'a;
+
 /// Per-sample cross-entropy.
 pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
     logits
@@ -337,6 +341,35 @@ impl Trainer {
         loss: LossFn<'_>,
         hooks: &mut Hooks<'_>,
     ) -> Result<EpochStats> {
+        self.epoch_custom(
+            model,
+            data,
+            pre,
+            &mut |xb: &Tensor, yb: &Tensor, mode: Mode| {
+                let logits = model.forward(xb, mode)?;
+                Ok((loss(&logits, yb), logits))
+            },
+            hooks,
+        )
+    }
+
+    /// One epoch over `data` where `step` runs the model itself (taps, a second model, a loss
+    /// over intermediate values). Batching, shuffling, augmentation, the learning-rate schedule,
+    /// masks, progress and cancellation are those of [`Trainer::epoch_with`], which calls this.
+    ///
+    /// `step(x, y, mode)` gets the batch as the model sees it (augmented and normalised), its
+    /// labels and the mode to run the trained model in (`Train`, or `TrainFrozenBn` with
+    /// `freeze_bn`), and returns the per-sample losses `[B]` (their mean is minimised and reported
+    /// in [`EpochStats::loss`]) and the logits `[B, K]` (for the training accuracy). A loss that is
+    /// not a sum over samples can be returned as `loss.expand([b], false)`.
+    pub fn epoch_custom(
+        &mut self,
+        model: &Model,
+        data: &DeviceData,
+        pre: &Preprocess,
+        step: &mut StepFn<'_>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<EpochStats> {
         let started = std::time::Instant::now();
         let lr = self.lr_for(self.epochs_done);
         self.apply_lr(lr)?;
@@ -370,8 +403,7 @@ impl Trainer {
             };
             let xb = pre.normalize(&xb);
             let yb = data.y.index_select(0, &idx);
-            let logits = model.forward(&xb, mode)?;
-            let l = loss(&logits, &yb);
+            let (l, logits) = step(&xb, &yb, mode)?;
             let mean = l.mean(Kind::Float);
             self.opt.zero_grad()?;
             mean.backward();
@@ -440,4 +472,115 @@ pub fn accuracy(model: &Model, data: &DeviceData, pre: &Preprocess, batch: i64) 
         .to_kind(Kind::Double)
         .mean(Kind::Double)
         .double_value(&[]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zoo::{self, Arch};
+
+    fn small_cnn(seed: u64) -> Model {
+        let proto = zoo::build(Arch::SmallCnn, [1, 8, 8], 3, seed).expect("zoo model");
+        Model::load(&zoo::to_bytes(&proto), None).expect("model loads")
+    }
+
+    fn data() -> DeviceData {
+        let pixels: Vec<u8> = (0..24 * 64).map(|i| ((i * 37 + i / 64 * 11) % 256) as u8).collect();
+        let labels: Vec<i64> = (0..24).map(|i| i % 3).collect();
+        DeviceData::from_u8(&pixels, [24, 1, 8, 8], &labels, Device::Cpu)
+    }
+
+    fn config(freeze_bn: bool) -> TrainConfig {
+        TrainConfig {
+            batch_size: 10,
+            lr: 0.05,
+            freeze_bn,
+            seed: 3,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn epoch_custom_with_cross_entropy_is_epoch_with() {
+        let pre = Preprocess {
+            mean: vec![0.5],
+            std: vec![0.5],
+        };
+        let data = data();
+        let (a, b) = (small_cnn(1), small_cnn(1));
+        let mut ta = Trainer::new(&a, config(false)).unwrap();
+        let mut tb = Trainer::new(&b, config(false)).unwrap();
+        for _ in 0..2 {
+            let sa = ta
+                .epoch_with(&a, &data, &pre, &cross_entropy, &mut Hooks::none())
+                .unwrap();
+            let mut batches = Vec::new();
+            let sb = tb
+                .epoch_custom(
+                    &b,
+                    &data,
+                    &pre,
+                    &mut |x: &Tensor, y: &Tensor, mode: Mode| {
+                        assert_eq!(mode, Mode::Train);
+                        // Normalised: (pixel/255 - 0.5)/0.5 lies in [-1, 1] and reaches below 0.
+                        assert!(x.min().double_value(&[]) >= -1.0 && x.min().double_value(&[]) < 0.0);
+                        batches.push(y.size()[0]);
+                        let logits = b.forward(x, mode)?;
+                        Ok((cross_entropy(&logits, y), logits))
+                    },
+                    &mut Hooks::none(),
+                )
+                .unwrap();
+            assert_eq!(batches, vec![10, 10, 4]);
+            assert_eq!((sa.loss, sa.accuracy, sa.samples), (sb.loss, sb.accuracy, sb.samples));
+        }
+        // The same steps: bit-identical weights.
+        for (x, y) in a.trainable().iter().zip(b.trainable()) {
+            assert!(x.equal(y));
+        }
+    }
+
+    #[test]
+    fn epoch_custom_trains_a_loss_on_taps() {
+        let pre = Preprocess::default();
+        let data = data();
+        let model = small_cnn(2);
+        let conv1 = model.layers()[0].value;
+        let mut t = Trainer::new(&model, config(true)).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..4 {
+            let s = t
+                .epoch_custom(
+                    &model,
+                    &data,
+                    &pre,
+                    &mut |x: &Tensor, _y: &Tensor, mode: Mode| {
+                        assert_eq!(mode, Mode::TrainFrozenBn);
+                        let (mut outs, taps) = model.forward_with_taps(&[x], mode, &[conv1])?;
+                        // Per sample: the mean square of conv1's output.
+                        let l = taps[0].square().mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
+                        Ok((l, outs.swap_remove(0)))
+                    },
+                    &mut Hooks::none(),
+                )
+                .unwrap();
+            losses.push(s.loss);
+        }
+        assert!(losses.iter().all(|l| l.is_finite()));
+        assert!(
+            losses.windows(2).all(|w| w[1] < w[0]) && losses[3] < 0.75 * losses[0],
+            "the tap's loss is minimised: {losses:?}"
+        );
+        // An error from the step stops the epoch.
+        let e = t
+            .epoch_custom(
+                &model,
+                &data,
+                &pre,
+                &mut |_: &Tensor, _: &Tensor, _: Mode| Err(NnError::Other("boom".into())),
+                &mut Hooks::none(),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("boom"));
+    }
 }
