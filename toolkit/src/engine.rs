@@ -74,6 +74,12 @@ pub fn parity_in(
     let (_, ours) = model.predict_f32(x, shape)?;
     let mut rt = load_runtime(bytes, runtime)?;
     let (_, theirs) = rt.run(x.to_vec(), shape)?;
+    // Equal NaNs would compare as "no difference": a model that outputs NaN or inf is refused.
+    if let Some(bad) = ours.iter().chain(&theirs).find(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "the model's outputs are not finite ({bad} on a seeded test batch): its weights diverged; refusing it"
+        );
+    }
     Ok((rt.name(), max_rel_diff(&ours, &theirs)))
 }
 

@@ -224,8 +224,25 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
         .iter()
         .zip(b)
         .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    if a.len() != b.len() {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
     diff / scale
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::max_rel_diff;
+
+    #[test]
+    fn non_finite_outputs_never_pass_as_equal() {
+        assert_eq!(max_rel_diff(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((max_rel_diff(&[1.0, 2.1], &[1.0, 2.0]) - 0.05).abs() < 1e-6);
+        assert_eq!(max_rel_diff(&[f32::NAN], &[f32::NAN]), f64::INFINITY);
+        assert_eq!(
+            max_rel_diff(&[1.0, f32::INFINITY], &[1.0, f32::INFINITY]),
+            f64::INFINITY
+        );
+        assert_eq!(max_rel_diff(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+    }
 }

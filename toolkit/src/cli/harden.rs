@@ -239,6 +239,14 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         Some(k) => ds.train.head(k),
         None => ds.train.clone(),
     };
+    if defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_TRAINING_DATA != 0 && train.is_empty() {
+        return Err(input_error(format!(
+            "`{}` needs the training set, and {} has no training samples{}",
+            defense.name,
+            ds.source,
+            if args.limit == Some(0) { " (--limit 0)" } else { "" }
+        )));
+    }
     let needs_clean = defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
     let (eval_pool, clean) = if needs_clean {
         if args.clean_size == 0 || args.clean_size >= ds.test.len() {

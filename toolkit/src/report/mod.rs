@@ -334,10 +334,7 @@ pub fn terminal_table(report: &Report) -> String {
         if row.ok() {
             r.extend(cells(report, row, baseline, " *"));
         } else {
-            r.push(format!(
-                "FAILED: {}",
-                one_line(row.error.as_deref().unwrap_or("unknown error"), 90)
-            ));
+            r.push("FAILED (below)".to_string());
             r.extend((1..COLUMNS.len()).map(|_| String::new()));
         }
         t.add_row(r);
@@ -346,7 +343,15 @@ pub fn terminal_table(report: &Report) -> String {
     for row in &report.rows {
         add(row, false);
     }
-    format!("{t}\n* best among the defenses in that column")
+    let mut s = format!("{t}\n* best among the defenses in that column");
+    for row in report.rows.iter().filter(|r| !r.ok()) {
+        s += &format!(
+            "\n{} FAILED: {}",
+            row.defense,
+            one_line(row.error.as_deref().unwrap_or("unknown error"), 300)
+        );
+    }
+    s
 }
 
 /// The first line of `s`, cut to `max` characters.
@@ -551,7 +556,7 @@ mod tests {
         assert_eq!(r.rows[2].der, None, "a failed row has no DER");
         let t = terminal_table(&r);
         assert!(t.contains("0.0100 *"), "{t}");
-        assert!(t.contains("FAILED: nad: unknown layer `x`"), "{t}");
+        assert!(t.contains("nad FAILED: nad: unknown layer `x`"), "{t}");
         let md = markdown(&r);
         assert!(md.contains("| none | 0.8800 | **0.0100** |"), "{md}");
         assert!(md.contains("| nad | FAILED: nad: unknown layer `x` |"), "{md}");
