@@ -61,7 +61,7 @@
 
 use std::cell::RefCell;
 
-use audit_defense_common::{check_fit, device_data, nn_err, preprocess};
+use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err};
 use audit_nn::train::{self, Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
@@ -152,7 +152,7 @@ impl Plugin for Abl {
 }
 
 /// The optimiser settings every phase shares; `epochs`, `schedule`, `augment` and `lr` per phase.
-fn config(p: &Params, epochs: usize, lr: f64, schedule: Schedule, augment: bool, seed: u64) -> TrainConfig {
+fn config(p: &Params, epochs: usize, lr: f64, schedule: Schedule, crop_flip: bool, seed: u64) -> TrainConfig {
     TrainConfig {
         epochs,
         batch_size: p.batch_size,
@@ -165,14 +165,7 @@ fn config(p: &Params, epochs: usize, lr: f64, schedule: Schedule, augment: bool,
         },
         schedule,
         freeze_bn: false,
-        augment: if augment {
-            Augment {
-                crop_padding: 4,
-                flip: true,
-            }
-        } else {
-            Augment::default()
-        },
+        augment: augment(crop_flip),
         seed,
         group_lr: vec![],
     }
@@ -353,23 +346,11 @@ impl Defense for Abl {
                 1.0 / n as f64
             )));
         }
-        let req: audit_nn::DeviceRequest = call
-            .device
-            .parse()
-            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
-        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);
-        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
-        model.to_device(device);
-        if model.parameter_count() == 0 {
-            return Err(Error::invalid("the model has no trainable parameters to train"));
-        }
-        let pre = preprocess(&model)?;
+        let (model, pre) = load_model(model_bytes, device, true)?;
         let full = device_data(train_set, device)?;
-        let classes = check_fit(&model, &full, &pre).map_err(|mut e| {
-            e.message = e.message.replace("the clean subset", "the training set");
-            e
-        })?;
+        let classes = check_fit(&model, &full, &pre, "the training set")?;
         let host = call.host;
 
         // 1. Isolation: LGA or flooding on the whole (poisoned) training set.

@@ -3,7 +3,7 @@
 //! preprocessing metadata, a check that data fits the model, and the fine-tuning epoch loop.
 
 use audit_nn::tch::{self, Device};
-use audit_nn::train::{DeviceData, Hooks, Preprocess, Trainer};
+use audit_nn::train::{Augment, DeviceData, Hooks, Preprocess, Trainer};
 use audit_nn::Model;
 use audit_sdk::{Call, DatasetRef, Error, Result};
 use serde_json::{json, Value};
@@ -13,6 +13,48 @@ pub fn nn_err(e: audit_nn::NnError) -> Error {
         audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
         audit_nn::NnError::Other(m) => Error::failed(m),
         other => Error::invalid(other.to_string()),
+    }
+}
+
+/// The device the host asked for (`auto` resolves to CUDA when it is available).
+pub fn device(call: &Call<'_>) -> Result<Device> {
+    let req: audit_nn::DeviceRequest = call
+        .device
+        .parse()
+        .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
+    audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// The lent model loaded on `device` with its preprocessing; `require_params` refuses a model
+/// with nothing to train.
+pub fn load_model(model_bytes: &[u8], device: Device, require_params: bool) -> Result<(Model, Preprocess)> {
+    let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
+    model.to_device(device);
+    if require_params && model.parameter_count() == 0 {
+        return Err(Error::invalid("the model has no trainable parameters to train"));
+    }
+    let pre = preprocess(&model)?;
+    Ok((model, pre))
+}
+
+/// The clean subset a defense with `AUDIT_CAP_NEEDS_CLEAN_DATA` needs, or an error naming it.
+pub fn require_clean<'a, 'b>(name: &str, clean: Option<&'b DatasetRef<'a>>) -> Result<&'b DatasetRef<'a>> {
+    clean.filter(|c| !c.is_empty()).ok_or_else(|| {
+        Error::invalid(format!(
+            "{name} needs a clean subset (the host lends the last --clean-size test images)"
+        ))
+    })
+}
+
+/// Random crop (padding 4) and horizontal flip when `on` (CIFAR-style data), else none.
+pub fn augment(on: bool) -> Augment {
+    if on {
+        Augment {
+            crop_padding: 4,
+            flip: true,
+        }
+    } else {
+        Augment::default()
     }
 }
 
@@ -47,10 +89,11 @@ pub fn preprocess(model: &Model) -> Result<Preprocess> {
     })
 }
 
-/// Runs one sample through the model and checks that its logits cover every label of `data`.
-pub fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess) -> Result<i64> {
+/// Runs one sample through the model and checks that its logits cover every label of `data`
+/// (`what` names the data in messages: "the clean subset", "the training set").
+pub fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess, what: &str) -> Result<i64> {
     let logits = tch::no_grad(|| model.forward(&pre.apply(&data.x.narrow(0, 0, 1)), audit_nn::Mode::Eval))
-        .map_err(|e| Error::invalid(format!("the clean subset does not fit the model: {e}")))?;
+        .map_err(|e| Error::invalid(format!("{what} does not fit the model: {e}")))?;
     if logits.dim() != 2 {
         return Err(Error::invalid(format!(
             "the model's output has shape {:?}; expected [batch, classes]",
@@ -61,7 +104,7 @@ pub fn check_fit(model: &Model, data: &DeviceData, pre: &Preprocess) -> Result<i
     let max_label = data.y.max().int64_value(&[]);
     if max_label >= k {
         return Err(Error::invalid(format!(
-            "the clean subset has label {max_label} but the model has only {k} outputs"
+            "{what} has label {max_label} but the model has only {k} outputs"
         )));
     }
     Ok(k)

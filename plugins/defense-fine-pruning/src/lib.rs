@@ -32,9 +32,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use audit_defense_common::{check_fit, device_data, nn_err, preprocess, train_epochs};
+use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs};
 use audit_nn::neurons::{Layer, LayerKind, Slice};
-use audit_nn::train::{self, Augment, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{self, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
@@ -433,14 +433,7 @@ fn training_config(p: &Params, seed: u64) -> TrainConfig {
             Schedule::Cosine { min_lr: 0.0 }
         },
         freeze_bn: p.freeze_bn,
-        augment: if p.augment {
-            Augment {
-                crop_padding: 4,
-                flip: true,
-            }
-        } else {
-            Augment::default()
-        },
+        augment: augment(p.augment),
         seed,
         group_lr: vec![],
     }
@@ -470,20 +463,12 @@ impl Defense for FinePruning {
         if !(p.step > 0.0 && p.step <= 1.0) {
             return Err(Error::invalid(format!("step {}: must be in (0, 1]", p.step)));
         }
-        let clean = clean.filter(|c| !c.is_empty()).ok_or_else(|| {
-            Error::invalid("fine-pruning needs a clean subset (the host lends the last --clean-size test images)")
-        })?;
-        let req: audit_nn::DeviceRequest = call
-            .device
-            .parse()
-            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
-        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let clean = require_clean("fine-pruning", clean)?;
+        let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);
-        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
-        model.to_device(device);
-        let pre = preprocess(&model)?;
+        let (model, pre) = load_model(model_bytes, device, false)?;
         let data = device_data(clean, device)?;
-        let classes = check_fit(&model, &data, &pre)?;
+        let classes = check_fit(&model, &data, &pre, "the clean subset")?;
         let host = call.host;
 
         // 1. Rank.

@@ -10,8 +10,8 @@
 //! both measured in eval mode on the clean subset: that subset is also the fine-tuning data, so
 //! the host's own before/after evaluation (on the rest of the test split) is the one to quote.
 
-use audit_defense_common::{check_fit, device_data, nn_err, preprocess, train_epochs};
-use audit_nn::train::{self, Augment, Optimizer, Schedule, TrainConfig, Trainer};
+use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs};
+use audit_nn::train::{self, Optimizer, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
@@ -84,14 +84,7 @@ fn training_config(p: &Params, seed: u64) -> TrainConfig {
             Schedule::Cosine { min_lr: 0.0 }
         },
         freeze_bn: p.freeze_bn,
-        augment: if p.augment {
-            Augment {
-                crop_padding: 4,
-                flip: true,
-            }
-        } else {
-            Augment::default()
-        },
+        augment: augment(p.augment),
         seed,
         group_lr: vec![],
     }
@@ -129,23 +122,12 @@ impl Defense for Finetune {
                 p.schedule
             )));
         }
-        let clean = clean.filter(|c| !c.is_empty()).ok_or_else(|| {
-            Error::invalid("finetune needs a clean subset (the host lends the last --clean-size test images)")
-        })?;
-        let req: audit_nn::DeviceRequest = call
-            .device
-            .parse()
-            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
-        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let clean = require_clean("finetune", clean)?;
+        let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);
-        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
-        model.to_device(device);
-        if model.parameter_count() == 0 {
-            return Err(Error::invalid("the model has no trainable parameters to fine-tune"));
-        }
-        let pre = preprocess(&model)?;
+        let (model, pre) = load_model(model_bytes, device, true)?;
         let data = device_data(clean, device)?;
-        let classes = check_fit(&model, &data, &pre)?;
+        let classes = check_fit(&model, &data, &pre, "the clean subset")?;
         let host = call.host;
 
         let before = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;

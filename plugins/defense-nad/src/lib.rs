@@ -40,8 +40,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use audit_defense_common::{check_fit, device_data, nn_err, preprocess};
-use audit_nn::train::{self, Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean};
+use audit_nn::train::{self, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Mode, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
@@ -341,14 +341,7 @@ fn training_config(p: &Params, lr: f64, epochs: usize, seed: u64) -> TrainConfig
             Schedule::Constant
         },
         freeze_bn: false,
-        augment: if p.augment {
-            Augment {
-                crop_padding: 4,
-                flip: true,
-            }
-        } else {
-            Augment::default()
-        },
+        augment: augment(p.augment),
         seed,
         group_lr: vec![],
     }
@@ -551,23 +544,12 @@ impl Defense for Nad {
         if !(p.p.is_finite() && p.p > 0.0) {
             return Err(Error::invalid(format!("p = {}: expected a positive number", p.p)));
         }
-        let clean = clean.filter(|c| !c.is_empty()).ok_or_else(|| {
-            Error::invalid("nad needs a clean subset (the host lends the last --clean-size test images)")
-        })?;
-        let req: audit_nn::DeviceRequest = call
-            .device
-            .parse()
-            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
-        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let clean = require_clean("nad", clean)?;
+        let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);
-        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
-        model.to_device(device);
-        if model.parameter_count() == 0 {
-            return Err(Error::invalid("the model has no trainable parameters to train"));
-        }
-        let pre = preprocess(&model)?;
+        let (model, pre) = load_model(model_bytes, device, true)?;
         let data = device_data(clean, device)?;
-        let classes = check_fit(&model, &data, &pre)?;
+        let classes = check_fit(&model, &data, &pre, "the clean subset")?;
         let host = call.host;
 
         let mut notes = Vec::new();

@@ -13,8 +13,8 @@
 
 mod analysis;
 
-use audit_defense_common::{device_data, nn_err, preprocess};
-use audit_nn::train::{Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_defense_common::{augment, device, device_data, load_model, nn_err};
+use audit_nn::train::{DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
@@ -179,15 +179,9 @@ impl Defense for NoneDefense {
             )));
         }
         let train_set = train_set.ok_or_else(|| Error::invalid("NONE needs the training set"))?;
-        let req: audit_nn::DeviceRequest = call
-            .device
-            .parse()
-            .map_err(|e: audit_nn::DeviceError| Error::invalid(e.to_string()))?;
-        let device = audit_nn::resolve_device(req).map_err(|e| Error::invalid(e.to_string()))?;
+        let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);
-        let mut model = Model::load(model_bytes, None).map_err(nn_err)?;
-        model.to_device(device);
-        let pre = preprocess(&model)?;
+        let (model, pre) = load_model(model_bytes, device, false)?;
         let full = device_data(train_set, device)?;
         let n = full.len();
         let host = call.host;
@@ -202,14 +196,7 @@ impl Defense for NoneDefense {
             },
             schedule: Schedule::Constant,
             freeze_bn,
-            augment: if p.augment {
-                Augment {
-                    crop_padding: 4,
-                    flip: true,
-                }
-            } else {
-                Augment::default()
-            },
+            augment: augment(p.augment),
             seed,
             group_lr: vec![],
         };

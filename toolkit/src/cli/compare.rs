@@ -22,9 +22,8 @@ use super::eval::DataArgs;
 use super::harden::row_from_doc;
 use super::GlobalArgs;
 use crate::data;
-use crate::engine::read_model;
 use crate::error::{input_error, input_error_hint, EXIT_FAILURE, EXIT_OK};
-use crate::evaluate::{evaluate, AttackSpec, Normalization};
+use crate::evaluate::{evaluate, AttackSpec};
 use crate::plugin::{Kind, PluginError};
 use crate::progress::{self, LINES_ENV};
 use crate::report::{self, Report, Row};
@@ -277,16 +276,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     let model_dir = keep_dir.as_deref().unwrap_or(scratch.path());
 
     // The undefended model, measured on the evaluation set every row shares.
-    let original = read_model(&args.model)?;
-    let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
-    let meta = |k: &str| {
-        proto
-            .metadata_props
-            .iter()
-            .find(|e| e.key() == k)
-            .map(|e| e.value().to_string())
-    };
-    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
     let n_test = ds.test.len();
     if args.clean_size == 0 || args.clean_size >= n_test {
@@ -331,7 +321,11 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     );
 
     // The child command line every defense shares.
-    let exe = std::env::current_exe().context("locating the audit binary")?;
+    // /proc/self/exe stays this very binary even if a rebuild replaces the file meanwhile.
+    let exe = match Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => std::env::current_exe().context("locating the audit binary")?,
+    };
     let mut common: Vec<String> = Vec::new();
     for d in &global.plugin_dirs {
         common.extend(["--plugin-dir".into(), d.display().to_string()]);

@@ -2,7 +2,7 @@
 //! and with an attack, attack success rate and robust accuracy, measured on the ONNX file
 //! through onnxruntime or tract (`--runtime`; by default onnxruntime, tract when it cannot load).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -32,6 +32,24 @@ pub struct DataArgs {
     pub std: Option<String>,
 }
 
+impl DataArgs {
+    /// The model file's bytes and its preprocessing: `--mean`/`--std`, else the model's
+    /// `audit.mean`/`audit.std` metadata, else 0 and 1.
+    pub fn model_and_normalization(&self, path: &Path) -> Result<(Vec<u8>, Normalization)> {
+        let bytes = read_model(path)?;
+        let proto = audit_nn::model::parse(&bytes).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
+        let meta = |k: &str| {
+            proto
+                .metadata_props
+                .iter()
+                .find(|e| e.key() == k)
+                .map(|e| e.value().to_string())
+        };
+        let norm = Normalization::resolve(self.mean.as_deref(), self.std.as_deref(), &meta)?;
+        Ok((bytes, norm))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     pub model: PathBuf,
@@ -57,16 +75,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
-    let bytes = read_model(&args.model)?;
-    let proto = audit_nn::model::parse(&bytes).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
-    let meta = |k: &str| {
-        proto
-            .metadata_props
-            .iter()
-            .find(|e| e.key() == k)
-            .map(|e| e.value().to_string())
-    };
-    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let (bytes, norm) = args.data.model_and_normalization(&args.model)?;
     let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
     let test = match args.limit {
         Some(k) => ds.test.head(k),

@@ -14,9 +14,9 @@ use super::check_output;
 use super::eval::DataArgs;
 use super::GlobalArgs;
 use crate::data;
-use crate::engine::{input_chw, parity, random_batch, read_model, PARITY_TOLERANCE};
+use crate::engine::{input_chw, parity, random_batch, PARITY_TOLERANCE};
 use crate::error::{input_error, input_error_hint, EXIT_OK};
-use crate::evaluate::{evaluate, AttackSpec, Metrics, Normalization};
+use crate::evaluate::{evaluate, AttackSpec, Metrics};
 use crate::plugin::{CallInput, Kind, Op, PluginError};
 use crate::report::{self, Report, Row};
 
@@ -223,16 +223,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             )));
         }
     }
-    let original = read_model(&args.model)?;
-    let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
-    let meta = |k: &str| {
-        proto
-            .metadata_props
-            .iter()
-            .find(|e| e.key() == k)
-            .map(|e| e.value().to_string())
-    };
-    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
     let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
     let train = match args.limit {
