@@ -136,6 +136,51 @@ pub fn call(params: Params, seed: u64) -> Call<'static> {
     }
 }
 
+unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
+    1
+}
+
+/// A call whose host reports the run as cancelled from the start (as after Ctrl-C).
+pub fn cancelled_call(params: Params) -> Call<'static> {
+    let api: &'static abi::AuditHostApi = Box::leak(Box::new(abi::AuditHostApi {
+        struct_size: std::mem::size_of::<abi::AuditHostApi>() as u32,
+        abi_min: abi::AUDIT_ABI_VERSION,
+        abi_max: abi::AUDIT_ABI_VERSION,
+        _reserved: 0,
+        ctx: std::ptr::null_mut(),
+        log: None,
+        progress: None,
+        is_cancelled: Some(always_cancelled),
+    }));
+    Call {
+        host: Host::new(Some(api)),
+        params,
+        seed: 0,
+        device: "cpu",
+    }
+}
+
+/// `n` 1x28x28 images of 10 classes that a small CNN learns in an epoch or two: class k is a
+/// bright 6x6 block at one of ten positions, over faint noise.
+pub fn blocks(n: usize, seed: u64) -> TestData {
+    let mut rng = Rng::new(seed);
+    let mut pixels = vec![0u8; n * 28 * 28];
+    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
+    for (i, &y) in labels.iter().enumerate() {
+        let img = &mut pixels[i * 784..(i + 1) * 784];
+        for p in img.iter_mut() {
+            *p = rng.below(40) as u8;
+        }
+        let (r0, c0) = (2 + 12 * (y as usize / 5), 1 + 5 * (y as usize % 5));
+        for r in r0..r0 + 6 {
+            for c in c0..c0 + 6 {
+                img[r * 28 + c] = 200 + rng.below(56) as u8;
+            }
+        }
+    }
+    TestData::u8([n, 1, 28, 28], pixels, labels, 10)
+}
+
 /// The elements of a u8 tensor (panics otherwise).
 pub fn u8_pixels(t: &Tensor) -> &[u8] {
     match &t.data {

@@ -1,7 +1,7 @@
 use audit_attack_common::testing::{self, TestData};
 use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
-use audit_sdk::{Call, Host, Status};
+use audit_sdk::{Call, Status};
 use serde_json::{json, Value};
 
 use super::*;
@@ -327,28 +327,9 @@ fn missing_empty_or_too_small_training_data_is_invalid() {
     assert!(e.message.contains("only 5 outputs"), "{}", e.message);
 }
 
-unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
-    1
-}
-
 #[test]
 fn cancellation_is_reported() {
-    let api = abi::AuditHostApi {
-        struct_size: std::mem::size_of::<abi::AuditHostApi>() as u32,
-        abi_min: abi::AUDIT_ABI_VERSION,
-        abi_max: abi::AUDIT_ABI_VERSION,
-        _reserved: 0,
-        ctx: std::ptr::null_mut(),
-        log: None,
-        progress: None,
-        is_cancelled: Some(always_cancelled),
-    };
-    let c = Call {
-        host: Host::new(Some(&api)),
-        params: testing::params(SCHEMA, quick(json!({}))),
-        seed: 0,
-        device: "cpu",
-    };
+    let c = testing::cancelled_call(testing::params(SCHEMA, quick(json!({}))));
     let (data, _) = poisoned_blocks(200, 6, 2);
     let e = Abl.defend(&c, &small_cnn(5), Some(&data.dataset()), None).unwrap_err();
     assert_eq!(e.status, Status::Cancelled);

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 use audit_attack_common::testing::{self, TestData};
 use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
-use audit_sdk::{Call, Host, Status};
+use audit_sdk::{Call, Status};
 use serde_json::json;
 
 use super::*;
@@ -14,34 +14,13 @@ fn small_cnn(seed: u64) -> Vec<u8> {
     zoo::to_bytes(&zoo::build(Arch::SmallCnn, [1, 28, 28], 10, seed).expect("zoo model"))
 }
 
-/// `n` 1x28x28 images of 10 classes, learnable: class k is a bright 6x6 block at one of ten
-/// positions, over faint noise.
-fn blocks(n: usize, seed: u64) -> TestData {
-    let mut rng = Rng::new(seed);
-    let mut pixels = vec![0u8; n * 28 * 28];
-    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
-    for (i, &y) in labels.iter().enumerate() {
-        let img = &mut pixels[i * 784..(i + 1) * 784];
-        for p in img.iter_mut() {
-            *p = rng.below(40) as u8;
-        }
-        let (r0, c0) = (2 + 12 * (y as usize / 5), 1 + 5 * (y as usize % 5));
-        for r in r0..r0 + 6 {
-            for c in c0..c0 + 6 {
-                img[r * 28 + c] = 200 + rng.below(56) as u8;
-            }
-        }
-    }
-    TestData::u8([n, 1, 28, 28], pixels, labels, 10)
-}
-
 /// The small CNN trained for a few epochs on the blocks (shared by the tests).
 fn trained_cnn() -> &'static [u8] {
     static MODEL: OnceLock<Vec<u8>> = OnceLock::new();
     MODEL.get_or_init(|| {
         let mut m = Model::load(&small_cnn(1), None).unwrap();
         m.to_device(Device::Cpu);
-        let set = blocks(300, 11);
+        let set = testing::blocks(300, 11);
         let data = device_data(&set.dataset(), Device::Cpu).unwrap();
         let cfg = TrainConfig {
             epochs: 3,
@@ -182,7 +161,7 @@ fn search_stops_at_the_first_step_over_budget_and_keeps_the_last_within() {
 #[test]
 fn prunes_the_last_conv_and_masks_hold_through_fine_tuning() {
     let model = trained_cnn();
-    let clean = blocks(200, 12);
+    let clean = testing::blocks(200, 12);
     let c = call(json!({"epochs": 2, "batch_size": 32}), 1);
     let h = FinePruning
         .defend(&c, model, None, Some(&clean.dataset()))
@@ -247,7 +226,7 @@ fn a_step_over_budget_is_undone() {
     // Zero budget: only steps that keep the clean accuracy are accepted. Large steps make the
     // breaking step likely; whatever happens, the kept model's accuracy is the kept step's.
     let model = trained_cnn();
-    let clean = blocks(100, 13);
+    let clean = testing::blocks(100, 13);
     for (budget, step) in [(0.0, 0.25), (0.1, 0.2)] {
         let c = call(json!({"epochs": 0, "acc_budget": budget, "step": step}), 0);
         let h = FinePruning
@@ -293,7 +272,7 @@ fn a_step_over_budget_is_undone() {
 #[test]
 fn penultimate_prunes_the_final_layer_inputs() {
     let model = trained_cnn();
-    let clean = blocks(100, 14);
+    let clean = testing::blocks(100, 14);
     let c = call(json!({"layer": "penultimate", "epochs": 1, "batch_size": 50}), 0);
     let h = FinePruning
         .defend(&c, model, None, Some(&clean.dataset()))
@@ -314,7 +293,7 @@ fn penultimate_prunes_the_final_layer_inputs() {
 #[test]
 fn a_model_without_conv_needs_penultimate() {
     let model = mlp();
-    let clean = blocks(60, 15);
+    let clean = testing::blocks(60, 15);
     let e = FinePruning
         .defend(&call(json!({"epochs": 0}), 0), &model, None, Some(&clean.dataset()))
         .unwrap_err();
@@ -350,29 +329,10 @@ fn missing_clean_data_is_invalid() {
     assert_eq!(e.status, Status::InvalidInput);
 }
 
-unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
-    1
-}
-
 #[test]
 fn cancellation_is_reported() {
-    let api = abi::AuditHostApi {
-        struct_size: std::mem::size_of::<abi::AuditHostApi>() as u32,
-        abi_min: abi::AUDIT_ABI_VERSION,
-        abi_max: abi::AUDIT_ABI_VERSION,
-        _reserved: 0,
-        ctx: std::ptr::null_mut(),
-        log: None,
-        progress: None,
-        is_cancelled: Some(always_cancelled),
-    };
-    let c = Call {
-        host: Host::new(Some(&api)),
-        params: testing::params(SCHEMA, json!({"epochs": 1})),
-        seed: 0,
-        device: "cpu",
-    };
-    let clean = blocks(20, 2);
+    let c = testing::cancelled_call(testing::params(SCHEMA, json!({"epochs": 1})));
+    let clean = testing::blocks(20, 2);
     let e = FinePruning
         .defend(&c, &small_cnn(3), None, Some(&clean.dataset()))
         .unwrap_err();

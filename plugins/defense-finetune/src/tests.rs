@@ -1,7 +1,6 @@
 use audit_attack_common::testing::{self, TestData};
-use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
-use audit_sdk::{Call, Host, Status};
+use audit_sdk::{Call, Status};
 use serde_json::{json, Value};
 
 use super::*;
@@ -9,27 +8,6 @@ use super::*;
 /// A zoo small CNN for 1x28x28 inputs and 10 classes.
 fn small_cnn(seed: u64) -> Vec<u8> {
     zoo::to_bytes(&zoo::build(Arch::SmallCnn, [1, 28, 28], 10, seed).expect("zoo model"))
-}
-
-/// `n` 1x28x28 images of 10 classes, learnable: class k is a bright 6x6 block at one of ten
-/// positions, over faint noise.
-fn blocks(n: usize, seed: u64) -> TestData {
-    let mut rng = Rng::new(seed);
-    let mut pixels = vec![0u8; n * 28 * 28];
-    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
-    for (i, &y) in labels.iter().enumerate() {
-        let img = &mut pixels[i * 784..(i + 1) * 784];
-        for p in img.iter_mut() {
-            *p = rng.below(40) as u8;
-        }
-        let (r0, c0) = (2 + 12 * (y as usize / 5), 1 + 5 * (y as usize % 5));
-        for r in r0..r0 + 6 {
-            for c in c0..c0 + 6 {
-                img[r * 28 + c] = 200 + rng.below(56) as u8;
-            }
-        }
-    }
-    TestData::u8([n, 1, 28, 28], pixels, labels, 10)
 }
 
 fn call(overrides: Value, seed: u64) -> Call<'static> {
@@ -67,7 +45,7 @@ fn schema_is_valid_and_descriptor_matches() {
 #[test]
 fn finetune_changes_weights_learns_and_is_deterministic() {
     let model = small_cnn(1);
-    let clean = blocks(200, 7);
+    let clean = testing::blocks(200, 7);
     let c = call(json!({"epochs": 3, "batch_size": 32, "lr": 0.05}), 3);
     let h = Finetune
         .defend(&c, &model, None, Some(&clean.dataset()))
@@ -98,7 +76,7 @@ fn finetune_changes_weights_learns_and_is_deterministic() {
 #[test]
 fn adam_frozen_bn_and_constant_schedule_run() {
     let model = small_cnn(2);
-    let clean = blocks(40, 8);
+    let clean = testing::blocks(40, 8);
     let c = call(
         json!({"epochs": 1, "batch_size": 20, "optimizer": "adam", "lr": 0.001, "freeze_bn": true, "schedule": "constant"}),
         0,
@@ -124,7 +102,7 @@ fn adam_frozen_bn_and_constant_schedule_run() {
 #[test]
 fn zero_epochs_returns_the_same_weights() {
     let model = small_cnn(3);
-    let clean = blocks(20, 9);
+    let clean = testing::blocks(20, 9);
     let h = Finetune
         .defend(&call(json!({"epochs": 0}), 0), &model, None, Some(&clean.dataset()))
         .expect("defend");
@@ -149,35 +127,16 @@ fn missing_or_mismatched_clean_data_is_invalid() {
     assert_eq!(e.status, Status::InvalidInput, "{}", e.message);
     // More classes than the model has outputs.
     let five = zoo::to_bytes(&zoo::build(Arch::SmallCnn, [1, 28, 28], 5, 0).unwrap());
-    let ten = blocks(20, 1);
+    let ten = testing::blocks(20, 1);
     let e = Finetune.defend(&c, &five, None, Some(&ten.dataset())).unwrap_err();
     assert_eq!(e.status, Status::InvalidInput);
     assert!(e.message.contains("only 5 outputs"), "{}", e.message);
 }
 
-unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
-    1
-}
-
 #[test]
 fn cancellation_is_reported() {
-    let api = abi::AuditHostApi {
-        struct_size: std::mem::size_of::<abi::AuditHostApi>() as u32,
-        abi_min: abi::AUDIT_ABI_VERSION,
-        abi_max: abi::AUDIT_ABI_VERSION,
-        _reserved: 0,
-        ctx: std::ptr::null_mut(),
-        log: None,
-        progress: None,
-        is_cancelled: Some(always_cancelled),
-    };
-    let c = Call {
-        host: Host::new(Some(&api)),
-        params: testing::params(SCHEMA, json!({"epochs": 2})),
-        seed: 0,
-        device: "cpu",
-    };
-    let clean = blocks(20, 2);
+    let c = testing::cancelled_call(testing::params(SCHEMA, json!({"epochs": 2})));
+    let clean = testing::blocks(20, 2);
     let e = Finetune
         .defend(&c, &small_cnn(5), None, Some(&clean.dataset()))
         .unwrap_err();

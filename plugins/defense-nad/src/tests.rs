@@ -1,7 +1,6 @@
 use audit_attack_common::testing::{self, TestData};
-use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
-use audit_sdk::{Call, Host, Status};
+use audit_sdk::{Call, Status};
 use serde_json::json;
 
 use super::*;
@@ -10,27 +9,6 @@ use super::*;
 /// fc1, fc2).
 fn small_cnn(seed: u64) -> Vec<u8> {
     zoo::to_bytes(&zoo::build(Arch::SmallCnn, [1, 28, 28], 10, seed).expect("zoo model"))
-}
-
-/// `n` 1x28x28 images of 10 classes, learnable: class k is a bright 6x6 block at one of ten
-/// positions, over faint noise.
-fn blocks(n: usize, seed: u64) -> TestData {
-    let mut rng = Rng::new(seed);
-    let mut pixels = vec![0u8; n * 28 * 28];
-    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
-    for (i, &y) in labels.iter().enumerate() {
-        let img = &mut pixels[i * 784..(i + 1) * 784];
-        for p in img.iter_mut() {
-            *p = rng.below(40) as u8;
-        }
-        let (r0, c0) = (2 + 12 * (y as usize / 5), 1 + 5 * (y as usize % 5));
-        for r in r0..r0 + 6 {
-            for c in c0..c0 + 6 {
-                img[r * 28 + c] = 200 + rng.below(56) as u8;
-            }
-        }
-    }
-    TestData::u8([n, 1, 28, 28], pixels, labels, 10)
 }
 
 fn call(overrides: Value, seed: u64) -> Call<'static> {
@@ -147,7 +125,7 @@ fn default_layers_are_the_convs_after_their_activations() {
 #[test]
 fn nad_distils_and_returns_a_loadable_changed_model() {
     let model = small_cnn(1);
-    let clean = blocks(200, 7);
+    let clean = testing::blocks(200, 7);
     let c = call(
         json!({"teacher_epochs": 2, "epochs": 3, "batch_size": 32, "lr": 0.02, "teacher_lr": 0.05, "schedule": "constant"}),
         3,
@@ -214,7 +192,7 @@ fn given_layers_and_betas_are_checked() {
     let model = small_cnn(2);
     let m = Model::load(&model, None).unwrap();
     let relu2 = output_of(&m, "relu2");
-    let clean = blocks(20, 8);
+    let clean = testing::blocks(20, 8);
     let quick = |extra: Value| {
         let mut o = json!({"teacher_epochs": 0, "epochs": 1, "batch_size": 10, "schedule": "cosine"});
         o.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
@@ -299,7 +277,7 @@ fn a_model_without_convs_is_invalid() {
     w.dims = vec![128, 784];
     w.raw_data = Some(vec![0u8; 128 * 784 * 4]);
     let mlp = zoo::to_bytes(&proto);
-    let clean = blocks(20, 3);
+    let clean = testing::blocks(20, 3);
     let e = Nad
         .defend(&call(json!({}), 0), &mlp, None, Some(&clean.dataset()))
         .unwrap_err();
@@ -307,29 +285,10 @@ fn a_model_without_convs_is_invalid() {
     assert!(e.message.contains("no Conv layer"), "{}", e.message);
 }
 
-unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
-    1
-}
-
 #[test]
 fn cancellation_is_reported() {
-    let api = abi::AuditHostApi {
-        struct_size: std::mem::size_of::<abi::AuditHostApi>() as u32,
-        abi_min: abi::AUDIT_ABI_VERSION,
-        abi_max: abi::AUDIT_ABI_VERSION,
-        _reserved: 0,
-        ctx: std::ptr::null_mut(),
-        log: None,
-        progress: None,
-        is_cancelled: Some(always_cancelled),
-    };
-    let c = Call {
-        host: Host::new(Some(&api)),
-        params: testing::params(SCHEMA, json!({"teacher_epochs": 2, "epochs": 2})),
-        seed: 0,
-        device: "cpu",
-    };
-    let clean = blocks(20, 2);
+    let c = testing::cancelled_call(testing::params(SCHEMA, json!({"teacher_epochs": 2, "epochs": 2})));
+    let clean = testing::blocks(20, 2);
     let e = Nad.defend(&c, &small_cnn(5), None, Some(&clean.dataset())).unwrap_err();
     assert_eq!(e.status, Status::Cancelled);
 }

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use super::check_output;
 use super::eval::DataArgs;
-use super::harden::row_from_doc;
+use super::harden::{row_from_doc, RunArgs};
 use super::GlobalArgs;
 use crate::data;
 use crate::error::{input_error, input_error_hint, EXIT_FAILURE, EXIT_OK};
@@ -40,36 +40,15 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_DEFENSES)]
     pub defenses: Vec<String>,
     /// Parameter of one defense (or of the evaluation attack): NAME.KEY=VALUE, repeatable,
-    /// e.g. `--param none.E2=5 --param nad.epochs=10`.
+    /// e.g. `--param none.E2=5 --param nad.epochs=10`. Every row is measured on the same test
+    /// images: the clean subset is left out of all of them.
     #[arg(long = "param", value_name = "NAME.KEY=VALUE")]
     pub params: Vec<String>,
-    /// Attack whose trigger measures ASR and RA for every row.
-    #[arg(long)]
-    pub eval_attack: Option<String>,
-    /// Parameter of the evaluation attack KEY=VALUE (repeatable; same as --param ATTACK.KEY=VALUE).
-    #[arg(long = "attack-param", value_name = "KEY=VALUE")]
-    pub attack_params: Vec<String>,
-    /// Write the report: .json, .md or .html (self-contained, with charts); repeatable.
-    #[arg(long = "report", value_name = "FILE")]
-    pub reports: Vec<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Keep the hardened models in this folder (DEFENSE.onnx); by default they are discarded.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
-    /// auto (CUDA when available), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    pub device: String,
-    /// Use the first N training samples only.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Measure on the first N test samples only.
-    #[arg(long)]
-    pub test_limit: Option<usize>,
-    /// The last N test images are the clean subset lent to defenses that need one; no row is
-    /// measured on them.
-    #[arg(long, default_value_t = 1000)]
-    pub clean_size: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Replace existing reports and kept models.
     #[arg(long)]
     pub force: bool,
@@ -191,7 +170,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         return Err(input_error(format!("--defenses names `{d}` twice")));
     }
     let mut known: Vec<&str> = names.iter().map(String::as_str).collect();
-    if let Some(a) = &args.eval_attack {
+    if let Some(a) = &args.run.eval_attack {
         if known.contains(&a.as_str()) {
             return Err(input_error(format!(
                 "`{a}` is both a defense and the evaluation attack"
@@ -225,11 +204,12 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         });
     }
     let attack = args
+        .run
         .eval_attack
         .as_deref()
         .map(|n| super::plugins::find(&dirs, n))
         .transpose()?;
-    let mut attack_raw = args.attack_params.clone();
+    let mut attack_raw = args.run.attack_params.clone();
     if let Some(a) = &attack {
         if a.kind != Kind::Attack {
             return Err(input_error(format!(
@@ -258,7 +238,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     if data_path.exists() {
         inputs.push(data_path);
     }
-    for r in &args.reports {
+    for r in &args.run.reports {
         report::Format::of(r)?;
         check_output(r, args.force, &inputs)?;
     }
@@ -277,27 +257,28 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
 
     // The undefended model, measured on the evaluation set every row shares.
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
-    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
+    let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
     let n_test = ds.test.len();
-    if args.clean_size == 0 || args.clean_size >= n_test {
+    if args.run.clean_size == 0 || args.run.clean_size >= n_test {
         return Err(input_error(format!(
             "--clean-size must be between 1 and {} (the test split's size - 1)",
             n_test.saturating_sub(1)
         )));
     }
     let n_eval = args
+        .run
         .test_limit
-        .map_or(n_test - args.clean_size, |k| k.min(n_test - args.clean_size));
+        .map_or(n_test - args.run.clean_size, |k| k.min(n_test - args.run.clean_size));
     if n_eval == 0 {
         return Err(input_error("--test-limit 0 leaves nothing to measure"));
     }
     let test = ds.test.head(n_eval);
-    let train_len = args.limit.map_or(ds.train.len(), |k| k.min(ds.train.len()));
+    let train_len = args.run.limit.map_or(ds.train.len(), |k| k.min(ds.train.len()));
     let n_poisoned = ds
         .poison_idx
         .as_ref()
         .map(|ix| ix.iter().filter(|&&i| (i as usize) < train_len).count());
-    let device_req: audit_nn::DeviceRequest = args.device.parse()?;
+    let device_req: audit_nn::DeviceRequest = args.run.device.parse()?;
     let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
     let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
     let spec = attack
@@ -306,14 +287,14 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         .map(|(p, params)| AttackSpec {
             plugin: p,
             params,
-            seed: args.seed,
+            seed: args.run.seed,
         });
     eprintln!(
         "comparing {} defense(s) on {} ({} training samples; {n_eval} test images measured, {} lent as clean data; {device_name})",
         planned.len(),
         args.model.display(),
         train_len,
-        args.clean_size
+        args.run.clean_size
     );
     let baseline = Row::measured(
         "undefended",
@@ -350,15 +331,15 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         "--device".into(),
         device_name.into(),
         "--seed".into(),
-        args.seed.to_string(),
+        args.run.seed.to_string(),
         "--clean-size".into(),
-        args.clean_size.to_string(),
+        args.run.clean_size.to_string(),
         "--test-limit".into(),
         n_eval.to_string(),
         "--json".into(),
         "--force".into(),
     ]);
-    if let Some(k) = args.limit {
+    if let Some(k) = args.run.limit {
         common.extend(["--limit".into(), k.to_string()]);
     }
     if let Some(a) = &attack {
@@ -457,7 +438,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
             num_classes: ds.num_classes,
             n_train: train_len,
             n_eval,
-            n_clean: args.clean_size,
+            n_clean: args.run.clean_size,
             n_poisoned,
         },
         eval_attack: attack
@@ -468,21 +449,21 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
                 version: a.version.clone(),
                 params: Value::Object(p.clone()),
             }),
-        seed: args.seed,
+        seed: args.run.seed,
         device: device_name.into(),
         baseline,
         rows,
         best: BTreeMap::new(),
     };
     r.finish();
-    for path in &args.reports {
+    for path in &args.run.reports {
         r.write(path)?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!("{}", report::terminal_table(&r));
-        for path in &args.reports {
+        for path in &args.run.reports {
             println!("wrote {}", path.display());
         }
     }

@@ -31,13 +31,25 @@ pub struct HardenArgs {
     /// Hardened model (default: MODEL.hardened.onnx beside the input).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// auto (CUDA when available), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    pub device: String,
     /// Defense parameter KEY=VALUE (repeatable), checked against the defense's schema.
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
-    /// Attack whose trigger measures ASR before and after.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `harden` and `compare` share: device, evaluation attack, reports, data splits, seed.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// auto (CUDA when available), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
+    /// Attack whose trigger measures ASR and robust accuracy before and after.
     #[arg(long)]
     pub eval_attack: Option<String>,
     /// Parameter of the evaluation attack KEY=VALUE (repeatable).
@@ -49,7 +61,7 @@ pub struct HardenArgs {
     /// Use the first N training samples only.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Evaluate on the first N test samples only.
+    /// Measure on the first N test samples only.
     #[arg(long)]
     pub test_limit: Option<usize>,
     /// For defenses that need trusted clean data: the last N test images are lent to the defense
@@ -58,11 +70,6 @@ pub struct HardenArgs {
     pub clean_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Splits off the last `n` samples: (the rest, the last n).
@@ -173,7 +180,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         )));
     }
     let params = defense.schema.resolve(&args.params).map_err(|e| {
-        let hint = if args.eval_attack.is_some() {
+        let hint = if args.run.eval_attack.is_some() {
             " (parameters of --eval-attack go in --attack-param)"
         } else {
             ""
@@ -185,6 +192,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         }
     })?;
     let attack = args
+        .run
         .eval_attack
         .as_deref()
         .map(|n| super::plugins::find(&dirs, n))
@@ -196,13 +204,13 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
                 a.name, a.kind
             )));
         }
-    } else if !args.attack_params.is_empty() {
+    } else if !args.run.attack_params.is_empty() {
         return Err(input_error("--attack-param needs --eval-attack NAME"));
     }
     let attack_params = match &attack {
         Some(a) => Some(
             a.schema
-                .resolve(&args.attack_params)
+                .resolve(&args.run.attack_params)
                 .map_err(|e| PluginError::InvalidInput {
                     name: a.name.clone(),
                     path: a.path.clone(),
@@ -213,7 +221,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     };
 
     check_output(&out, args.force, &inputs)?;
-    for r in &args.reports {
+    for r in &args.run.reports {
         report::Format::of(r)?;
         check_output(r, args.force, &inputs)?;
         if r == &out {
@@ -225,8 +233,8 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     }
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
-    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
-    let train = match args.limit {
+    let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
+    let train = match args.run.limit {
         Some(k) => ds.train.head(k),
         None => ds.train.clone(),
     };
@@ -235,24 +243,24 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             "`{}` needs the training set, and {} has no training samples{}",
             defense.name,
             ds.source,
-            if args.limit == Some(0) { " (--limit 0)" } else { "" }
+            if args.run.limit == Some(0) { " (--limit 0)" } else { "" }
         )));
     }
     let needs_clean = defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
     let (eval_pool, clean) = if needs_clean {
-        if args.clean_size == 0 || args.clean_size >= ds.test.len() {
+        if args.run.clean_size == 0 || args.run.clean_size >= ds.test.len() {
             return Err(input_error(format!(
                 "`{}` needs a clean subset: --clean-size must be between 1 and {} (the test split's size - 1)",
                 defense.name,
                 ds.test.len().saturating_sub(1)
             )));
         }
-        let (head, tail) = split_tail(&ds.test, args.clean_size);
+        let (head, tail) = split_tail(&ds.test, args.run.clean_size);
         (head, Some(tail))
     } else {
         (ds.test.clone(), None)
     };
-    let test = match args.test_limit {
+    let test = match args.run.test_limit {
         Some(k) => eval_pool.head(k),
         None => eval_pool,
     };
@@ -260,7 +268,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         .poison_idx
         .as_ref()
         .map(|ix| ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect());
-    let device_req: audit_nn::DeviceRequest = args.device.parse()?;
+    let device_req: audit_nn::DeviceRequest = args.run.device.parse()?;
     let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
     let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
 
@@ -270,7 +278,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         .map(|(p, params)| AttackSpec {
             plugin: p,
             params,
-            seed: args.seed,
+            seed: args.run.seed,
         });
     let before = evaluate(&original, &test, ds.num_classes, &norm, spec.as_ref())?;
 
@@ -283,7 +291,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     let result = defense.call(&CallInput {
         op: Op::Defend,
         params: &params,
-        seed: args.seed,
+        seed: args.run.seed,
         device: device_name,
         model: Some(&lent),
         data: Some(&train),
@@ -310,7 +318,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
                 "audit.toolkit_version".to_string(),
                 env!("CARGO_PKG_VERSION").to_string(),
             ),
-            ("audit.seed".to_string(), args.seed.to_string()),
+            ("audit.seed".to_string(), args.run.seed.to_string()),
         ],
     )?;
     hardened = with_metadata(&hardened, &norm.metadata())?;
@@ -351,16 +359,16 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         "n_clean": clean.as_ref().map(data::LabeledSet::len),
         "seconds": seconds,
         "device": device_name,
-        "seed": args.seed,
+        "seed": args.run.seed,
         "parity_max_rel_diff": diff,
-        "eval_attack": args.eval_attack,
+        "eval_attack": args.run.eval_attack,
         "before": metrics_json(&before),
         "after": metrics_json(&after),
         "peak_rss_bytes": crate::runtime::peak_rss_bytes(),
         "data_fingerprint": fingerprint,
         "defense_report": report,
     });
-    if !args.reports.is_empty() {
+    if !args.run.reports.is_empty() {
         let mut r = Report {
             schema_version: report::SCHEMA_VERSION,
             command: "harden".into(),
@@ -387,14 +395,14 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
                     version: a.version.clone(),
                     params: Value::Object(p.clone()),
                 }),
-            seed: args.seed,
+            seed: args.run.seed,
             device: device_name.to_string(),
             baseline: Row::measured("undefended", &before),
             rows: vec![row_from_doc(&doc)],
             best: Default::default(),
         };
         r.finish();
-        for path in &args.reports {
+        for path in &args.run.reports {
             r.write(path)?;
         }
     }

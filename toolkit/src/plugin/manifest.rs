@@ -179,7 +179,12 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".audit-").tempfile_in(dir)?;
+    // Created as an ordinary file would be (0666 less the umask), not tempfile's private 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".audit-")
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -218,4 +223,23 @@ pub fn install(lib: &Path, dir: &Path, force: bool) -> anyhow::Result<(Manifest,
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
     write_atomic(&manifest_path, text.as_bytes()).with_context(|| format!("writing {}", manifest_path.display()))?;
     Ok((manifest, manifest_path))
+}
+
+#[cfg(test)]
+mod write_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_writes_get_ordinary_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.txt");
+        super::write_atomic(&p, b"hello").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+        // The same mode a plain write gets under this umask (tempfile alone would give 0600).
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |q: &std::path::Path| std::fs::metadata(q).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), mode(&plain));
+    }
 }
