@@ -71,6 +71,32 @@ fn compare_runs_every_defense_and_writes_reports() {
     .expect_code(2);
     assert!(r.stderr.contains("epochz"), "{}", r.stderr);
     assert!(!dir.path().join("x.html").exists());
+    // The host gives each defense the data its capabilities name, or refuses and says which.
+    let r = audit(&[
+        "harden",
+        &p("bn.onnx"),
+        "--data",
+        &p("bn.npz"),
+        "--defense",
+        "abl",
+        "--limit",
+        "0",
+    ])
+    .expect_code(2);
+    assert!(r.stderr.contains("`abl` needs the training set"), "{}", r.stderr);
+    let r = audit(&[
+        "harden",
+        &p("bn.onnx"),
+        "--data",
+        &p("bn.npz"),
+        "--defense",
+        "nad",
+        "--clean-size",
+        "0",
+    ])
+    .expect_code(2);
+    assert!(r.stderr.contains("`nad` needs a clean subset"), "{}", r.stderr);
+    assert!(!dir.path().join("bn.hardened.onnx").exists());
 
     // Every defense at a quick setting; NAD is pointed at a layer the model lacks, so it fails
     // and its row says why while the others still run.
