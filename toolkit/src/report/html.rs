@@ -244,6 +244,8 @@ struct Detail {
     params: String,
     output: String,
     output_sha256: String,
+    /// Training samples the defense dropped (detect-and-drop defenses), as text.
+    dropped: String,
     report: String,
 }
 
@@ -283,6 +285,15 @@ pub fn html(report: &Report) -> Result<String> {
             params: serde_json::to_string_pretty(&r.params).unwrap_or_default(),
             output: r.output.clone().unwrap_or_else(|| "-".into()),
             output_sha256: r.output_sha256.clone().unwrap_or_else(|| "-".into()),
+            dropped: match (r.n_dropped, r.precision, r.recall) {
+                (Some(n), Some(p), Some(q)) => {
+                    format!(
+                        "{n} training samples dropped as suspects (precision {p:.4}, recall {q:.4} against poison_idx)"
+                    )
+                }
+                (Some(n), _, _) => format!("{n} training samples dropped as suspects"),
+                _ => String::new(),
+            },
             report: if r.defense_report.is_null() {
                 String::new()
             } else {
@@ -335,6 +346,7 @@ mod tests {
         assert!(page.contains("unknown layer `x`"), "the failure's error");
         assert!(page.contains("class=\"best\""), "best values marked");
         assert!(page.contains(&r.model.sha256) && page.contains(&r.data.fingerprint));
+        assert!(page.contains("17 training samples dropped as suspects (precision 0.3000"));
     }
 
     #[test]

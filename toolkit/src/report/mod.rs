@@ -415,13 +415,14 @@ pub fn markdown(report: &Report) -> String {
             );
         }
     }
-    s += "\n## Defenses\n\n| defense | version | parameters | output sha256 |\n|---|---|---|---|\n";
+    s += "\n## Defenses\n\n| defense | version | parameters | dropped samples | output sha256 |\n|---|---|---|---|---|\n";
     for r in &report.rows {
         s += &format!(
-            "| {} | {} | `{}` | {} |\n",
+            "| {} | {} | `{}` | {} | {} |\n",
             r.defense,
             r.version.as_deref().unwrap_or("-"),
             md_escape(&r.params.to_string()),
+            r.n_dropped.map_or("-".to_string(), |n| n.to_string()),
             r.output_sha256.as_deref().map_or("-".to_string(), |h| format!("`{h}`"))
         );
     }
@@ -506,6 +507,7 @@ mod tests {
         a.peak_rss_bytes = Some(900 << 20);
         a.precision = Some(0.3);
         a.recall = Some(0.99);
+        a.n_dropped = Some(17);
         let mut b = Row::measured("finetune", &m(0.89, 0.90));
         b.seconds = Some(10.0);
         b.peak_rss_bytes = Some(800 << 20);
@@ -561,6 +563,7 @@ mod tests {
         assert!(md.contains("| none | 0.8800 | **0.0100** |"), "{md}");
         assert!(md.contains("| nad | FAILED: nad: unknown layer `x` |"), "{md}");
         assert!(md.contains("## Failures"), "{md}");
+        assert!(md.contains("| 17 |"), "dropped samples listed: {md}");
     }
 
     #[test]
