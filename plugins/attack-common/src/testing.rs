@@ -136,6 +136,14 @@ pub fn call(params: Params, seed: u64) -> Call<'static> {
     }
 }
 
+/// Serialises the tests of one test binary that draw from libtorch's random generator, which is
+/// global to the process: parallel tests would interleave their draws (shuffles, initialisation)
+/// and a test's outcome would depend on what ran beside it. Hold the guard for the whole test.
+pub fn torch_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 unsafe extern "C" fn always_cancelled(_ctx: *mut std::ffi::c_void) -> i32 {
     1
 }

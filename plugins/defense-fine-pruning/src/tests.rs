@@ -81,6 +81,7 @@ fn usizes(v: &Value) -> Vec<usize> {
 
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
+    let _torch = testing::torch_lock();
     audit_attack_common::check_schema(SCHEMA).expect("valid schema");
     let info = FinePruning::info();
     assert_eq!(info.name, "fine-pruning");
@@ -160,6 +161,7 @@ fn search_stops_at_the_first_step_over_budget_and_keeps_the_last_within() {
 
 #[test]
 fn prunes_the_last_conv_and_masks_hold_through_fine_tuning() {
+    let _torch = testing::torch_lock();
     let model = trained_cnn();
     let clean = testing::blocks(200, 12);
     let c = call(json!({"epochs": 2, "batch_size": 32}), 1);
@@ -223,6 +225,7 @@ fn prunes_the_last_conv_and_masks_hold_through_fine_tuning() {
 
 #[test]
 fn a_step_over_budget_is_undone() {
+    let _torch = testing::torch_lock();
     // Zero budget: only steps that keep the clean accuracy are accepted. Large steps make the
     // breaking step likely; whatever happens, the kept model's accuracy is the kept step's.
     let model = trained_cnn();
@@ -271,6 +274,7 @@ fn a_step_over_budget_is_undone() {
 
 #[test]
 fn penultimate_prunes_the_final_layer_inputs() {
+    let _torch = testing::torch_lock();
     let model = trained_cnn();
     let clean = testing::blocks(100, 14);
     let c = call(json!({"layer": "penultimate", "epochs": 1, "batch_size": 50}), 0);
@@ -292,6 +296,7 @@ fn penultimate_prunes_the_final_layer_inputs() {
 
 #[test]
 fn a_model_without_conv_needs_penultimate() {
+    let _torch = testing::torch_lock();
     let model = mlp();
     let clean = testing::blocks(60, 15);
     let e = FinePruning
@@ -317,6 +322,7 @@ fn a_model_without_conv_needs_penultimate() {
 
 #[test]
 fn missing_clean_data_is_invalid() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(2);
     let c = call(json!({}), 0);
     let e = FinePruning.defend(&c, &model, None, None).unwrap_err();
@@ -331,6 +337,7 @@ fn missing_clean_data_is_invalid() {
 
 #[test]
 fn cancellation_is_reported() {
+    let _torch = testing::torch_lock();
     let c = testing::cancelled_call(testing::params(SCHEMA, json!({"epochs": 1})));
     let clean = testing::blocks(20, 2);
     let e = FinePruning

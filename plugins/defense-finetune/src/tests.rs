@@ -21,6 +21,7 @@ fn weights(bytes: &[u8]) -> Vec<Tensor> {
 
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
+    let _torch = testing::torch_lock();
     audit_attack_common::check_schema(SCHEMA).expect("valid schema");
     let info = Finetune::info();
     assert_eq!(info.name, "finetune");
@@ -44,6 +45,7 @@ fn schema_is_valid_and_descriptor_matches() {
 
 #[test]
 fn finetune_changes_weights_learns_and_is_deterministic() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(1);
     let clean = testing::blocks(200, 7);
     let c = call(json!({"epochs": 3, "batch_size": 32, "lr": 0.05}), 3);
@@ -75,6 +77,7 @@ fn finetune_changes_weights_learns_and_is_deterministic() {
 
 #[test]
 fn adam_frozen_bn_and_constant_schedule_run() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(2);
     let clean = testing::blocks(40, 8);
     let c = call(
@@ -101,6 +104,7 @@ fn adam_frozen_bn_and_constant_schedule_run() {
 
 #[test]
 fn zero_epochs_returns_the_same_weights() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(3);
     let clean = testing::blocks(20, 9);
     let h = Finetune
@@ -113,6 +117,7 @@ fn zero_epochs_returns_the_same_weights() {
 
 #[test]
 fn missing_or_mismatched_clean_data_is_invalid() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(4);
     let c = call(json!({"epochs": 1}), 0);
     let e = Finetune.defend(&c, &model, None, None).unwrap_err();
@@ -135,6 +140,7 @@ fn missing_or_mismatched_clean_data_is_invalid() {
 
 #[test]
 fn cancellation_is_reported() {
+    let _torch = testing::torch_lock();
     let c = testing::cancelled_call(testing::params(SCHEMA, json!({"epochs": 2})));
     let clean = testing::blocks(20, 2);
     let e = Finetune

@@ -36,6 +36,7 @@ fn close(a: f64, b: f64) -> bool {
 
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
+    let _torch = testing::torch_lock();
     audit_attack_common::check_schema(SCHEMA).expect("valid schema");
     let info = Nad::info();
     assert_eq!(info.name, "nad");
@@ -124,6 +125,7 @@ fn default_layers_are_the_convs_after_their_activations() {
 
 #[test]
 fn nad_distils_and_returns_a_loadable_changed_model() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(1);
     let clean = testing::blocks(200, 7);
     let c = call(
@@ -189,6 +191,7 @@ fn nad_distils_and_returns_a_loadable_changed_model() {
 
 #[test]
 fn given_layers_and_betas_are_checked() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(2);
     let m = Model::load(&model, None).unwrap();
     let relu2 = output_of(&m, "relu2");
@@ -252,6 +255,7 @@ fn given_layers_and_betas_are_checked() {
 
 #[test]
 fn missing_or_mismatched_clean_data_is_invalid() {
+    let _torch = testing::torch_lock();
     let model = small_cnn(4);
     let c = call(json!({"teacher_epochs": 1, "epochs": 1}), 0);
     let e = Nad.defend(&c, &model, None, None).unwrap_err();
@@ -267,6 +271,7 @@ fn missing_or_mismatched_clean_data_is_invalid() {
 
 #[test]
 fn a_model_without_convs_is_invalid() {
+    let _torch = testing::torch_lock();
     // The small CNN's dense head fed by the image directly (Flatten, Gemm 784->128, Relu, Gemm).
     let mut proto = zoo::build(Arch::SmallCnn, [1, 28, 28], 10, 5).unwrap();
     let g = proto.graph.as_mut().unwrap();
@@ -287,6 +292,7 @@ fn a_model_without_convs_is_invalid() {
 
 #[test]
 fn cancellation_is_reported() {
+    let _torch = testing::torch_lock();
     let c = testing::cancelled_call(testing::params(SCHEMA, json!({"teacher_epochs": 2, "epochs": 2})));
     let clean = testing::blocks(20, 2);
     let e = Nad.defend(&c, &small_cnn(5), None, Some(&clean.dataset())).unwrap_err();

@@ -55,6 +55,10 @@ pub struct CompareArgs {
     /// Print the report as JSON on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also show the defenses' informational logs (epochs, pruning steps); warnings and errors
+    /// are always shown.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// `NAME.KEY=VALUE` arguments grouped by NAME, checked against the known names.
@@ -86,11 +90,19 @@ struct Planned {
     params: Map<String, Value>,
 }
 
+/// A child's informational line (plugin info/debug logs, harden's own status line): shown only
+/// with `--verbose`; warnings and errors always are.
+fn is_chatter(line: &str) -> bool {
+    let plugin_info = line.starts_with('[') && (line.contains("] info: ") || line.contains("] debug: "));
+    plugin_info || line.starts_with("hardening ") || line.trim().is_empty()
+}
+
 /// What a child run left: its JSON document or its error.
 fn run_child(
     exe: &Path,
     args: &[String],
     name: &str,
+    verbose: bool,
     bars: &MultiProgress,
     bar: &ProgressBar,
 ) -> std::result::Result<Value, String> {
@@ -123,7 +135,9 @@ fn run_child(
             } else if let (Some(e), Some(h)) = (error.as_mut(), line.strip_prefix("hint: ")) {
                 e.push_str(&format!(" (hint: {h})"));
             }
-            bars.suspend(|| eprintln!("  {name} | {line}"));
+            if verbose || !is_chatter(&line) {
+                bars.suspend(|| eprintln!("  {name} | {line}"));
+            }
             tail.push_back(line);
             if tail.len() > 20 {
                 tail.pop_front();
@@ -381,7 +395,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
             child_args.extend(["--param".into(), kv.clone()]);
         }
         let started = std::time::Instant::now();
-        let row = match run_child(&exe, &child_args, &p.name, &bars, &bar) {
+        let row = match run_child(&exe, &child_args, &p.name, args.verbose, &bars, &bar) {
             Ok(doc) => {
                 let mut row = row_from_doc(&doc);
                 if keep_dir.is_none() {
@@ -478,6 +492,15 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_informational_child_lines_are_hidden() {
+        assert!(is_chatter("[nad] info: NAD epoch 1/20: loss 0.3"));
+        assert!(is_chatter("hardening m.onnx with `none` on 100 training samples (cpu)"));
+        assert!(!is_chatter("[abl] warning: the isolated samples' loss is below 1e-6"));
+        assert!(!is_chatter("audit: error: something broke"));
+        assert!(!is_chatter("thread 'main' panicked at src/x.rs:1:1"));
+    }
 
     #[test]
     fn params_are_grouped_by_plugin_and_unknown_owners_refused() {
