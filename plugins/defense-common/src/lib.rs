@@ -1,6 +1,9 @@
 //! Helpers shared by the bundled defense plugins (rlib only: a plugin links it; it exports no
 //! plugin entry point): engine errors as plugin errors, datasets on the device, the model's
-//! preprocessing metadata, a check that data fits the model, and the fine-tuning epoch loop.
+//! preprocessing metadata, a check that data fits the model, the fine-tuning epoch loop, and the
+//! graph walk from a layer to the activation after it.
+
+use std::collections::{HashMap, HashSet};
 
 use audit_nn::tch::{self, Device};
 use audit_nn::train::{Augment, DeviceData, Hooks, Preprocess, Trainer};
@@ -140,4 +143,87 @@ pub fn train_epochs(
     }
     host.check_cancelled()?;
     Ok(log)
+}
+
+/// Ops a channel passes through unchanged in index when looking for the activation after a conv.
+pub const PASS_THROUGH: &[&str] = &["BatchNormalization", "Identity", "Dropout"];
+/// Element-wise activations whose output is the "post-activation" value.
+pub const ACTIVATIONS: &[&str] = &[
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+];
+
+/// Node graph by value name, for finding layers and the activations after them: (name, op type,
+/// inputs, outputs) per node and the consumers of each value.
+pub struct Graph {
+    pub nodes: Vec<(String, String, Vec<String>, Vec<String>)>,
+    consumers: HashMap<String, Vec<usize>>,
+}
+
+impl Graph {
+    pub fn new(model: &Model) -> Graph {
+        let nodes = model.node_summaries();
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for v in n.2.iter().filter(|v| !v.is_empty()) {
+                consumers.entry(v.clone()).or_default().push(i);
+            }
+        }
+        Graph { nodes, consumers }
+    }
+
+    pub fn consumers_of(&self, value: &str) -> &[usize] {
+        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether any of `layer_nodes` is reachable downstream of `value`.
+    pub fn reaches(&self, value: &str, layer_nodes: &HashSet<&str>) -> bool {
+        let mut stack = vec![value.to_string()];
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v.clone()) {
+                continue;
+            }
+            for &ni in self.consumers_of(&v) {
+                let n = &self.nodes[ni];
+                if layer_nodes.contains(n.0.as_str()) {
+                    return true;
+                }
+                stack.extend(n.3.iter().cloned());
+            }
+        }
+        false
+    }
+
+    /// From a layer's output, follows a single-consumer chain through per-channel pass-through ops
+    /// to the first activation: (its output, true), or (the last value reached, false).
+    pub fn activation_after(&self, value: &str) -> (String, bool) {
+        let mut v = value.to_string();
+        loop {
+            let cons = self.consumers_of(&v);
+            if cons.len() != 1 {
+                return (v, false);
+            }
+            let n = &self.nodes[cons[0]];
+            if n.2.first() != Some(&v) || n.3.is_empty() {
+                return (v, false);
+            }
+            if ACTIVATIONS.contains(&n.1.as_str()) {
+                return (n.3[0].clone(), true);
+            }
+            if !PASS_THROUGH.contains(&n.1.as_str()) {
+                return (v, false);
+            }
+            v = n.3[0].clone();
+        }
+    }
 }

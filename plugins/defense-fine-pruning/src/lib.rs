@@ -30,9 +30,11 @@
 //! pruning and fine-tuning data: the host's own evaluation on the rest of the test split is the one
 //! to quote.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs};
+use audit_defense_common::{
+    augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs, Graph,
+};
 use audit_nn::neurons::{Layer, LayerKind, Slice};
 use audit_nn::train::{self, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
@@ -55,23 +57,6 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "freeze_bn":{"type":"boolean","default":false,"description":"keep BatchNormalization running statistics fixed while fine-tuning"},
 "augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
 "seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
-
-/// Ops a channel passes through unchanged in index when looking for the activation after a conv.
-const PASS_THROUGH: &[&str] = &["BatchNormalization", "Identity", "Dropout"];
-/// Element-wise activations whose output is the "post-activation" value.
-const ACTIVATIONS: &[&str] = &[
-    "Relu",
-    "LeakyRelu",
-    "PRelu",
-    "Elu",
-    "Selu",
-    "Clip",
-    "Sigmoid",
-    "Tanh",
-    "HardSigmoid",
-    "HardSwish",
-    "Softplus",
-];
 
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
@@ -174,71 +159,6 @@ struct Target {
     slices: Vec<Vec<Slice>>,
     /// Notes for the report (a skipped classifier conv, ...).
     notes: Vec<String>,
-}
-
-/// Node graph by value name: (op type, inputs, outputs) per node and the consumers of each value.
-struct Graph {
-    nodes: Vec<(String, String, Vec<String>, Vec<String>)>,
-    consumers: HashMap<String, Vec<usize>>,
-}
-
-impl Graph {
-    fn new(model: &Model) -> Graph {
-        let nodes = model.node_summaries();
-        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, n) in nodes.iter().enumerate() {
-            for v in n.2.iter().filter(|v| !v.is_empty()) {
-                consumers.entry(v.clone()).or_default().push(i);
-            }
-        }
-        Graph { nodes, consumers }
-    }
-
-    fn consumers_of(&self, value: &str) -> &[usize] {
-        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
-    }
-
-    /// Whether any of `layer_nodes` is reachable downstream of `value`.
-    fn reaches(&self, value: &str, layer_nodes: &HashSet<&str>) -> bool {
-        let mut stack = vec![value.to_string()];
-        let mut seen = HashSet::new();
-        while let Some(v) = stack.pop() {
-            if !seen.insert(v.clone()) {
-                continue;
-            }
-            for &ni in self.consumers_of(&v) {
-                let n = &self.nodes[ni];
-                if layer_nodes.contains(n.0.as_str()) {
-                    return true;
-                }
-                stack.extend(n.3.iter().cloned());
-            }
-        }
-        false
-    }
-
-    /// From a layer's output, follows a single-consumer chain through per-channel pass-through ops
-    /// to the first activation: (its output, true), or (the last value reached, false).
-    fn activation_after(&self, value: &str) -> (String, bool) {
-        let mut v = value.to_string();
-        loop {
-            let cons = self.consumers_of(&v);
-            if cons.len() != 1 {
-                return (v, false);
-            }
-            let n = &self.nodes[cons[0]];
-            if n.2.first() != Some(&v) || n.3.is_empty() {
-                return (v, false);
-            }
-            if ACTIVATIONS.contains(&n.1.as_str()) {
-                return (n.3[0].clone(), true);
-            }
-            if !PASS_THROUGH.contains(&n.1.as_str()) {
-                return (v, false);
-            }
-            v = n.3[0].clone();
-        }
-    }
 }
 
 /// Chooses the layer to prune and precomputes every channel's parameter blocks.

@@ -38,9 +38,9 @@
 //! also the training data: the host's own evaluation on the rest of the test split is the one to
 //! quote.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean};
+use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, Graph};
 use audit_nn::train::{self, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Mode, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
@@ -68,23 +68,6 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 const DEFAULT_LAYERS: usize = 3;
 /// NAD's `eps` in the attention map's normalisation.
 const EPS: f64 = 1e-6;
-/// Ops a channel passes through unchanged when looking for the activation after a conv.
-const PASS_THROUGH: &[&str] = &["BatchNormalization", "Identity", "Dropout"];
-/// Element-wise activations.
-const ACTIVATIONS: &[&str] = &[
-    "Relu",
-    "LeakyRelu",
-    "PRelu",
-    "Elu",
-    "Selu",
-    "Clip",
-    "Sigmoid",
-    "Tanh",
-    "HardSigmoid",
-    "HardSwish",
-    "Softplus",
-];
-
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
@@ -158,48 +141,6 @@ struct AtLayer {
     /// [C, H, W] of the map.
     shape: Vec<i64>,
     beta: f64,
-}
-
-/// Node graph by value name: (name, op type, inputs, outputs) per node and each value's consumers.
-struct Graph {
-    nodes: Vec<(String, String, Vec<String>, Vec<String>)>,
-    consumers: HashMap<String, Vec<usize>>,
-}
-
-impl Graph {
-    fn new(model: &Model) -> Graph {
-        let nodes = model.node_summaries();
-        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, n) in nodes.iter().enumerate() {
-            for v in n.2.iter().filter(|v| !v.is_empty()) {
-                consumers.entry(v.clone()).or_default().push(i);
-            }
-        }
-        Graph { nodes, consumers }
-    }
-
-    /// From a conv's output, follows single-consumer pass-through ops to the first activation:
-    /// (its output, true), or (the last value reached before anything else, false).
-    fn activation_after(&self, value: &str) -> (String, bool) {
-        let mut v = value.to_string();
-        loop {
-            let cons = self.consumers.get(&v).map(Vec::as_slice).unwrap_or(&[]);
-            if cons.len() != 1 {
-                return (v, false);
-            }
-            let n = &self.nodes[cons[0]];
-            if n.2.first() != Some(&v) || n.3.is_empty() {
-                return (v, false);
-            }
-            if ACTIVATIONS.contains(&n.1.as_str()) {
-                return (n.3[0].clone(), true);
-            }
-            if !PASS_THROUGH.contains(&n.1.as_str()) {
-                return (v, false);
-            }
-            v = n.3[0].clone();
-        }
-    }
 }
 
 /// Parses `betas`: finite non-negative numbers, comma separated.

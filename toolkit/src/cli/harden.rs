@@ -307,21 +307,19 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             out.display()
         );
     }
-    let mut hardened = with_metadata(
-        &hardened,
-        &[
-            (
-                "audit.source_sha256".to_string(),
-                audit_nn::export::sha256_hex(&original),
-            ),
-            (
-                "audit.toolkit_version".to_string(),
-                env!("CARGO_PKG_VERSION").to_string(),
-            ),
-            ("audit.seed".to_string(), args.run.seed.to_string()),
-        ],
-    )?;
-    hardened = with_metadata(&hardened, &norm.metadata())?;
+    let mut entries = vec![
+        (
+            "audit.source_sha256".to_string(),
+            audit_nn::export::sha256_hex(&original),
+        ),
+        (
+            "audit.toolkit_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        ("audit.seed".to_string(), args.run.seed.to_string()),
+    ];
+    entries.extend(norm.metadata());
+    let hardened = with_metadata(&hardened, &entries)?;
     let engine_model = audit_nn::Model::load(&hardened, None).context("the engine cannot reload the hardened model")?;
     let chw = input_chw(
         &engine_model,

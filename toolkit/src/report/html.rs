@@ -257,15 +257,9 @@ pub fn html(report: &Report) -> Result<String> {
         failed: !row.ok(),
         error: one_line(row.error.as_deref().unwrap_or(""), 300),
         cells: if row.ok() {
-            cells(report, row, baseline, "\u{1}")
+            cells(report, row, baseline)
                 .into_iter()
-                .map(|c| match c.strip_suffix('\u{1}') {
-                    Some(t) => Cell {
-                        text: t.to_string(),
-                        best: true,
-                    },
-                    None => Cell { text: c, best: false },
-                })
+                .map(|(text, best)| Cell { text, best })
                 .collect()
         } else {
             vec![]

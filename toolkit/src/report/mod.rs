@@ -299,8 +299,8 @@ fn fmt_seconds(v: Option<f64>) -> String {
     v.map_or("-".to_string(), |s| format!("{s:.1}"))
 }
 
-/// The cells of a row, in `COLUMNS` order, with `mark` appended to the best values.
-fn cells(report: &Report, row: &Row, baseline: bool, mark: &str) -> Vec<String> {
+/// The cells of a row, in `COLUMNS` order: its text, and whether it is the best in its column.
+fn cells(report: &Report, row: &Row, baseline: bool) -> Vec<(String, bool)> {
     COLUMNS
         .iter()
         .map(|&(key, _, _)| {
@@ -309,11 +309,7 @@ fn cells(report: &Report, row: &Row, baseline: bool, mark: &str) -> Vec<String> 
                 "peak_rss_bytes" => fmt_bytes(row.peak_rss_bytes),
                 _ => fmt_ratio(column(row, key)),
             };
-            if !baseline && row.ok() && report.is_best(key, &row.defense) {
-                format!("{text}{mark}")
-            } else {
-                text
-            }
+            (text, !baseline && row.ok() && report.is_best(key, &row.defense))
         })
         .collect()
 }
@@ -332,7 +328,11 @@ pub fn terminal_table(report: &Report) -> String {
     let mut add = |row: &Row, baseline: bool| {
         let mut r = vec![row.defense.clone()];
         if row.ok() {
-            r.extend(cells(report, row, baseline, " *"));
+            r.extend(
+                cells(report, row, baseline)
+                    .into_iter()
+                    .map(|(t, best)| if best { format!("{t} *") } else { t }),
+            );
         } else {
             r.push("FAILED (below)".to_string());
             r.extend((1..COLUMNS.len()).map(|_| String::new()));
@@ -382,12 +382,9 @@ pub fn markdown(report: &Report) -> String {
     s += "\n";
     let mut add = |row: &Row, baseline: bool| {
         if row.ok() {
-            let c: Vec<String> = cells(report, row, baseline, "\u{1}")
+            let c: Vec<String> = cells(report, row, baseline)
                 .into_iter()
-                .map(|c| match c.strip_suffix('\u{1}') {
-                    Some(v) => format!("**{v}**"),
-                    None => c,
-                })
+                .map(|(t, best)| if best { format!("**{t}**") } else { t })
                 .collect();
             s += &format!("| {} | {} |\n", row.defense, c.join(" | "));
         } else {
