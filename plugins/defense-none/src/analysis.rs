@@ -1,5 +1,5 @@
-//! NONE's analysis, vectorised on the device: neuron selection per layer and the exact
-//! two-class Jenks break of the sample scores.
+//! NONE's analysis, vectorised on the device: neuron selection per layer, the exact two-class
+//! Jenks break of the sample scores, and the class-wise split of the penultimate features.
 
 use audit_nn::tch::{Kind, Tensor};
 
@@ -118,6 +118,124 @@ pub fn jenks_break(h: &Tensor) -> f64 {
     v.double_value(&[best + 1])
 }
 
+/// One class of the class-wise split.
+#[derive(Debug)]
+pub struct ClassSide {
+    pub class: i64,
+    /// Samples labelled with the class.
+    pub n: i64,
+    /// Indices (into the training set) of the smaller side of the split. [M] int64
+    pub side: Tensor,
+    /// Ashman's D of the two sides along the top principal direction: |m1 - m2| / sqrt((v1 + v2) / 2).
+    pub separation: f64,
+}
+
+/// Classes with fewer samples than this are not split.
+const MIN_CLASS: i64 = 10;
+
+/// Per class, the samples labelled with it are projected on the top principal direction of their
+/// centred features (e.g. the penultimate layer); an exact two-class Jenks break splits the
+/// projection and the smaller side is the class's candidate set. The poisoned samples of a target
+/// class form such a side, far from the class's clean samples (the separation Spectral Signatures
+/// and Activation Clustering rely on), but every clean class splits too: [`judge_sides`] decides.
+/// `features` is [N, D], `labels` [N] int64, `k` the number of classes.
+pub fn class_sides(features: &Tensor, labels: &Tensor, k: i64) -> Vec<ClassSide> {
+    let f = features.to_kind(Kind::Double);
+    let mut out = Vec::new();
+    for class in 0..k {
+        let idx = labels.eq(class).nonzero().flatten(0, -1);
+        let nk = idx.size()[0];
+        if nk < MIN_CLASS {
+            continue;
+        }
+        let fk = f.index_select(0, &idx);
+        let fk = &fk - fk.mean_dim([0i64].as_slice(), true, Kind::Double);
+        let (_, vecs) = fk.tr().mm(&fk).linalg_eigh("L");
+        let proj = fk.mv(&vecs.select(1, vecs.size()[1] - 1));
+        let brk = jenks_break(&proj);
+        if !brk.is_finite() {
+            continue;
+        }
+        let upper = proj.ge(brk);
+        let n_up = upper.sum(Kind::Int64).int64_value(&[]);
+        let small = if n_up <= nk - n_up { upper } else { upper.logical_not() };
+        let (a, b) = (proj.masked_select(&small), proj.masked_select(&small.logical_not()));
+        let var = |t: &Tensor| if t.size()[0] > 0 { t.var(false).double_value(&[]) } else { 0.0 };
+        let mean = |t: &Tensor| if t.size()[0] > 0 { t.mean(Kind::Double).double_value(&[]) } else { 0.0 };
+        let pooled = ((var(&a) + var(&b)) / 2.0).sqrt();
+        let gap = (mean(&a) - mean(&b)).abs();
+        out.push(ClassSide {
+            class,
+            n: nk,
+            side: idx.masked_select(&small),
+            separation: if pooled > 0.0 { gap / pooled } else { 0.0 },
+        });
+    }
+    out
+}
+
+/// The verdict on one class's side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SideVerdict {
+    pub class: i64,
+    pub n: i64,
+    pub flagged: i64,
+    pub separation: f64,
+    /// Share of the side that a probe model, trained without any class's side, does not put in
+    /// the class.
+    pub away: f64,
+    /// Normalised entropy (0..1, over the K - 1 other classes) of the probe's labels for the part of
+    /// the side it puts elsewhere.
+    pub spread: f64,
+    pub accepted: bool,
+}
+
+/// Exclusionary reclassification (Activation Clustering's check, made stricter): a class's side is
+/// taken as poisoned when a probe model that never saw it sends most of it (`away` >= `min_away`)
+/// to other classes, and spreads it over them (`spread` >= `min_spread`), as the source images of
+/// an all-to-one poisoning come from every class. A clean sub-population that the probe mistakes
+/// goes to one or two look-alike classes (a shirt to T-shirt or pullover) and is kept.
+/// `pred` is [N] int64: the probe's label for every training sample.
+pub fn judge_sides(sides: &[ClassSide], pred: &Tensor, k: i64, min_away: f64, min_spread: f64) -> Vec<SideVerdict> {
+    sides
+        .iter()
+        .map(|s| {
+            let m = s.side.size()[0];
+            let labels = pred.index_select(0, &s.side);
+            let counts = Vec::<i64>::try_from(labels.bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
+                .unwrap_or_default();
+            let own = counts.get(s.class as usize).copied().unwrap_or(0);
+            let away = if m > 0 { (m - own) as f64 / m as f64 } else { 0.0 };
+            let others: Vec<f64> = counts
+                .iter()
+                .enumerate()
+                .filter(|&(c, _)| c as i64 != s.class)
+                .map(|(_, &v)| v as f64)
+                .collect();
+            let total: f64 = others.iter().sum();
+            let spread = if total > 0.0 && k > 2 {
+                -others
+                    .iter()
+                    .filter(|&&v| v > 0.0)
+                    .map(|&v| (v / total) * (v / total).ln())
+                    .sum::<f64>()
+                    / ((k - 1) as f64).ln()
+            } else {
+                0.0
+            };
+            SideVerdict {
+                class: s.class,
+                n: s.n,
+                flagged: m,
+                separation: s.separation,
+                away,
+                spread,
+                accepted: m > 0 && away >= min_away && spread >= min_spread,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +320,36 @@ mod tests {
         for i in 0..n as usize {
             assert!((h[i] - av[i][want[0] as usize]).abs() < 1e-6);
         }
+    }
+
+    /// A class with a far, tight sub-cluster is split along it; the probe's verdict accepts a side
+    /// sent away and spread, and keeps one sent to a single look-alike class.
+    #[test]
+    fn class_sides_and_judge() {
+        audit_nn::tch::manual_seed(11);
+        let (per, d, k) = (60i64, 8i64, 4i64);
+        let labels = Tensor::arange(k, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per, 0, None);
+        let mut f = Tensor::randn([per * k, d], (Kind::Double, Device::Cpu));
+        // Class 0: its first 15 samples sit 12 units away along dimension 3.
+        let _ = f.narrow(0, 0, 15).select(1, 3).g_add_scalar_(12.0);
+        let sides = class_sides(&f, &labels, k);
+        assert_eq!(sides.len(), 4);
+        let s0 = Vec::<i64>::try_from(&sides[0].side).unwrap();
+        assert_eq!(s0, (0..15).collect::<Vec<_>>(), "class 0's side is its outlying cluster");
+        assert!(sides[0].separation > 5.0, "separation {}", sides[0].separation);
+        // The probe: class 0's side spread over 1, 2, 3; class 1's side all sent to class 2;
+        // everything else predicted as labelled.
+        let mut pred = labels.copy();
+        for (i, &idx) in s0.iter().enumerate() {
+            let _ = pred.get(idx).fill_(1 + (i as i64 % 3));
+        }
+        let s1 = Vec::<i64>::try_from(&sides[1].side).unwrap();
+        for &idx in &s1 {
+            let _ = pred.get(idx).fill_(2);
+        }
+        let v = judge_sides(&sides, &pred, k, 0.5, 0.8);
+        assert!(v[0].accepted && (v[0].away - 1.0).abs() < 1e-12 && v[0].spread > 0.99, "{:?}", v[0]);
+        assert!(!v[1].accepted && (v[1].away - 1.0).abs() < 1e-12 && v[1].spread == 0.0, "{:?}", v[1]);
+        assert!(!v[2].accepted && v[2].away == 0.0, "{:?}", v[2]);
     }
 }

@@ -56,6 +56,8 @@ pub struct Layer {
     /// Value id of the layer's output (pre-normalization, pre-activation).
     pub value: usize,
     pub value_name: String,
+    /// Value id of the layer's data input (for the output layer: the penultimate features).
+    pub input: Option<usize>,
     pub channels: i64,
     /// Index of the weight in `model.params`.
     pub weight: usize,
@@ -134,12 +136,14 @@ impl Model {
             };
             let bias = n.inputs.get(2).copied().flatten().and_then(|v| self.param_index(v));
             let value = n.outputs[0];
+            let input = n.inputs.first().copied().flatten();
             out.push(Layer {
                 node: n.name.clone(),
                 op_type: n.op_type.clone(),
                 kind,
                 value,
                 value_name: self.value_names[value].clone(),
+                input,
                 channels,
                 weight,
                 bias,
@@ -165,7 +169,9 @@ impl Model {
                     }
                 }
             }
-            l.is_output = !reaches_layer && matches!(l.kind, LayerKind::Gemm { .. } | LayerKind::MatMul);
+            // A Conv can be the output layer too: NiN-style models end with a conv that produces
+            // the class maps (then a global pooling). Such a conv is never a neuron layer.
+            l.is_output = !reaches_layer;
         }
         out
     }
@@ -350,6 +356,9 @@ pub struct Activations {
     pub channel_max: Vec<Tensor>,
     /// One [N, C_l] tensor per requested layer: spatial means.
     pub channel_mean: Vec<Tensor>,
+    /// [N, D]: the requested feature value (e.g. the penultimate features, the output layer's
+    /// input), flattened per sample; None when none was requested.
+    pub features: Option<Tensor>,
 }
 
 impl Model {
@@ -363,7 +372,23 @@ impl Model {
         batch: i64,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Activations> {
-        let taps: Vec<usize> = layers.iter().map(|l| l.value).collect();
+        self.collect_activations_and_features(data, pre, layers, None, batch, progress)
+    }
+
+    /// As [`Model::collect_activations`], and also the value `features` (a value id), flattened
+    /// to [N, D] per sample: NONE's class-wise split reads the penultimate features this way.
+    pub fn collect_activations_and_features(
+        &self,
+        data: &crate::train::DeviceData,
+        pre: &crate::train::Preprocess,
+        layers: &[Layer],
+        features: Option<usize>,
+        batch: i64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Activations> {
+        let mut taps: Vec<usize> = layers.iter().map(|l| l.value).collect();
+        taps.extend(features);
+        let mut feats: Vec<Tensor> = Vec::new();
         let n = data.len();
         let steps = ((n + batch - 1) / batch.max(1)) as u64;
         let mut probs: Vec<Tensor> = Vec::new();
@@ -379,6 +404,10 @@ impl Model {
                 probs.push(outs[0].softmax(-1, Kind::Float));
                 for (i, v) in vals.iter().enumerate() {
                     let v = v.to_kind(Kind::Float);
+                    if i == layers.len() {
+                        feats.push(v.flatten(1, -1));
+                        continue;
+                    }
                     let (mx, mn) = if v.dim() > 2 {
                         let flat = v.flatten(2, -1);
                         (
@@ -401,6 +430,7 @@ impl Model {
             probs: Tensor::cat(&probs, 0),
             channel_max: maxs.iter().map(|v| Tensor::cat(v, 0)).collect(),
             channel_mean: means.iter().map(|v| Tensor::cat(v, 0)).collect(),
+            features: (!feats.is_empty()).then(|| Tensor::cat(&feats, 0)),
         })
     }
 }
