@@ -92,3 +92,76 @@ fn pytorch_badnets_model_evaluates_like_onnxruntime_and_hardens() {
     assert!(acc_after >= acc - 0.02, "ACC after {acc_after} vs {acc}");
     assert!(h["defense_report"]["dropped_vs_poison_idx"]["recall"].as_f64().unwrap() >= 0.9);
 }
+
+/// Trains a backdoored model with PyTorch (the fixture's own trigger, not our plugins), hardens it
+/// with NONE's defaults and measures both with the fixture's trigger through onnxruntime.
+/// Returns (before, after, harden report).
+fn harden_pytorch_fixture(attack: &str) -> (Value, Value, Value) {
+    if !std::path::Path::new("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file() {
+        panic!("this test needs Fashion-MNIST: run scripts/setup as root");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let py = python().expect("scripts/setup creates .venv");
+    let fx = root().join("tests/fixtures/python");
+    sh(Command::new(&py)
+        .arg(fx.join("train_backdoor_fmnist.py"))
+        .arg(dir.path())
+        .args(["--attack", attack, "--epochs", "2", "--limit", "12000"]));
+    let model = dir.path().join(format!("{attack}-small-cnn.onnx"));
+    let npz = dir.path().join(format!("{attack}-small-cnn.npz"));
+    let out = dir.path().join("hardened.onnx");
+    let h = audit(&[
+        "harden",
+        model.to_str().unwrap(),
+        "--data",
+        npz.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ])
+    .expect_code(0)
+    .json();
+    let eval = |m: &std::path::Path| -> Value {
+        let o = sh(Command::new(&py).arg(fx.join("eval_backdoor.py")).arg(m).arg(&npz));
+        serde_json::from_str(o.trim()).unwrap()
+    };
+    (eval(&model), eval(&out), h)
+}
+
+/// The default NONE removes Blend and WaNet backdoors from PyTorch-trained models: the class-wise
+/// split finds the target class's poisoned samples, which the paper's global split misses.
+#[test]
+fn pytorch_blend_and_wanet_models_are_hardened_by_the_default() {
+    for attack in ["blend", "wanet"] {
+        let (before, after, h) = harden_pytorch_fixture(attack);
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+        let split = &h["defense_report"]["rounds"][0]["class_split"];
+        eprintln!(
+            "{attack}: ACC {:.4} ASR {:.4} -> ACC {:.4} ASR {:.4}; suspects {}; class split {split}",
+            f(&before, "acc"),
+            f(&before, "asr"),
+            f(&after, "acc"),
+            f(&after, "asr"),
+            h["defense_report"]["dropped_vs_poison_idx"]
+        );
+        assert!(
+            f(&before, "asr") > 0.8,
+            "{attack}: the fixture should be backdoored: {before}"
+        );
+        let accepted: Vec<i64> = split
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["accepted"] == true)
+            .map(|c| c["class"].as_i64().unwrap())
+            .collect();
+        assert_eq!(accepted, [0], "{attack}: only the target class is split: {split}");
+        assert!(f(&after, "asr") <= 0.15, "{attack}: ASR after NONE {after}");
+        assert!(
+            f(&after, "acc") >= f(&before, "acc") - 0.02,
+            "{attack}: {before} -> {after}"
+        );
+        let recall = h["defense_report"]["dropped_vs_poison_idx"]["recall"].as_f64().unwrap();
+        assert!(recall >= 0.9, "{attack}: recall {recall}");
+    }
+}

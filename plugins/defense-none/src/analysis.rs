@@ -160,8 +160,20 @@ pub fn class_sides(features: &Tensor, labels: &Tensor, k: i64) -> Vec<ClassSide>
         let n_up = upper.sum(Kind::Int64).int64_value(&[]);
         let small = if n_up <= nk - n_up { upper } else { upper.logical_not() };
         let (a, b) = (proj.masked_select(&small), proj.masked_select(&small.logical_not()));
-        let var = |t: &Tensor| if t.size()[0] > 0 { t.var(false).double_value(&[]) } else { 0.0 };
-        let mean = |t: &Tensor| if t.size()[0] > 0 { t.mean(Kind::Double).double_value(&[]) } else { 0.0 };
+        let var = |t: &Tensor| {
+            if t.size()[0] > 0 {
+                t.var(false).double_value(&[])
+            } else {
+                0.0
+            }
+        };
+        let mean = |t: &Tensor| {
+            if t.size()[0] > 0 {
+                t.mean(Kind::Double).double_value(&[])
+            } else {
+                0.0
+            }
+        };
         let pooled = ((var(&a) + var(&b)) / 2.0).sqrt();
         let gap = (mean(&a) - mean(&b)).abs();
         out.push(ClassSide {
@@ -329,17 +341,21 @@ mod tests {
         audit_nn::tch::manual_seed(11);
         let (per, d, k) = (60i64, 8i64, 4i64);
         let labels = Tensor::arange(k, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per, 0, None);
-        let mut f = Tensor::randn([per * k, d], (Kind::Double, Device::Cpu));
+        let f = Tensor::randn([per * k, d], (Kind::Double, Device::Cpu));
         // Class 0: its first 15 samples sit 12 units away along dimension 3.
         let _ = f.narrow(0, 0, 15).select(1, 3).g_add_scalar_(12.0);
         let sides = class_sides(&f, &labels, k);
         assert_eq!(sides.len(), 4);
         let s0 = Vec::<i64>::try_from(&sides[0].side).unwrap();
-        assert_eq!(s0, (0..15).collect::<Vec<_>>(), "class 0's side is its outlying cluster");
+        assert_eq!(
+            s0,
+            (0..15).collect::<Vec<_>>(),
+            "class 0's side is its outlying cluster"
+        );
         assert!(sides[0].separation > 5.0, "separation {}", sides[0].separation);
         // The probe: class 0's side spread over 1, 2, 3; class 1's side all sent to class 2;
         // everything else predicted as labelled.
-        let mut pred = labels.copy();
+        let pred = labels.copy();
         for (i, &idx) in s0.iter().enumerate() {
             let _ = pred.get(idx).fill_(1 + (i as i64 % 3));
         }
@@ -348,8 +364,16 @@ mod tests {
             let _ = pred.get(idx).fill_(2);
         }
         let v = judge_sides(&sides, &pred, k, 0.5, 0.8);
-        assert!(v[0].accepted && (v[0].away - 1.0).abs() < 1e-12 && v[0].spread > 0.99, "{:?}", v[0]);
-        assert!(!v[1].accepted && (v[1].away - 1.0).abs() < 1e-12 && v[1].spread == 0.0, "{:?}", v[1]);
+        assert!(
+            v[0].accepted && (v[0].away - 1.0).abs() < 1e-12 && v[0].spread > 0.99,
+            "{:?}",
+            v[0]
+        );
+        assert!(
+            !v[1].accepted && (v[1].away - 1.0).abs() < 1e-12 && v[1].spread == 0.0,
+            "{:?}",
+            v[1]
+        );
         assert!(!v[2].accepted && v[2].away == 0.0, "{:?}", v[2]);
     }
 }

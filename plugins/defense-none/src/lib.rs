@@ -260,7 +260,12 @@ impl Defense for NoneDefense {
             ));
         }
         // The class-wise split reads the penultimate features: the input of the logits layer.
-        let features = model.layers().into_iter().rev().find(|l| l.is_output).and_then(|l| l.input);
+        let features = model
+            .layers()
+            .into_iter()
+            .rev()
+            .find(|l| l.is_output)
+            .and_then(|l| l.input);
         let sample = full.x.narrow(0, 0, 1);
         let shapes = model.value_shapes(&pre.apply(&sample)).map_err(nn_err)?;
         let mut all_suspects: Vec<i64> = Vec::new();
@@ -334,10 +339,13 @@ impl Defense for NoneDefense {
                             ));
                         }
                     }
-                    class_report = json!(verdicts.iter().map(|v| json!({
-                        "class": v.class, "n": v.n, "flagged": v.flagged, "separation": v.separation,
-                        "away": v.away, "spread": v.spread, "accepted": v.accepted,
-                    })).collect::<Vec<_>>());
+                    class_report = json!(verdicts
+                        .iter()
+                        .map(|v| json!({
+                            "class": v.class, "n": v.n, "flagged": v.flagged, "separation": v.separation,
+                            "away": v.away, "spread": v.spread, "accepted": v.accepted,
+                        }))
+                        .collect::<Vec<_>>());
                     if mode == "class" {
                         class_mask
                     } else {
