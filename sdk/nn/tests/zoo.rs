@@ -352,3 +352,27 @@ fn bad_requests_are_errors() {
         assert_eq!(name.parse::<Arch>().unwrap().to_string(), name);
     }
 }
+
+/// The layer that produces the logits is never a neuron layer: a NiN's last conv (its class maps,
+/// then a global pooling) as much as a CNN's last Gemm. The output layer's input is the
+/// penultimate features.
+#[test]
+fn the_logits_layer_is_marked_output_for_every_arch() {
+    for arch in [Arch::SmallCnn, Arch::Nin, Arch::Resnet18] {
+        let model = Model::from_proto(zoo::build(arch, [1, 28, 28], CLASSES, 0).unwrap(), None).unwrap();
+        let layers = model.layers();
+        let outputs: Vec<_> = layers.iter().filter(|l| l.is_output).collect();
+        assert_eq!(outputs.len(), 1, "{arch}: {outputs:?}");
+        let last = layers.last().unwrap();
+        assert!(
+            last.is_output,
+            "{arch}: the last layer {} is the logits layer",
+            last.node
+        );
+        assert_eq!(last.channels, CLASSES, "{arch}");
+        if arch == Arch::Nin {
+            assert_eq!(last.op_type, "Conv", "NiN ends with its class-map conv");
+        }
+        assert!(last.input.is_some(), "{arch}");
+    }
+}
