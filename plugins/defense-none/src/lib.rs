@@ -25,7 +25,7 @@ pub use analysis::{class_sides, jenks_break, judge_sides, select_neurons, ClassS
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
 "preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's algorithm (suspects from one global Jenks split of the top neurons, fine-tune at none_lr with BN frozen for 20 epochs, suspects recomputed each round; reset 5%, lr 1e-4, R 1); default: this toolkit's measured default (suspects also from the class-wise split, retrain)"},
-"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, where a probe model trained without any side sends that side away from its label and spreads it over the other classes), or both (the class-wise sides, and those of the paper's suspects whose label the probe disagrees with)"},
+"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, where a probe model trained without any side sends that side away from its label and spreads it over the other classes), or both (the class-wise sides, and the paper's suspects except in classes the paper's split swept, at least half of them, that are not a detected target)"},
 "class_probe_epochs":{"type":"integer","default":2,"minimum":1,"description":"suspects=class|both: epochs of the probe model (a fresh copy of the graph trained on the data minus every class's side and the paper's suspects; Adam at retrain_lr)"},
 "class_away":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe puts at least this share of it outside its label"},
 "class_spread":{"type":"number","default":0.8,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over the other classes with at least this normalised entropy (an all-to-one poisoning's sources come from every class; a mistaken clean sub-population goes to one or two look-alikes)"},
@@ -349,19 +349,21 @@ impl Defense for NoneDefense {
                     if mode == "class" {
                         class_mask
                     } else {
-                        // The paper's suspects stay dropped only where the probe disagrees with
-                        // their label: a triggered image is its source class to a model that never
-                        // learned the trigger, while the clean samples a poorly posed global split
-                        // sweeps in (a whole class, on Blend) go back into the training set.
-                        // Only for classes the probe saw at least half of: a class the global
-                        // split swept whole is unknown to the probe, which would disagree with all
-                        // of it; its suspects go back.
-                        let seen = probe_set.y.bincount::<Tensor>(None, k);
+                        // The paper's suspects stay dropped, except in a class the global split
+                        // swept (at least half of it) without the class being a detected target:
+                        // such a split describes the class, not a trigger (on Blend it takes
+                        // whole classes of sandals or sneakers), and dropping it kills the class.
                         let total = full.y.bincount::<Tensor>(None, k);
-                        let known = (seen * 2).ge_tensor(&total).index_select(0, &full.y);
-                        let refined = paper_mask.logical_and(&pred.ne_tensor(&full.y)).logical_and(&known);
+                        let in_split = full.y.masked_select(&paper_mask).bincount::<Tensor>(None, k);
+                        let swept = (in_split * 2).ge_tensor(&total).index_select(0, &full.y);
+                        let target = Tensor::zeros([k], (Kind::Bool, device));
+                        for v in verdicts.iter().filter(|v| v.accepted) {
+                            let _ = target.get(v.class).fill_(1);
+                        }
+                        let keep_out = swept.logical_not().logical_or(&target.index_select(0, &full.y));
+                        let refined = paper_mask.logical_and(&keep_out);
                         host.info(&format!(
-                            "paper's split: {} suspects, {} of them kept dropped (the probe disagrees with their label)",
+                            "paper's split: {} suspects, {} of them dropped (the rest are in classes it swept)",
                             paper_mask.sum(Kind::Int64).int64_value(&[]),
                             refined.sum(Kind::Int64).int64_value(&[])
                         ));
