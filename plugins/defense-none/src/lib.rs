@@ -25,7 +25,7 @@ pub use analysis::{class_sides, jenks_break, judge_sides, select_neurons, ClassS
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
 "preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's algorithm (suspects from one global Jenks split of the top neurons, fine-tune at none_lr with BN frozen for 20 epochs, suspects recomputed each round; reset 5%, lr 1e-4, R 1); default: this toolkit's measured default (suspects also from the class-wise split, retrain)"},
-"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, where a probe model trained without any side sends that side away from its label and spreads it over the other classes), or both (the class-wise sides, and the paper's suspects except in classes the paper's split swept, at least half of them, that are not a detected target)"},
+"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, where a probe model trained without any side sends that side away from its label and spreads it over the other classes), or both (the class-wise sides, and the paper's suspects except, when some class was detected as a target, in the other classes the paper's split swept at least half of)"},
 "class_probe_epochs":{"type":"integer","default":2,"minimum":1,"description":"suspects=class|both: epochs of the probe model (a fresh copy of the graph trained on the data minus every class's side and the paper's suspects; Adam at retrain_lr)"},
 "class_away":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe puts at least this share of it outside its label"},
 "class_spread":{"type":"number","default":0.8,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over the other classes with at least this normalised entropy (an all-to-one poisoning's sources come from every class; a mistaken clean sub-population goes to one or two look-alikes)"},
@@ -361,7 +361,13 @@ impl Defense for NoneDefense {
                             let _ = target.get(v.class).fill_(1);
                         }
                         let keep_out = swept.logical_not().logical_or(&target.index_select(0, &full.y));
-                        let refined = paper_mask.logical_and(&keep_out);
+                        // With no detected target there is no evidence against the split: keep it whole
+                        // (the paper's behaviour).
+                        let refined = if verdicts.iter().any(|v| v.accepted) {
+                            paper_mask.logical_and(&keep_out)
+                        } else {
+                            paper_mask.shallow_clone()
+                        };
                         host.info(&format!(
                             "paper's split: {} suspects, {} of them dropped (the rest are in classes it swept)",
                             paper_mask.sum(Kind::Int64).int64_value(&[]),
