@@ -35,6 +35,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "max_reset_fraction":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"share of each monitored layer's neurons reset per round"},
 "none_lr":{"type":"number","default":0.0001,"minimum":0,"description":"learning rate of the paper's fine-tuning after a reset"},
 "retrain_optimizer":{"type":"string","default":"adam","enum":["adam","sgd"],"description":"optimiser of repair=retrain (adam converges in few epochs, also for models whose BatchNormalization was folded away)"},
+"retrain_push_away":{"type":"number","default":1.0,"minimum":0,"description":"repair=retrain: weight of -log(1 - p_label) on the accepted class-wise sides, which stay in the retraining pushed off their label (0: they are only dropped)"},
 "retrain_lr":{"type":"number","default":0.002,"minimum":0,"description":"learning rate of repair=retrain (cosine schedule)"},
 "e1_lr":{"type":"number","default":0.1,"minimum":0,"description":"learning rate of the E1 epochs (SGD, x0.1 every 80 epochs, as in the paper)"},
 "unlearn_weight":{"type":"number","default":0.2,"minimum":0,"description":"repair=unlearn: weight of the ascending loss on suspects"},
@@ -55,6 +56,7 @@ struct Params {
     class_probe_epochs: usize,
     class_away: f64,
     class_spread: f64,
+    retrain_push_away: f64,
     repair: String,
     lamda_h: f64,
     lamda_l: f64,
@@ -108,12 +110,21 @@ impl Plugin for NoneDefense {
     }
 }
 
-/// A stretch of training: `epochs` epochs labelled `phase`; `extra` = (suspects, weight) makes
-/// every step also ascend the loss on the suspects (unlearning).
+/// A stretch of training: `epochs` epochs labelled `phase`; `extra` = (samples, weight, loss)
+/// adds, at every step, a batch of those samples with that loss.
 struct Stretch<'a> {
     epochs: usize,
     phase: &'a str,
-    extra: Option<(&'a DeviceData, f64)>,
+    extra: Option<(&'a DeviceData, f64, ExtraLoss)>,
+}
+
+/// The loss on the extra samples of a stretch.
+#[derive(Clone, Copy)]
+enum ExtraLoss {
+    /// Ascend the cross-entropy (capped at 5): unlearning.
+    Ascend,
+    /// Minimise -log(1 - p_label): push the samples off their label, a bounded loss.
+    AwayFromLabel,
 }
 
 /// Trains a stretch with progress and cancellation from the host.
@@ -136,8 +147,8 @@ fn train(
         };
         let stats = match extra {
             None => trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?,
-            Some((suspects, weight)) => {
-                // Unlearning: every clean batch also ascends the loss on a batch of suspects.
+            Some((suspects, weight, kind)) => {
+                // Every clean batch also takes a batch of the extra samples.
                 let n = suspects.len().max(1);
                 let counter = std::cell::Cell::new(0i64);
                 let mode = if trainer.cfg.freeze_bn {
@@ -154,10 +165,17 @@ fn train(
                     let xs = pre.apply(&suspects.x.narrow(0, start, take));
                     let ys = suspects.y.narrow(0, start, take);
                     match model.forward(&xs, mode) {
-                        Ok(l) => {
-                            let ascend = audit_nn::train::cross_entropy(&l, &ys).mean(Kind::Float).clamp_max(5.0);
-                            clean - ascend * weight
-                        }
+                        Ok(l) => match kind {
+                            ExtraLoss::Ascend => {
+                                let ascend = audit_nn::train::cross_entropy(&l, &ys).mean(Kind::Float).clamp_max(5.0);
+                                clean - ascend * weight
+                            }
+                            ExtraLoss::AwayFromLabel => {
+                                let p = l.softmax(-1, Kind::Float).gather(1, &ys.unsqueeze(1), false);
+                                let away = (-p + 1.0).clamp_min(1e-6).log().mean(Kind::Float);
+                                clean - away * weight
+                            }
+                        },
                         Err(_) => clean,
                     }
                 };
@@ -289,6 +307,7 @@ impl Defense for NoneDefense {
             let break_value = jenks_break(&sel.h);
             let paper_mask = sel.h.ge(break_value);
             let mut class_report = Value::Null;
+            let mut accepted_sides: Option<Tensor> = None;
             let suspect_mask = match (&acts.features, p.suspects.as_str()) {
                 (_, "paper") => paper_mask,
                 (None, _) => {
@@ -346,6 +365,7 @@ impl Defense for NoneDefense {
                             "away": v.away, "spread": v.spread, "accepted": v.accepted,
                         }))
                         .collect::<Vec<_>>());
+                    accepted_sides = Some(class_mask.shallow_clone());
                     if mode == "class" {
                         class_mask
                     } else {
@@ -418,6 +438,17 @@ impl Defense for NoneDefense {
                         cfg.schedule = Schedule::Cosine { min_lr: 0.0 };
                     }
                     trainer = Trainer::new(&model, cfg).map_err(nn_err)?;
+                    // The accepted class-wise sides (high precision) teach the fresh model that
+                    // their trigger does not mean their label, so the poisoned samples the split
+                    // missed cannot re-teach it.
+                    let pushed = accepted_sides
+                        .as_ref()
+                        .filter(|_| p.retrain_push_away > 0.0)
+                        .map(|m| full.select(&m.nonzero().flatten(0, -1)));
+                    let extra = pushed
+                        .as_ref()
+                        .filter(|d| !d.is_empty())
+                        .map(|d| (d, p.retrain_push_away, ExtraLoss::AwayFromLabel));
                     train(
                         call,
                         &model,
@@ -427,7 +458,7 @@ impl Defense for NoneDefense {
                         Stretch {
                             epochs: p.e2,
                             phase: "retrain",
-                            extra: None,
+                            extra,
                         },
                     )?
                 }
@@ -435,7 +466,7 @@ impl Defense for NoneDefense {
                     trainer.cfg.freeze_bn = true;
                     trainer.set_lr(p.none_lr.max(1e-3)).map_err(nn_err)?;
                     let sus = full.select(&Tensor::from_slice(&all_suspects).to_device(device));
-                    let extra = (!all_suspects.is_empty()).then_some((&sus, p.unlearn_weight));
+                    let extra = (!all_suspects.is_empty()).then_some((&sus, p.unlearn_weight, ExtraLoss::Ascend));
                     train(
                         call,
                         &model,
