@@ -248,6 +248,23 @@ pub fn judge_sides(sides: &[ClassSide], pred: &Tensor, k: i64, min_away: f64, mi
         .collect()
 }
 
+/// The paper's suspects that stay dropped beside the class-wise split. With no detected target
+/// class (`targets` empty) all of them: nothing argues against the split (the paper's behaviour).
+/// Otherwise all but those in a class the global split swept (held at least half of) that is not a
+/// target: such a split describes the class, not a trigger (on Blend it takes whole classes of
+/// sandals or sneakers), and dropping it would remove the class from the retraining.
+/// `paper` is [N] bool, `labels` [N] int64.
+pub fn paper_suspects_kept(paper: &Tensor, labels: &Tensor, k: i64, targets: &[i64]) -> Tensor {
+    if targets.is_empty() {
+        return paper.shallow_clone();
+    }
+    let total = labels.bincount::<Tensor>(None, k);
+    let in_split = labels.masked_select(paper).bincount::<Tensor>(None, k);
+    let mut keep_class = (in_split * 2).lt_tensor(&total);
+    let _ = keep_class.index_fill_(0, &Tensor::from_slice(targets).to_device(paper.device()), 1);
+    paper.logical_and(&keep_class.index_select(0, labels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +392,19 @@ mod tests {
             v[1]
         );
         assert!(!v[2].accepted && v[2].away == 0.0, "{:?}", v[2]);
+    }
+
+    /// Swept classes go back unless they are a target; with no target the split stays whole.
+    #[test]
+    fn paper_suspects_in_swept_classes_go_back() {
+        let labels = Tensor::arange(3, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(10, 0, None);
+        // Class 0: 2 of 10 suspects; classes 1 and 2: 8 of 10 (swept).
+        let flags: Vec<bool> = (0..30).map(|i| i % 10 < if i < 10 { 2 } else { 8 }).collect();
+        let paper = Tensor::from_slice(&flags);
+        let count = |t: &Tensor, class: i64| t.logical_and(&labels.eq(class)).sum(Kind::Int64).int64_value(&[]);
+        let whole = paper_suspects_kept(&paper, &labels, 3, &[]);
+        assert_eq!((count(&whole, 0), count(&whole, 1), count(&whole, 2)), (2, 8, 8));
+        let kept = paper_suspects_kept(&paper, &labels, 3, &[2]);
+        assert_eq!((count(&kept, 0), count(&kept, 1), count(&kept, 2)), (2, 0, 8));
     }
 }

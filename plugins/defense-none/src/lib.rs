@@ -21,7 +21,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-pub use analysis::{class_sides, jenks_break, judge_sides, select_neurons, ClassSide, SideVerdict};
+pub use analysis::{
+    class_sides, jenks_break, judge_sides, paper_suspects_kept, select_neurons, ClassSide, SideVerdict,
+};
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
 "preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's algorithm (suspects from one global Jenks split of the top neurons, fine-tune at none_lr with BN frozen for 20 epochs, suspects recomputed each round; reset 5%, lr 1e-4, R 1); default: this toolkit's measured default (suspects also from the class-wise split, retrain)"},
@@ -369,27 +371,10 @@ impl Defense for NoneDefense {
                     if mode == "class" {
                         class_mask
                     } else {
-                        // The paper's suspects stay dropped, except in a class the global split
-                        // swept (at least half of it) without the class being a detected target:
-                        // such a split describes the class, not a trigger (on Blend it takes
-                        // whole classes of sandals or sneakers), and dropping it kills the class.
-                        let total = full.y.bincount::<Tensor>(None, k);
-                        let in_split = full.y.masked_select(&paper_mask).bincount::<Tensor>(None, k);
-                        let swept = (in_split * 2).ge_tensor(&total).index_select(0, &full.y);
-                        let target = Tensor::zeros([k], (Kind::Bool, device));
-                        for v in verdicts.iter().filter(|v| v.accepted) {
-                            let _ = target.get(v.class).fill_(1);
-                        }
-                        let keep_out = swept.logical_not().logical_or(&target.index_select(0, &full.y));
-                        // With no detected target there is no evidence against the split: keep it whole
-                        // (the paper's behaviour).
-                        let refined = if verdicts.iter().any(|v| v.accepted) {
-                            paper_mask.logical_and(&keep_out)
-                        } else {
-                            paper_mask.shallow_clone()
-                        };
+                        let targets: Vec<i64> = verdicts.iter().filter(|v| v.accepted).map(|v| v.class).collect();
+                        let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets);
                         host.info(&format!(
-                            "paper's split: {} suspects, {} of them dropped (the rest are in classes it swept)",
+                            "paper's split: {} suspects, {} of them dropped (the rest are in classes it swept that are not a target)",
                             paper_mask.sum(Kind::Int64).int64_value(&[]),
                             refined.sum(Kind::Int64).int64_value(&[])
                         ));
