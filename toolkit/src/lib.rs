@@ -14,3 +14,4 @@ pub mod plugin;
 pub mod progress;
 pub mod report;
 pub mod runtime;
+pub mod signals;

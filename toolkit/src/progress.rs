@@ -1,30 +1,8 @@
-//! Progress bars on stderr (hidden when stderr is not a terminal) and the Ctrl-C flag.
+//! Progress bars on stderr (hidden when stderr is not a terminal); the Ctrl-C flag is in `signals`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-static CANCELLED: AtomicBool = AtomicBool::new(false);
-static HANDLER: OnceLock<()> = OnceLock::new();
-
-/// Installs the Ctrl-C handler once: the first Ctrl-C sets the cancel flag (plugins see it through
-/// `is_cancelled`), a second one exits at once with code 130.
-pub fn install_ctrlc() {
-    HANDLER.get_or_init(|| {
-        let _ = ctrlc::set_handler(|| {
-            if CANCELLED.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\naudit: cancelling (Ctrl-C again to quit at once)");
-        });
-    });
-}
-
-/// True once the user pressed Ctrl-C.
-pub fn is_cancelled() -> bool {
-    CANCELLED.load(Ordering::SeqCst)
-}
 
 /// Environment variable that turns bars into `@progress {json}` lines on stderr: `audit compare`
 /// sets it for the `audit harden` runs it starts and draws their progress itself.

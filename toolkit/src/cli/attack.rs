@@ -149,10 +149,10 @@ pub fn train_epochs(
         let phase = format!("{label} epoch {}/{epochs}", e + 1);
         let mut hooks = Hooks {
             progress: Box::new(|_, done, total| progress.update("train", &phase, done, total)),
-            cancelled: Box::new(crate::progress::is_cancelled),
+            cancelled: Box::new(crate::signals::is_cancelled),
         };
         let s = trainer.epoch(model, data, &pre, &mut hooks).map_err(|e| {
-            if crate::progress::is_cancelled() {
+            if crate::signals::is_cancelled() {
                 anyhow::anyhow!("cancelled by the user")
             } else {
                 anyhow::Error::new(e)

@@ -372,7 +372,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     );
     let mut rows = Vec::new();
     for p in &planned {
-        if progress::is_cancelled() {
+        if crate::signals::is_cancelled() {
             break;
         }
         overall.set_message(format!("now: {}", p.name));
@@ -433,7 +433,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         overall.inc(1);
     }
     overall.finish_and_clear();
-    if progress::is_cancelled() {
+    if crate::signals::is_cancelled() {
         return Err(input_error_hint("cancelled", "no report was written"));
     }
 

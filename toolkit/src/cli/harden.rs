@@ -330,7 +330,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     if diff > PARITY_TOLERANCE {
         anyhow::bail!("hardened model failed its parity check (engine vs onnxruntime {diff:.3e} > {PARITY_TOLERANCE:e}); nothing written");
     }
-    if crate::progress::is_cancelled() {
+    if crate::signals::is_cancelled() {
         return Err(input_error_hint("cancelled", "nothing was written"));
     }
     crate::plugin::write_atomic(&out, &hardened).with_context(|| format!("writing {}", out.display()))?;

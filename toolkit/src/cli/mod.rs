@@ -72,7 +72,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    crate::progress::install_ctrlc();
+    crate::signals::install();
     let result = match cli.command {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.global),
         Command::Doctor { json } => doctor::run(&cli.global, json),

@@ -6,7 +6,7 @@ use std::sync::{Mutex, OnceLock};
 
 use audit_abi as abi;
 
-use crate::progress::{self, Progress};
+use crate::progress::Progress;
 
 /// State behind the table's `ctx`.
 #[derive(Debug, Default)]
@@ -67,7 +67,7 @@ unsafe extern "C" fn progress_cb(_ctx: *mut c_void, phase: *const u8, phase_len:
 }
 
 unsafe extern "C" fn is_cancelled(_ctx: *mut c_void) -> i32 {
-    i32::from(progress::is_cancelled())
+    i32::from(crate::signals::is_cancelled())
 }
 
 /// The host table (one per process).
