@@ -10,6 +10,25 @@ pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: `scan` flagged the model.
 pub const EXIT_FLAGGED: i32 = 3;
+/// Exit code: cancelled by the user (Ctrl-C), whatever was running; nothing was written.
+pub const EXIT_CANCELLED: i32 = 130;
+
+/// The command stopped because the user cancelled it: exit code 130.
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// A [`Cancelled`] error.
+pub fn cancelled() -> anyhow::Error {
+    anyhow::Error::new(Cancelled)
+}
 
 /// A mistake the user can fix (bad flag, bad file, bad parameter): exit code 2.
 #[derive(Debug)]
@@ -42,8 +61,12 @@ pub fn input_error_hint(message: impl Into<String>, hint: impl Into<String>) -> 
     })
 }
 
-/// Maps an error to its exit code by looking through the chain.
+/// Maps an error to its exit code by looking through the chain. Any failure after the user
+/// cancelled is a cancellation (a plugin or the engine may report it in its own words).
 pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if crate::signals::is_cancelled() || err.chain().any(|c| c.is::<Cancelled>()) {
+        return EXIT_CANCELLED;
+    }
     for cause in err.chain() {
         if cause.downcast_ref::<InputError>().is_some() {
             return EXIT_USAGE;

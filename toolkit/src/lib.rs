@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod evaluate;
 pub mod infer;
+pub mod output;
 pub mod plugin;
 pub mod progress;
 pub mod report;

@@ -97,3 +97,28 @@ pub fn forget_child(pid: u32) {
         c.retain(|&q| q != pid);
     }
 }
+
+/// Environment variable: print `@phase COMMAND:PHASE` on stderr at each phase boundary.
+pub const PHASE_LINES_ENV: &str = "AUDIT_PHASE_LINES";
+/// Environment variable (fault tests): `COMMAND:PHASE` at which to pause for
+/// [`HOLD_SECONDS_ENV`] seconds (default 5), so a test can signal the process in that phase.
+pub const HOLD_PHASE_ENV: &str = "AUDIT_HOLD_PHASE";
+/// Environment variable: how long [`HOLD_PHASE_ENV`] pauses.
+pub const HOLD_SECONDS_ENV: &str = "AUDIT_HOLD_SECONDS";
+
+/// Marks the start of a phase (`harden:train`, `attack:commit`, ...): a line on stderr when
+/// [`PHASE_LINES_ENV`] is 1, a pause when [`HOLD_PHASE_ENV`] names it. The phases are `load`
+/// (inputs read), `train` (the plugin or the training runs), `write` (outputs staged) and
+/// `commit` (staged outputs about to be put in place).
+pub fn phase(name: &str) {
+    if std::env::var(PHASE_LINES_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("@phase {name}");
+    }
+    if std::env::var(HOLD_PHASE_ENV).is_ok_and(|v| v == name) {
+        let secs = std::env::var(HOLD_SECONDS_ENV)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(5.0);
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs.clamp(0.0, 600.0)));
+    }
+}

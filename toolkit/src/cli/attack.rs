@@ -11,11 +11,12 @@ use clap::Args;
 use serde_json::json;
 
 use super::eval::DataArgs;
-use super::{check_output, GlobalArgs};
+use super::GlobalArgs;
 use crate::data::{self, LabeledSet, NpzArray, Pixels};
 use crate::engine::{export_checked, read_model};
 use crate::error::{input_error, EXIT_OK};
 use crate::evaluate::{evaluate, AttackSpec, Normalization};
+use crate::output::Outputs;
 use crate::plugin::{CallInput, Kind, Op, PluginError};
 
 /// How to train (shared by commands that train).
@@ -198,9 +199,10 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
     if data_path.exists() {
         inputs.push(data_path);
     }
-    check_output(&args.out, args.force, &inputs)?;
+    let mut outputs = Outputs::new(args.force, &inputs);
+    outputs.plan("--out", &args.out)?;
     if let Some(p) = &args.poisoned_data {
-        check_output(p, args.force, &inputs)?;
+        outputs.plan("--poisoned-data", p)?;
     }
     let dirs = crate::plugin::search_dirs(&global.plugin_dirs);
     let plugin = super::plugins::find(&dirs, &args.name)?;
@@ -218,6 +220,7 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
             path: plugin.path.clone(),
             message: e,
         })?;
+    crate::signals::phase("attack:load");
     let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
     let train = match args.limit {
         Some(k) => ds.train.head(k),
@@ -240,6 +243,7 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
     let meta = |k: &str| model.metadata(k).map(str::to_string);
     let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
 
+    crate::signals::phase("attack:train");
     eprintln!("poisoning {} training samples with `{}`", train.len(), plugin.name);
     let poisoned = plugin.call(&CallInput {
         op: Op::Poison,
@@ -284,18 +288,22 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
     }
     metadata.extend(norm.metadata());
     let out_bytes = export_checked(&model, &metadata, chw)?;
-    crate::plugin::write_atomic(&args.out, &out_bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    crate::signals::phase("attack:write");
+    outputs.stage(&args.out, &out_bytes)?;
     if let Some(p) = &args.poisoned_data {
-        data::write_npz(
-            p,
-            &[
-                ("x_train", NpzArray::Images(&poisoned_set.images)),
-                ("y_train", NpzArray::I64(&poisoned_set.labels)),
-                ("x_test", NpzArray::Images(&ds.test.images)),
-                ("y_test", NpzArray::I64(&ds.test.labels)),
-                ("poison_idx", NpzArray::I64(&idx)),
-            ],
-        )?;
+        outputs.stage_with(p, |f| {
+            data::write_npz_to(
+                f,
+                p,
+                &[
+                    ("x_train", NpzArray::Images(&poisoned_set.images)),
+                    ("y_train", NpzArray::I64(&poisoned_set.labels)),
+                    ("x_test", NpzArray::Images(&ds.test.images)),
+                    ("y_test", NpzArray::I64(&ds.test.labels)),
+                    ("poison_idx", NpzArray::I64(&idx)),
+                ],
+            )
+        })?;
     }
     let spec = AttackSpec {
         plugin: &plugin,
@@ -303,6 +311,8 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
         seed: args.seed,
     };
     let m = evaluate(&out_bytes, &test, ds.num_classes, &norm, Some(&spec))?;
+    crate::signals::phase("attack:commit");
+    outputs.commit()?;
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         let doc = json!({

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -17,13 +18,13 @@ use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
 
-use super::check_output;
 use super::eval::DataArgs;
 use super::harden::{row_from_doc, RunArgs};
 use super::GlobalArgs;
 use crate::data;
 use crate::error::{input_error, input_error_hint, EXIT_FAILURE, EXIT_OK};
 use crate::evaluate::{evaluate, AttackSpec};
+use crate::output::Outputs;
 use crate::plugin::{Kind, PluginError};
 use crate::progress::{self, LINES_ENV};
 use crate::report::{self, Report, Row};
@@ -112,8 +113,12 @@ fn run_child(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches this process only, which forwards it
+        // (signals::register_child), so the child sees one SIGINT, not two.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    crate::signals::register_child(child.id());
     let stdout = child.stdout.take().expect("piped stdout");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -144,7 +149,9 @@ fn run_child(
             }
         }
     }
-    let status = child.wait().map_err(|e| format!("waiting for the defense run: {e}"))?;
+    let status = child.wait();
+    crate::signals::forget_child(child.id());
+    let status = status.map_err(|e| format!("waiting for the defense run: {e}"))?;
     let stdout = reader.join().unwrap_or_default();
     if status.success() {
         return serde_json::from_str(&stdout).map_err(|e| format!("the defense run printed no report ({e})"));
@@ -252,24 +259,28 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     if data_path.exists() {
         inputs.push(data_path);
     }
+    let mut outputs = Outputs::new(args.force, &inputs);
     for r in &args.run.reports {
         report::Format::of(r)?;
-        check_output(r, args.force, &inputs)?;
+        outputs.plan("--report", r)?;
     }
     let keep_dir = args.out_dir.clone();
     if let Some(d) = &keep_dir {
         std::fs::create_dir_all(d).map_err(|e| input_error(format!("--out-dir {}: {e}", d.display())))?;
         for p in &planned {
-            check_output(&d.join(format!("{}.onnx", p.name)), args.force, &inputs)?;
+            outputs.plan("--out-dir", &d.join(format!("{}.onnx", p.name)))?;
         }
     }
+    // The children write into a scratch folder; the kept models are staged from there and land
+    // with the reports at the end, so a failed or cancelled comparison leaves nothing half done.
     let scratch = tempfile::Builder::new()
         .prefix("audit-compare-")
         .tempdir()
         .context("creating a scratch folder")?;
-    let model_dir = keep_dir.as_deref().unwrap_or(scratch.path());
+    let model_dir = scratch.path();
 
     // The undefended model, measured on the evaluation set every row shares.
+    crate::signals::phase("compare:load");
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
     let n_test = ds.test.len();
@@ -370,6 +381,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    crate::signals::phase("compare:train");
     let mut rows = Vec::new();
     for p in &planned {
         if crate::signals::is_cancelled() {
@@ -398,8 +410,12 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         let row = match run_child(&exe, &child_args, &p.name, args.verbose, &bars, &bar) {
             Ok(doc) => {
                 let mut row = row_from_doc(&doc);
-                if keep_dir.is_none() {
-                    row.output = None;
+                row.output = None;
+                if let Some(d) = &keep_dir {
+                    let kept = d.join(format!("{}.onnx", p.name));
+                    let bytes = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+                    outputs.stage(&kept, &bytes)?;
+                    row.output = Some(kept.display().to_string());
                 }
                 row
             }
@@ -434,9 +450,10 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     }
     overall.finish_and_clear();
     if crate::signals::is_cancelled() {
-        return Err(input_error_hint("cancelled", "no report was written"));
+        return Err(crate::error::cancelled());
     }
 
+    crate::signals::phase("compare:write");
     let mut r = Report {
         schema_version: report::SCHEMA_VERSION,
         command: "compare".into(),
@@ -471,8 +488,10 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     };
     r.finish();
     for path in &args.run.reports {
-        r.write(path)?;
+        outputs.stage(path, r.render(path)?.as_bytes())?;
     }
+    crate::signals::phase("compare:commit");
+    outputs.commit()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

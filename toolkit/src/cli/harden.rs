@@ -10,13 +10,13 @@ use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::{json, Map, Value};
 
-use super::check_output;
 use super::eval::DataArgs;
 use super::GlobalArgs;
 use crate::data;
 use crate::engine::{input_chw, parity, random_batch, PARITY_TOLERANCE};
-use crate::error::{input_error, input_error_hint, EXIT_OK};
+use crate::error::{input_error, EXIT_OK};
 use crate::evaluate::{evaluate, AttackSpec, Metrics};
+use crate::output::Outputs;
 use crate::plugin::{CallInput, Kind, Op, PluginError};
 use crate::report::{self, Report, Row};
 
@@ -220,17 +220,13 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         None => None,
     };
 
-    check_output(&out, args.force, &inputs)?;
+    let mut outputs = Outputs::new(args.force, &inputs);
+    outputs.plan("--out", &out)?;
     for r in &args.run.reports {
         report::Format::of(r)?;
-        check_output(r, args.force, &inputs)?;
-        if r == &out {
-            return Err(input_error(format!(
-                "--report {} is also the model output",
-                r.display()
-            )));
-        }
+        outputs.plan("--report", r)?;
     }
+    crate::signals::phase("harden:load");
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
     let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
@@ -288,6 +284,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         defense.name,
         train.len()
     );
+    crate::signals::phase("harden:train");
     let result = defense.call(&CallInput {
         op: Op::Defend,
         params: &params,
@@ -330,10 +327,8 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     if diff > PARITY_TOLERANCE {
         anyhow::bail!("hardened model failed its parity check (engine vs onnxruntime {diff:.3e} > {PARITY_TOLERANCE:e}); nothing written");
     }
-    if crate::signals::is_cancelled() {
-        return Err(input_error_hint("cancelled", "nothing was written"));
-    }
-    crate::plugin::write_atomic(&out, &hardened).with_context(|| format!("writing {}", out.display()))?;
+    crate::signals::phase("harden:write");
+    outputs.stage(&out, &hardened)?;
 
     let after = evaluate(&hardened, &test, ds.num_classes, &norm, spec.as_ref())?;
     let mut report = result.report;
@@ -401,9 +396,12 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         };
         r.finish();
         for path in &args.run.reports {
-            r.write(path)?;
+            outputs.stage(path, r.render(path)?.as_bytes())?;
         }
     }
+    // Every output lands now or none does; a cancelled run writes nothing.
+    crate::signals::phase("harden:commit");
+    outputs.commit()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(EXIT_OK);

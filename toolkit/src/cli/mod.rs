@@ -15,8 +15,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::{self, input_error, input_error_hint, EXIT_OK};
-use std::path::Path;
+use crate::error::{self, EXIT_OK};
 
 /// Audit image classifiers for backdoors and harden them.
 #[derive(Debug, Parser)]
@@ -86,6 +85,10 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(code) => code,
+        Err(err) if error::exit_code(&err) == error::EXIT_CANCELLED => {
+            eprintln!("audit: cancelled ({err:#}); no output was written");
+            error::EXIT_CANCELLED
+        }
         Err(err) => {
             eprintln!("audit: error: {err:#}");
             if let Some(hint) = error::hint(&err) {
@@ -94,22 +97,4 @@ pub fn main() -> i32 {
             error::exit_code(&err)
         }
     }
-}
-
-/// Fails when `out` exists (without `force`) or is one of `inputs`.
-pub(crate) fn check_output(out: &Path, force: bool, inputs: &[&Path]) -> anyhow::Result<()> {
-    let canon = |p: &Path| std::fs::canonicalize(p).ok();
-    if out.exists() && inputs.iter().any(|i| canon(i).is_some() && canon(i) == canon(out)) {
-        return Err(input_error(format!(
-            "{}: refusing to overwrite an input file",
-            out.display()
-        )));
-    }
-    if out.exists() && !force {
-        return Err(input_error_hint(
-            format!("{} already exists", out.display()),
-            "pass --force to replace it",
-        ));
-    }
-    Ok(())
 }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::GlobalArgs;
 use crate::data::{self, DataFormat, LabeledSet, NpzArray};
 use crate::error::{input_error, input_error_hint, EXIT_OK, EXIT_USAGE};
+use crate::output::Outputs;
 use crate::plugin::{self, capability_names, CallInput, Discovered, Kind, LoadedPlugin, Op, PluginError};
 
 #[derive(Debug, Subcommand)]
@@ -338,12 +339,12 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
         }
         None => None,
     };
+    // The model and the data are inputs: --out may name neither, even with --force.
+    let mut inputs: Vec<&Path> = args.model.iter().map(PathBuf::as_path).collect();
+    inputs.push(Path::new(&args.data));
+    let mut outputs = Outputs::new(args.force, &inputs);
     if let Some(out) = &args.out {
-        let mut inputs: Vec<&Path> = Vec::new();
-        if let Some(m) = &args.model {
-            inputs.push(m);
-        }
-        super::check_output(out, args.force, &inputs)?;
+        outputs.plan("--out", out)?;
     }
     let ds = data::load(&args.data, args.data_format, args.seed)?;
     let (split_name, split) = match op {
@@ -386,23 +387,26 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
                     None => ds.test.clone(),
                 };
                 let idx = out.indices.as_deref().unwrap_or(&[]);
-                data::write_npz(
-                    path,
-                    &[
-                        ("x_train", NpzArray::Images(im)),
-                        ("y_train", NpzArray::I64(labels)),
-                        ("x_test", NpzArray::Images(&test.images)),
-                        ("y_test", NpzArray::I64(&test.labels)),
-                        ("poison_idx", NpzArray::I64(idx)),
-                    ],
-                )?;
+                outputs.stage_with(path, |f| {
+                    data::write_npz_to(
+                        f,
+                        path,
+                        &[
+                            ("x_train", NpzArray::Images(im)),
+                            ("y_train", NpzArray::I64(labels)),
+                            ("x_test", NpzArray::Images(&test.images)),
+                            ("y_test", NpzArray::I64(&test.labels)),
+                            ("poison_idx", NpzArray::I64(idx)),
+                        ],
+                    )
+                })?;
             }
             (Op::Trigger, Some(im), Some(labels), _) => {
-                data::write_npz(path, &[("x", NpzArray::Images(im)), ("y", NpzArray::I64(labels))])?;
+                outputs.stage_with(path, |f| {
+                    data::write_npz_to(f, path, &[("x", NpzArray::Images(im)), ("y", NpzArray::I64(labels))])
+                })?;
             }
-            (Op::Defend, _, _, Some(m)) => {
-                plugin::write_atomic(path, m).with_context(|| format!("writing {}", path.display()))?;
-            }
+            (Op::Defend, _, _, Some(m)) => outputs.stage(path, m)?,
             _ => {
                 return Err(input_error(format!(
                     "--out: a {op:?} result has nothing to write to a file"
@@ -410,6 +414,7 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
             }
         }
     }
+    outputs.commit()?;
     if args.json {
         let doc = json!({
             "schema_version": 1,

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::check_output;
 use crate::error::EXIT_OK;
+use crate::output::Outputs;
 use crate::report::{self, Report};
 
 #[derive(Debug, Args)]
@@ -23,16 +23,20 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: ReportArgs) -> Result<i32> {
+    let mut outputs = Outputs::new(args.force, &[&args.input]);
     for o in &args.outs {
         report::Format::of(o)?;
-        check_output(o, args.force, &[&args.input])?;
+        outputs.plan("--out", o)?;
     }
     let r = Report::read(&args.input)?;
     if args.outs.is_empty() {
         println!("{}", report::terminal_table(&r));
     }
     for o in &args.outs {
-        r.write(o)?;
+        outputs.stage(o, r.render(o)?.as_bytes())?;
+    }
+    outputs.commit()?;
+    for o in &args.outs {
         println!("wrote {}", o.display());
     }
     Ok(EXIT_OK)

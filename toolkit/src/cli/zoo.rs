@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
-use super::check_output;
 use super::inspect::parse_chw;
 use crate::error::{input_error, EXIT_OK};
+use crate::output::Outputs;
 
 #[derive(Debug, Args)]
 pub struct ZooArgs {
@@ -28,12 +28,14 @@ pub struct ZooArgs {
 }
 
 pub fn run(args: ZooArgs) -> Result<i32> {
-    check_output(&args.out, args.force, &[])?;
+    let mut outputs = Outputs::new(args.force, &[]);
+    outputs.plan("--out", &args.out)?;
     let arch: audit_nn::zoo::Arch = args.arch.parse().map_err(|e: String| input_error(e))?;
     let proto = audit_nn::zoo::build(arch, args.input, args.classes, args.seed).map_err(input_error)?;
     let bytes = audit_nn::zoo::to_bytes(&proto);
     let model = audit_nn::Model::load(&bytes, None)?;
-    crate::plugin::write_atomic(&args.out, &bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    outputs.stage(&args.out, &bytes)?;
+    outputs.commit()?;
     let [c, h, w] = args.input;
     println!(
         "wrote {} ({arch}, input {c}x{h}x{w}, {} classes, {} trainable parameters, {} neuron layers)",

@@ -12,7 +12,7 @@ mod synthetic;
 
 use std::path::{Path, PathBuf};
 
-pub use npz::{read_npz, write_npz, NpzArray};
+pub use npz::{read_npz, write_npz, write_npz_to, NpzArray};
 pub use synthetic::synthetic;
 
 /// Where Debian's `dataset-fashion-mnist` puts the files.

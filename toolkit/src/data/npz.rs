@@ -31,23 +31,28 @@ pub fn write_npz(path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> anyhow::Result
         .suffix(".npz.tmp")
         .tempfile_in(dir)
         .map_err(|e| io(path, e))?;
-    {
-        let mut npz = npyz::npz::NpzWriter::new(std::io::BufWriter::new(tmp.as_file()));
-        for (name, array) in arrays {
-            match array {
-                NpzArray::Images(x) => {
-                    let shape = [x.n as u64, x.c as u64, x.h as u64, x.w as u64];
-                    match &x.pixels {
-                        Pixels::U8(v) => write_one(&mut npz, path, name, &shape, v)?,
-                        Pixels::F32(v) => write_one(&mut npz, path, name, &shape, v)?,
-                    }
-                }
-                NpzArray::I64(v) => write_one(&mut npz, path, name, &[v.len() as u64], v)?,
-            }
-        }
-        npz.zip_writer().finish().map_err(|e| io(path, e))?;
-    }
+    write_npz_to(tmp.as_file(), path, arrays)?;
     tmp.persist(path).map_err(|e| io(path, e.error))?;
+    Ok(())
+}
+
+/// Writes named arrays as an NPZ archive into `file` (`path` names it in errors).
+pub fn write_npz_to(file: &std::fs::File, path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> anyhow::Result<()> {
+    let mut npz = npyz::npz::NpzWriter::new(std::io::BufWriter::new(file));
+    for (name, array) in arrays {
+        match array {
+            NpzArray::Images(x) => {
+                let shape = [x.n as u64, x.c as u64, x.h as u64, x.w as u64];
+                match &x.pixels {
+                    Pixels::U8(v) => write_one(&mut npz, path, name, &shape, v)?,
+                    Pixels::F32(v) => write_one(&mut npz, path, name, &shape, v)?,
+                }
+            }
+            NpzArray::I64(v) => write_one(&mut npz, path, name, &[v.len() as u64], v)?,
+        }
+    }
+    let mut w = npz.zip_writer().finish().map_err(|e| io(path, e))?;
+    std::io::Write::flush(&mut w).map_err(|e| io(path, e))?;
     Ok(())
 }
 

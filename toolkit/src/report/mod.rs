@@ -242,13 +242,18 @@ impl Report {
         serde_json::from_value(v).map_err(|e| input_error(format!("{}: not an audit report: {e}", path.display())))
     }
 
-    /// Renders in the format its extension names (.json, .md, .html) and writes atomically.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let text = match Format::of(path)? {
+    /// Renders in the format `path`'s extension names (.json, .md, .html).
+    pub fn render(&self, path: &Path) -> Result<String> {
+        Ok(match Format::of(path)? {
             Format::Json => serde_json::to_string_pretty(self)? + "\n",
             Format::Markdown => markdown(self),
             Format::Html => html(self)?,
-        };
+        })
+    }
+
+    /// Renders (see [`Report::render`]) and writes atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = self.render(path)?;
         crate::plugin::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
     }
 }
