@@ -260,7 +260,8 @@ fn ctrl_c_cancels_a_running_plugin_and_leaves_no_output() {
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     let res = child.wait_with_output().unwrap();
     let stderr = seen + &rest;
-    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    // A cancelled command exits 130, whoever noticed the cancel first (here the plugin).
+    assert_eq!(res.status.code(), Some(130), "{stderr}");
     assert!(
         stderr.contains("slow-cancel") && stderr.contains("was cancelled"),
         "{stderr}"

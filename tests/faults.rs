@@ -512,3 +512,62 @@ fn finding_1_plugins_run_never_replaces_its_input_dataset() {
     assert_eq!(sha(&d.path().join("p.npz")), before);
     assert_eq!(listing(d.path()), ["p.npz"]);
 }
+
+#[test]
+fn finding_6_compare_stopped_in_each_phase_leaves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let before = sha(&model(d.path()));
+    std::fs::create_dir(d.path().join("kept")).unwrap();
+    let args = [
+        "compare",
+        "m.onnx",
+        "--data",
+        "synthetic",
+        "--limit",
+        "300",
+        "--clean-size",
+        "100",
+        "--defenses",
+        "none",
+        "--param",
+        "none.E2=1",
+        "--out-dir",
+        "kept",
+        "--report",
+        "c.json",
+        "--report",
+        "c.md",
+    ];
+    for (phase, sig, code) in [
+        ("compare:load", "TERM", 143),
+        ("compare:train", "INT", 130),
+        ("compare:write", "TERM", 143),
+        ("compare:commit", "INT", 130),
+        ("compare:commit", "KILL", 137),
+    ] {
+        let mut r = spawn(
+            d.path(),
+            &args,
+            &[("AUDIT_HOLD_PHASE", phase), ("AUDIT_HOLD_SECONDS", "20")],
+        );
+        r.wait_phase(phase);
+        r.signal(sig);
+        let (got, err) = r.finish();
+        assert_eq!(got, code, "{phase}: {err}");
+        let visible =
+            |dir: &Path| -> Vec<String> { listing(dir).into_iter().filter(|n| !n.starts_with('.')).collect() };
+        assert_eq!(visible(d.path()), ["kept", "m.onnx"], "{phase}");
+        assert!(visible(&d.path().join("kept")).is_empty(), "{phase}");
+        if sig != "KILL" {
+            assert!(
+                partials(d.path()).is_empty() && partials(&d.path().join("kept")).is_empty(),
+                "{phase}"
+            );
+        }
+    }
+    assert_eq!(sha(&d.path().join("m.onnx")), before);
+    // A complete run afterwards leaves exactly its outputs (and removes the killed run's partials).
+    audit_in(d.path(), &args).expect_code(0);
+    assert_eq!(listing(d.path()), ["c.json", "c.md", "kept", "m.onnx"]);
+    assert_eq!(listing(&d.path().join("kept")), ["none.onnx"]);
+}
