@@ -198,7 +198,7 @@ fn finding_6_sigint_twice_sigterm_and_sighup_remove_the_staged_files() {
     let d = tempfile::tempdir().unwrap();
     let before = sha(&model(d.path()));
     for (signals, code) in [(&["INT", "INT"][..], 130), (&["TERM"][..], 143), (&["HUP"][..], 129)] {
-        for phase in ["harden:load", "harden:train", "harden:commit"] {
+        for phase in ["harden:load", "harden:train", "harden:write", "harden:commit"] {
             let mut r = spawn(
                 d.path(),
                 &harden_args(&[]),
@@ -268,11 +268,13 @@ fn finding_6_attack_cancelled_in_each_phase_writes_nothing() {
         "--poisoned-data",
         "a.npz",
     ];
-    for (phase, sig, code) in [
-        ("attack:load", "INT", 130),
-        ("attack:train", "TERM", 143),
-        ("attack:write", "INT", 130),
-        ("attack:commit", "TERM", 143),
+    for (phase, sigs, code) in [
+        ("attack:load", &["INT"][..], 130),
+        ("attack:train", &["TERM"][..], 143),
+        ("attack:train", &["INT", "INT"][..], 130),
+        ("attack:write", &["INT"][..], 130),
+        ("attack:commit", &["TERM"][..], 143),
+        ("attack:commit", &["KILL"][..], 137),
     ] {
         let mut r = spawn(
             d.path(),
@@ -280,12 +282,23 @@ fn finding_6_attack_cancelled_in_each_phase_writes_nothing() {
             &[("AUDIT_HOLD_PHASE", phase), ("AUDIT_HOLD_SECONDS", "20")],
         );
         r.wait_phase(phase);
-        r.signal(sig);
+        for s in sigs {
+            r.signal(s);
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let (got, err) = r.finish();
-        assert_eq!(got, code, "{phase}: {err}");
-        assert!(listing(d.path()).is_empty(), "{phase}: {:?}", listing(d.path()));
+        assert_eq!(got, code, "{phase} {sigs:?}: {err}");
+        let visible: Vec<String> = listing(d.path()).into_iter().filter(|n| !n.starts_with('.')).collect();
+        assert!(visible.is_empty(), "{phase}: {:?}", listing(d.path()));
+        if sigs != ["KILL"] {
+            assert!(
+                listing(d.path()).is_empty(),
+                "{phase} {sigs:?}: {:?}",
+                listing(d.path())
+            );
+        }
     }
-    // Uninterrupted, both outputs land.
+    // Uninterrupted, both outputs land, and the killed run's partial files are gone.
     audit_in(d.path(), &args).expect_code(0);
     assert_eq!(listing(d.path()), ["a.npz", "a.onnx"]);
 }
