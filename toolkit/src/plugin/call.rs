@@ -342,7 +342,9 @@ fn check_for_op(out: &CallOutput, input: &CallInput<'_>) -> Result<(), String> {
         }
         Op::Trigger => {
             check_images("trigger")?;
-            check_labels("trigger")
+            check_labels("trigger")?;
+            // Not asked for, but whatever comes back is checked before anything prints it.
+            check_indices("trigger", false)
         }
         Op::Scan => {
             if !out.report.get("backdoored").is_some_and(Value::is_boolean) {

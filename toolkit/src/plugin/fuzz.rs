@@ -7,7 +7,8 @@
 //! responses built from the generated values, in honest buffers: the ABI's one promise the host
 //! cannot check is that a pointer has `byte_len` readable bytes).
 //!
-//! `make test` runs a bounded number of cases (`DEFAULT_CASES`); `AUDIT_FUZZ_CASES=N` raises it.
+//! `make test` runs a bounded number of cases (`DEFAULT_CASES`, well under a second in release);
+//! `AUDIT_FUZZ_CASES=N` sets another number (50 000 take a few seconds).
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use super::schema::Schema;
 use super::{CallInput, Kind, LoadedPlugin, Op, OwnedTensor, PluginError};
 use crate::data::{Images, LabeledSet, Pixels};
 
-const DEFAULT_CASES: u32 = 256;
+const DEFAULT_CASES: u32 = 2048;
 
 fn config() -> ProptestConfig {
     let cases = std::env::var("AUDIT_FUZZ_CASES")
@@ -388,6 +389,22 @@ proptest! {
             Err(e) => prop_assert!(e.to_string().contains("fake"), "{}", e),
         }
     }
+}
+
+/// Found by the fuzzer: a trigger answer's indices were never range-checked (and `plugins run
+/// --json` prints them).
+#[test]
+fn fuzz_finding_trigger_indices_out_of_range_are_refused() {
+    let set = dataset();
+    let params = Map::new();
+    let raw = RawResponse {
+        images: Some((vec![N, 1, 2, 2], OwnedTensor::U8(vec![7; N * 4]))),
+        labels: Some((vec![N], OwnedTensor::I64(vec![0; N]))),
+        indices: Some((vec![2], OwnedTensor::I64(vec![1, 4_412_750_543_122_677_053]))),
+        ..RawResponse::default()
+    };
+    let e = validate(raw, &input(Op::Trigger, &params, Some(&set))).unwrap_err();
+    assert!(e.contains("index 4412750543122677053 outside 0..4"), "{e}");
 }
 
 /// The fuzzers above must reach acceptance too, or they test only the error paths.
