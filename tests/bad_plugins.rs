@@ -596,6 +596,15 @@ fn finding_low_a_library_without_a_manifest_is_mentioned() {
     assert_eq!(r.json()["unmanaged"], json!([stray.to_str().unwrap()]));
     let r = audit(&["--plugin-dir", d, "plugins", "list"]).expect_code(0);
     assert!(r.stderr.contains(&note), "{}", r.stderr);
+    let r = audit(&["--plugin-dir", d, "plugins", "check"]).expect_code(0);
+    assert!(r.stderr.contains(&note), "{}", r.stderr);
+    // Asking for it by name: the hint points at the library and at `plugins install`.
+    let r = audit(&["--plugin-dir", d, "plugins", "info", "stray"]).expect_code(2);
+    assert!(
+        r.stderr.contains("libraries without a manifest, never used") && r.stderr.contains(stray.to_str().unwrap()),
+        "{}",
+        r.stderr
+    );
     let r = audit(&["--plugin-dir", d, "doctor", "--json"]);
     assert!(r.stderr.contains(&note), "{}", r.stderr);
     assert_eq!(r.json()["unmanaged_libraries"], json!([stray.to_str().unwrap()]));

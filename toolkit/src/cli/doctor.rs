@@ -18,6 +18,13 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
     for lib in &unmanaged {
         eprintln!("{}", plugin::unmanaged_note(lib));
     }
+    let problems: Vec<serde_json::Value> = found
+        .iter()
+        .filter_map(|d| {
+            d.problem()
+                .map(|p| json!({"manifest": d.manifest_path.display().to_string(), "problem": p}))
+        })
+        .collect();
     let fmnist = std::path::Path::new(crate::data::FASHION_MNIST_DIR)
         .join("train-images-idx3-ubyte.gz")
         .is_file();
@@ -40,7 +47,7 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
         },
         "plugin_dirs": dirs.iter().map(|(d, from)| json!({"dir": d.display().to_string(), "from": from})).collect::<Vec<_>>(),
         "plugins_found": found.len(),
-        "plugin_problems": found.iter().filter_map(|d| d.problem().map(|p| json!({"manifest": d.manifest_path.display().to_string(), "problem": p}))).collect::<Vec<_>>(),
+        "plugin_problems": problems,
         "unmanaged_libraries": unmanaged.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "fashion_mnist": fmnist,
         "ok": ok,
