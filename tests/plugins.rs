@@ -278,3 +278,73 @@ fn bad_data_is_a_usage_error_naming_the_file() {
     let r = audit(&["plugins", "run", "badnets", "--data", dir.path().to_str().unwrap()]).expect_code(2);
     assert!(r.stderr.contains("train-images-idx3-ubyte"), "{}", r.stderr);
 }
+
+fn sha256_of(path: &std::path::Path) -> String {
+    sh(Command::new("sha256sum").arg(path))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn finding_13_harden_records_each_plugins_library_and_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    audit_in(
+        dir,
+        &[
+            "zoo",
+            "small-cnn",
+            "--input",
+            "1x28x28",
+            "--classes",
+            "10",
+            "--out",
+            "m.onnx",
+        ],
+    )
+    .expect_code(0);
+    let h = audit_in(
+        dir,
+        &[
+            "harden",
+            "m.onnx",
+            "--defense",
+            "finetune",
+            "--data",
+            "synthetic",
+            "--limit",
+            "64",
+            "--clean-size",
+            "50",
+            "--param",
+            "epochs=1",
+            "--eval-attack",
+            "badnets",
+            "--device",
+            "cpu",
+            "--json",
+            "--report",
+            &p("r.json"),
+            "--report",
+            &p("r.md"),
+        ],
+    )
+    .expect_code(0)
+    .json();
+    let plugins = std::fs::canonicalize(audit_tests::bundled_plugins()).unwrap();
+    let finetune = plugins.join("libaudit_plugin_finetune.so");
+    let badnets = plugins.join("libaudit_plugin_badnets.so");
+    let (f_sha, b_sha) = (sha256_of(&finetune), sha256_of(&badnets));
+    assert_eq!(h["defense_library"], finetune.to_str().unwrap(), "{h:#}");
+    assert_eq!(h["defense_sha256"], f_sha.as_str());
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(p("r.json")).unwrap()).unwrap();
+    assert_eq!(r["rows"][0]["library"], finetune.to_str().unwrap());
+    assert_eq!(r["rows"][0]["library_sha256"], f_sha.as_str());
+    assert_eq!(r["eval_attack"]["library"], badnets.to_str().unwrap());
+    assert_eq!(r["eval_attack"]["sha256"], b_sha.as_str());
+    let md = std::fs::read_to_string(p("r.md")).unwrap();
+    assert!(md.contains(&f_sha) && md.contains(&b_sha), "{md}");
+}

@@ -87,6 +87,9 @@ fn split_params(params: &[String], names: &[&str]) -> Result<BTreeMap<String, Ve
 struct Planned {
     name: String,
     version: String,
+    /// The plugin's library (canonical path) and its sha256, for the report.
+    library: String,
+    sha256: String,
     raw_params: Vec<String>,
     params: Map<String, Value>,
 }
@@ -220,6 +223,8 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         planned.push(Planned {
             name: p.name.clone(),
             version: p.version.clone(),
+            library: p.path.display().to_string(),
+            sha256: p.sha256.clone(),
             raw_params: raw,
             params,
         });
@@ -422,6 +427,8 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
             Err(e) => {
                 let mut row = Row::failed(&p.name, e);
                 row.version = Some(p.version.clone());
+                row.library = Some(p.library.clone());
+                row.library_sha256 = Some(p.sha256.clone());
                 row.params = Value::Object(p.params.clone());
                 row.seconds = Some(started.elapsed().as_secs_f64());
                 row
@@ -479,6 +486,8 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
                 name: a.name.clone(),
                 version: a.version.clone(),
                 params: Value::Object(p.clone()),
+                library: Some(a.path.display().to_string()),
+                sha256: Some(a.sha256.clone()),
             }),
         seed: args.run.seed,
         device: device_name.into(),

@@ -14,6 +14,17 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
     let ort = runtime::init_ort();
     let dirs = plugin::search_dirs(&global.plugin_dirs);
     let found = plugin::discover(&dirs);
+    let unmanaged = plugin::unmanaged_libraries(&dirs);
+    for lib in &unmanaged {
+        eprintln!("{}", plugin::unmanaged_note(lib));
+    }
+    let problems: Vec<serde_json::Value> = found
+        .iter()
+        .filter_map(|d| {
+            d.problem()
+                .map(|p| json!({"manifest": d.manifest_path.display().to_string(), "problem": p}))
+        })
+        .collect();
     let fmnist = std::path::Path::new(crate::data::FASHION_MNIST_DIR)
         .join("train-images-idx3-ubyte.gz")
         .is_file();
@@ -36,6 +47,8 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
         },
         "plugin_dirs": dirs.iter().map(|(d, from)| json!({"dir": d.display().to_string(), "from": from})).collect::<Vec<_>>(),
         "plugins_found": found.len(),
+        "plugin_problems": problems,
+        "unmanaged_libraries": unmanaged.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "fashion_mnist": fmnist,
         "ok": ok,
     });
@@ -72,6 +85,18 @@ pub fn run(global: &GlobalArgs, json: bool) -> Result<i32> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        for d in &found {
+            if let Some(p) = d.problem() {
+                println!("             {}: {p}", d.manifest_path.display());
+            }
+        }
+        for lib in &unmanaged {
+            println!(
+                "             {}: no manifest: run audit plugins install {}",
+                lib.display(),
+                lib.display()
+            );
+        }
         println!(
             "data         Fashion-MNIST {}",
             if fmnist {

@@ -342,6 +342,8 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         "schema_version": 1,
         "defense": defense.name,
         "defense_version": defense.version,
+        "defense_library": defense.path.display().to_string(),
+        "defense_sha256": defense.sha256,
         "params": params,
         "model": {"path": args.model.display().to_string(), "sha256": audit_nn::export::sha256_hex(&original)},
         "output": out.display().to_string(),
@@ -387,6 +389,8 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
                     name: a.name.clone(),
                     version: a.version.clone(),
                     params: Value::Object(p.clone()),
+                    library: Some(a.path.display().to_string()),
+                    sha256: Some(a.sha256.clone()),
                 }),
             seed: args.run.seed,
             device: device_name.to_string(),
@@ -470,5 +474,7 @@ pub(crate) fn row_from_doc(doc: &Value) -> Row {
         output: doc["output"].as_str().map(str::to_string),
         output_sha256: doc["output_sha256"].as_str().map(str::to_string),
         defense_report: doc["defense_report"].clone(),
+        library: doc["defense_library"].as_str().map(str::to_string),
+        library_sha256: doc["defense_sha256"].as_str().map(str::to_string),
     }
 }

@@ -90,9 +90,12 @@ pub struct RunArgs {
 pub fn run(cmd: PluginsCommand, global: &GlobalArgs) -> Result<i32> {
     let dirs = plugin::search_dirs(&global.plugin_dirs);
     match cmd {
-        PluginsCommand::List { json } => list(&plugin::discover(&dirs), json),
+        PluginsCommand::List { json } => list(&dirs, json),
         PluginsCommand::Info { name, json } => info(&*find(&dirs, &name)?, json),
-        PluginsCommand::Check { json } => check(&plugin::discover(&dirs), json),
+        PluginsCommand::Check { json } => {
+            note_unmanaged(&dirs);
+            check(&plugin::discover(&dirs), json)
+        }
         PluginsCommand::Install { libraries, dir, force } => {
             let dir = match dir {
                 Some(d) => d,
@@ -118,7 +121,18 @@ fn table() -> Table {
     t
 }
 
-fn list(found: &[Discovered], json: bool) -> Result<i32> {
+/// Says on stderr which libraries in the plugin folders have no manifest (never used).
+fn note_unmanaged(dirs: &[(PathBuf, &'static str)]) -> Vec<PathBuf> {
+    let stray = plugin::unmanaged_libraries(dirs);
+    for lib in &stray {
+        eprintln!("{}", plugin::unmanaged_note(lib));
+    }
+    stray
+}
+
+fn list(dirs: &[(PathBuf, &'static str)], json: bool) -> Result<i32> {
+    let found = &plugin::discover(dirs);
+    let stray = note_unmanaged(dirs);
     let rows: Vec<Value> = found
         .iter()
         .map(|d| {
@@ -138,9 +152,10 @@ fn list(found: &[Discovered], json: bool) -> Result<i32> {
         })
         .collect();
     if json {
+        let unmanaged: Vec<String> = stray.iter().map(|p| p.display().to_string()).collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"schema_version": 1, "plugins": rows}))?
+            serde_json::to_string_pretty(&json!({"schema_version": 1, "plugins": rows, "unmanaged": unmanaged}))?
         );
         return Ok(EXIT_OK);
     }
@@ -176,8 +191,17 @@ pub fn find(dirs: &[(PathBuf, &'static str)], name: &str) -> Result<Arc<LoadedPl
         .iter()
         .find(|d| d.shadowed_by.is_none() && d.manifest.as_ref().is_ok_and(|m| m.name == name));
     match hit {
-        Some(d) => Ok(d.load()?),
+        Some(d) => {
+            if let Some(line) = plugin::shadowing(&found, name) {
+                eprintln!("warning: {line}");
+            }
+            Ok(d.load()?)
+        }
         None => {
+            let stray: Vec<String> = plugin::unmanaged_libraries(dirs)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
             let names: Vec<&str> = found
                 .iter()
                 .filter_map(|d| d.manifest.as_ref().ok())
@@ -196,7 +220,18 @@ pub fn find(dirs: &[(PathBuf, &'static str)], name: &str) -> Result<Arc<LoadedPl
                         format!(" (found: {})", names.join(", "))
                     }
                 ),
-                format!("searched {}; `audit plugins install LIB` adds one", searched.join(", ")),
+                format!(
+                    "searched {}; `audit plugins install LIB` adds one{}",
+                    searched.join(", "),
+                    if stray.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (libraries without a manifest, never used: {}; run audit plugins install on them)",
+                            stray.join(", ")
+                        )
+                    }
+                ),
             ))
         }
     }
@@ -205,7 +240,8 @@ pub fn find(dirs: &[(PathBuf, &'static str)], name: &str) -> Result<Arc<LoadedPl
 fn describe(p: &LoadedPlugin) -> Value {
     json!({
         "name": p.name, "kind": p.kind.as_str(), "version": p.version, "abi_version": p.abi_version,
-        "path": p.path.display().to_string(), "description": p.description, "build_info": p.build_info,
+        "path": p.path.display().to_string(), "sha256": p.sha256,
+        "description": p.description, "build_info": p.build_info,
         "capabilities": capability_names(p.capabilities),
     })
 }
@@ -224,6 +260,7 @@ fn info(p: &LoadedPlugin, json: bool) -> Result<i32> {
     );
     println!("  {}", p.description);
     println!("  library:      {}", p.path.display());
+    println!("  sha256:       {}", p.sha256);
     println!("  built:        {}", p.build_info);
     let caps = capability_names(p.capabilities);
     println!(

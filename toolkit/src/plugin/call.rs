@@ -81,8 +81,31 @@ fn dataset_view(set: Option<&LabeledSet>, num_classes: usize) -> abi::AuditDatas
     }
 }
 
-/// Copies a plugin tensor after checking dtype, rank, sizes and pointer. `None` when absent.
-unsafe fn copy_tensor(t: &abi::AuditTensor, what: &str) -> Result<Option<(Vec<usize>, OwnedTensor)>, String> {
+/// The header of a tensor a plugin returned, as plain values (no pointer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TensorHeader {
+    pub dtype: u32,
+    pub ndim: u32,
+    pub shape: [i64; abi::AUDIT_MAX_DIMS],
+    pub byte_len: usize,
+    pub null_data: bool,
+}
+
+impl TensorHeader {
+    fn of(t: &abi::AuditTensor) -> TensorHeader {
+        TensorHeader {
+            dtype: t.dtype,
+            ndim: t.ndim,
+            shape: t.shape,
+            byte_len: t.byte_len,
+            null_data: t.data.is_null(),
+        }
+    }
+}
+
+/// Checks a tensor header: dtype, rank, dimensions, `byte_len` against the shape, pointer.
+/// `Ok(None)` when the tensor is absent, else its shape and element count.
+pub(crate) fn check_tensor_header(t: &TensorHeader, what: &str) -> Result<Option<(Vec<usize>, usize)>, String> {
     if t.ndim == 0 && t.byte_len == 0 {
         return Ok(None);
     }
@@ -107,23 +130,37 @@ unsafe fn copy_tensor(t: &abi::AuditTensor, what: &str) -> Result<Option<(Vec<us
             t.byte_len
         ));
     }
-    if t.byte_len > 0 && t.data.is_null() {
+    if t.byte_len > 0 && t.null_data {
         return Err(format!("{what}: null data pointer with byte_len {}", t.byte_len));
     }
+    Ok(Some((shape, elems)))
+}
+
+/// Copies a plugin tensor after checking its header. `None` when absent.
+unsafe fn copy_tensor(t: &abi::AuditTensor, what: &str) -> Result<Option<(Vec<usize>, OwnedTensor)>, String> {
+    let Some((shape, elems)) = check_tensor_header(&TensorHeader::of(t), what)? else {
+        return Ok(None);
+    };
     let src = t.data as *const u8;
-    // SAFETY (all three): the plugin promises `byte_len` readable bytes until `release`; we copy
-    // bytewise into a buffer of exactly that many bytes, so source alignment does not matter.
+    // SAFETY (all three): the header is consistent and the pointer non-null when byte_len > 0;
+    // the plugin promises `byte_len` readable bytes until `release`; we copy bytewise into a
+    // buffer of exactly that many bytes, so source alignment does not matter.
     let out = unsafe {
         match t.dtype {
+            abi::AUDIT_DTYPE_U8 if t.byte_len == 0 => OwnedTensor::U8(Vec::new()),
             abi::AUDIT_DTYPE_U8 => OwnedTensor::U8(std::slice::from_raw_parts(src, t.byte_len).to_vec()),
             abi::AUDIT_DTYPE_F32 => {
                 let mut v = vec![0f32; elems];
-                std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, t.byte_len);
+                if t.byte_len > 0 {
+                    std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, t.byte_len);
+                }
                 OwnedTensor::F32(v)
             }
             _ => {
                 let mut v = vec![0i64; elems];
-                std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, t.byte_len);
+                if t.byte_len > 0 {
+                    std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, t.byte_len);
+                }
                 OwnedTensor::I64(v)
             }
         }
@@ -146,17 +183,33 @@ unsafe fn copy_str(s: &abi::AuditStr, what: &str) -> Result<String, String> {
 fn i64_vec(t: Option<(Vec<usize>, OwnedTensor)>, what: &str) -> Result<Option<Vec<i64>>, String> {
     match t {
         None => Ok(None),
-        Some((shape, OwnedTensor::I64(v))) if shape.len() == 1 => Ok(Some(v)),
+        Some((shape, OwnedTensor::I64(v))) if shape.len() == 1 && shape[0] == v.len() => Ok(Some(v)),
+        Some((shape, OwnedTensor::I64(v))) if shape.len() == 1 => {
+            Err(format!("{what}: {} values for shape {shape:?}", v.len()))
+        }
         Some((shape, _)) => Err(format!(
             "{what}: expected a 1-D i64 tensor, got shape {shape:?} of another dtype"
         )),
     }
 }
 
-/// Copies and checks the response of a successful call.
-unsafe fn collect(resp: &abi::AuditResponse, input: &CallInput<'_>) -> Result<CallOutput, String> {
-    // SAFETY (block): every pointer in `resp` is valid until `release`, per the ABI.
-    let (message, report, images, labels, indices, model) = unsafe {
+/// A successful response copied into host memory, before any check beyond the tensor headers.
+/// Plain Rust values: the validation below runs on it without a plugin (and is fuzzed so).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct RawResponse {
+    pub message: String,
+    pub report_json: String,
+    pub images: Option<(Vec<usize>, OwnedTensor)>,
+    pub labels: Option<(Vec<usize>, OwnedTensor)>,
+    pub indices: Option<(Vec<usize>, OwnedTensor)>,
+    pub model: Option<Vec<u8>>,
+}
+
+/// Copies the response of a successful call (checking tensor headers and pointers first).
+unsafe fn copy_response(resp: &abi::AuditResponse) -> Result<RawResponse, String> {
+    // SAFETY (block): every pointer in `resp` is valid until `release`, per the ABI; each is
+    // checked for null against its length before it is read.
+    unsafe {
         let model = if resp.model.len == 0 {
             None
         } else if resp.model.ptr.is_null() {
@@ -164,19 +217,38 @@ unsafe fn collect(resp: &abi::AuditResponse, input: &CallInput<'_>) -> Result<Ca
         } else {
             Some(std::slice::from_raw_parts(resp.model.ptr, resp.model.len).to_vec())
         };
-        (
-            copy_str(&resp.message, "message")?,
-            copy_str(&resp.report_json, "report_json")?,
-            copy_tensor(&resp.images, "images")?,
-            copy_tensor(&resp.labels, "labels")?,
-            copy_tensor(&resp.indices, "indices")?,
+        Ok(RawResponse {
+            message: copy_str(&resp.message, "message")?,
+            report_json: copy_str(&resp.report_json, "report_json")?,
+            images: copy_tensor(&resp.images, "images")?,
+            labels: copy_tensor(&resp.labels, "labels")?,
+            indices: copy_tensor(&resp.indices, "indices")?,
             model,
-        )
-    };
-    let report = if report.trim().is_empty() {
+        })
+    }
+}
+
+/// Copies and checks the response of a successful call.
+unsafe fn collect(resp: &abi::AuditResponse, input: &CallInput<'_>) -> Result<CallOutput, String> {
+    // SAFETY: forwarded from the caller (a response the plugin filled, before `release`).
+    validate(unsafe { copy_response(resp)? }, input)
+}
+
+/// Checks a copied response against the request: report JSON, tensor kinds and ranks, and
+/// everything `check_for_op` requires of the operation.
+pub(crate) fn validate(raw: RawResponse, input: &CallInput<'_>) -> Result<CallOutput, String> {
+    let RawResponse {
+        message,
+        report_json,
+        images,
+        labels,
+        indices,
+        model,
+    } = raw;
+    let report = if report_json.trim().is_empty() {
         Map::new()
     } else {
-        match serde_json::from_str::<Value>(&report) {
+        match serde_json::from_str::<Value>(&report_json) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err("report_json is not a JSON object".into()),
             Err(e) => return Err(format!("report_json is not valid JSON: {e}")),
@@ -195,6 +267,17 @@ unsafe fn collect(resp: &abi::AuditResponse, input: &CallInput<'_>) -> Result<Ca
                 OwnedTensor::F32(v) => Pixels::F32(v),
                 OwnedTensor::I64(_) => return Err("images: i64 is not an image dtype".into()),
             };
+            let len = match &pixels {
+                Pixels::U8(v) => v.len(),
+                Pixels::F32(v) => v.len(),
+            };
+            if n.checked_mul(c)
+                .and_then(|x| x.checked_mul(h))
+                .and_then(|x| x.checked_mul(w))
+                != Some(len)
+            {
+                return Err(format!("images: {len} pixels for shape {shape:?}"));
+            }
             Some(Images { n, c, h, w, pixels })
         }
     };
@@ -218,7 +301,9 @@ fn check_for_op(out: &CallOutput, input: &CallInput<'_>) -> Result<(), String> {
         let Some(im) = &out.images else {
             return Err(format!("{what}: no images returned"));
         };
-        let d = &input.data.expect("op with data").images;
+        let Some(d) = input.data.map(|d| &d.images) else {
+            return Err(format!("{what}: images returned for a request without data"));
+        };
         if (im.n, im.c, im.h, im.w) != (d.n, d.c, d.h, d.w) {
             return Err(format!(
                 "{what}: images of shape [{}, {}, {}, {}] for input of shape [{}, {}, {}, {}]",
@@ -257,7 +342,9 @@ fn check_for_op(out: &CallOutput, input: &CallInput<'_>) -> Result<(), String> {
         }
         Op::Trigger => {
             check_images("trigger")?;
-            check_labels("trigger")
+            check_labels("trigger")?;
+            // Not asked for, but whatever comes back is checked before anything prints it.
+            check_indices("trigger", false)
         }
         Op::Scan => {
             if !out.report.get("backdoored").is_some_and(Value::is_boolean) {
@@ -269,6 +356,26 @@ fn check_for_op(out: &CallOutput, input: &CallInput<'_>) -> Result<(), String> {
             Some(m) if !m.is_empty() => check_indices("defend", false),
             _ => Err("defend: no model returned".into()),
         },
+    }
+}
+
+/// The error for a call that returned `status` (not OK) with `message`.
+pub(crate) fn status_error(status: i32, message: String, name: &str, path: &std::path::Path) -> PluginError {
+    let message = if message.trim().is_empty() {
+        format!("status {status} without a message")
+    } else {
+        message
+    };
+    let (name, path) = (name.to_string(), path.to_path_buf());
+    match status {
+        abi::AUDIT_STATUS_INVALID_INPUT => PluginError::InvalidInput { name, path, message },
+        abi::AUDIT_STATUS_CANCELLED => PluginError::Cancelled { name, path },
+        abi::AUDIT_STATUS_UNSUPPORTED => PluginError::InvalidInput {
+            name,
+            path,
+            message: format!("unsupported: {message}"),
+        },
+        _ => PluginError::Failed { name, path, message },
     }
 }
 
@@ -310,6 +417,9 @@ impl LoadedPlugin {
         if let Ok(mut cur) = host::state().current.lock() {
             cur.clone_from(&self.name);
         }
+        // Whatever the plugin prints on stdout goes to stderr (see `stdio`), from `run` through
+        // `release`.
+        let _quiet = super::stdio::StdoutToStderr::new();
         // SAFETY: request and response are valid for the call; the plugin honours the ABI. A Rust
         // plugin built with the SDK catches its own panics; the guard here is for our callbacks.
         let status = catch_unwind(AssertUnwindSafe(|| unsafe { (self.run)(&request, &mut response) }))
@@ -325,21 +435,8 @@ impl LoadedPlugin {
                     reason,
                 })
             } else {
-                let mut message = copy_str(&response.message, "message").unwrap_or_default();
-                if message.trim().is_empty() {
-                    message = format!("status {status} without a message");
-                }
-                let (name, path) = (self.name.clone(), self.path.clone());
-                Err(match status {
-                    abi::AUDIT_STATUS_INVALID_INPUT => PluginError::InvalidInput { name, path, message },
-                    abi::AUDIT_STATUS_CANCELLED => PluginError::Cancelled { name, path },
-                    abi::AUDIT_STATUS_UNSUPPORTED => PluginError::InvalidInput {
-                        name,
-                        path,
-                        message: format!("unsupported: {message}"),
-                    },
-                    _ => PluginError::Failed { name, path, message },
-                })
+                let message = copy_str(&response.message, "message").unwrap_or_default();
+                Err(status_error(status, message, &self.name, &self.path))
             }
         };
         // SAFETY: hand the response back exactly once.

@@ -12,7 +12,10 @@ use super::{host, Kind, PluginError};
 /// A negotiated, validated plugin. Its library stays loaded for the life of the process.
 #[derive(Debug)]
 pub struct LoadedPlugin {
+    /// The library file, canonical (absolute, symlinks resolved): what was dlopen'ed.
     pub path: PathBuf,
+    /// sha256 of the library file's bytes as read just before loading it (hex).
+    pub sha256: String,
     pub abi_version: u32,
     pub kind: Kind,
     pub name: String,
@@ -53,33 +56,76 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// The text of a libloading error with its sources (dlerror's message is in there).
+fn error_text(e: &libloading::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// Hex sha256 of a file's bytes.
+pub(crate) fn file_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Loads (once per process) and negotiates with the plugin at `path`.
+///
+/// The library is always opened by its canonical absolute path, never by a bare name: `dlopen`
+/// would look a bare name up on the loader's search path (LD_LIBRARY_PATH, system folders), not
+/// in the current folder, and could load a different file than the one checked here. Loading
+/// and negotiation run with stdout redirected to stderr (a library constructor may print).
 pub fn load(path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = std::fs::canonicalize(path).map_err(|e| PluginError::NotALibrary {
+        path: path.to_path_buf(),
+        reason: if e.kind() == std::io::ErrorKind::NotFound {
+            "no such file".into()
+        } else {
+            e.to_string()
+        },
+    })?;
     let cache = LOADED.get_or_init(Default::default);
     if let Some(p) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(p);
     }
-    let plugin = Arc::new(load_uncached(path)?);
+    let plugin = {
+        let _quiet = super::stdio::StdoutToStderr::new();
+        Arc::new(load_uncached(&key)?)
+    };
     if let Ok(mut c) = cache.lock() {
         c.insert(key, plugin.clone());
     }
     Ok(plugin)
 }
 
+/// `path` is canonical (absolute).
 fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     let path_buf = path.to_path_buf();
     if !path.is_file() {
         return Err(PluginError::NotALibrary {
             path: path_buf,
-            reason: "no such file".into(),
+            reason: "not a regular file".into(),
         });
     }
+    let bytes = std::fs::read(path).map_err(|e| PluginError::NotALibrary {
+        path: path_buf.clone(),
+        reason: format!("cannot read it: {e}"),
+    })?;
+    let sha256 = file_sha256(&bytes);
+    drop(bytes);
     // SAFETY: loading a library runs its initialisers; plugins are trusted code by design
-    // (the user put them on the search path). The library is never unloaded.
+    // (the user put them on the search path). The library is never unloaded. `path` is
+    // absolute, so dlopen opens exactly this file.
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::NotALibrary {
         path: path_buf.clone(),
-        reason: e.to_string(),
+        reason: error_text(&e),
     })?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     // SAFETY: the symbol's type is fixed by the ABI (it never changes across versions).
@@ -148,6 +194,7 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     })?;
     Ok(LoadedPlugin {
         path: path_buf,
+        sha256,
         abi_version: out.abi_version,
         kind,
         name,

@@ -2,7 +2,12 @@
 //!
 //! Listing reads manifests only, so it runs no plugin code. Search order: `--plugin-dir` (in the
 //! order given), `AUDIT_PLUGIN_PATH` (colon-separated), then `plugins/` beside the binary. When
-//! two folders hold a plugin of the same name, the first wins and the others are reported shadowed.
+//! two folders hold a plugin of the same name, the first wins and the others are reported shadowed
+//! (see [`shadowing`]).
+//!
+//! Trust rules: a manifest's `library` names a file inside the manifest's own folder: no absolute
+//! path, no `..`, and no symlink that resolves outside the folder; a manifest breaking them is
+//! refused (exit 2) naming the manifest and the field. Libraries are opened by canonical path.
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +29,7 @@ pub struct Manifest {
     pub kind: Kind,
     pub version: String,
     pub abi_version: u32,
-    /// Library file, relative to the manifest's folder (or absolute).
+    /// Library file, relative to the manifest's folder and inside it (see the module docs).
     pub library: String,
     #[serde(default)]
     pub description: String,
@@ -55,9 +60,14 @@ impl Manifest {
 #[derive(Debug)]
 pub struct Discovered {
     pub manifest_path: PathBuf,
-    /// The library the manifest points at (when the manifest could be read).
+    /// Where the manifest's folder came from (`--plugin-dir`, `AUDIT_PLUGIN_PATH`, ...).
+    pub source: &'static str,
+    /// The library the manifest points at (when the manifest could be read and its `library`
+    /// field names a file inside the manifest's folder).
     pub library_path: Option<PathBuf>,
     pub manifest: Result<Manifest, String>,
+    /// Why the manifest's `library` field is refused (it points outside the folder).
+    pub library_problem: Option<String>,
     /// Set when an earlier folder already had a plugin of this name.
     pub shadowed_by: Option<PathBuf>,
 }
@@ -67,6 +77,7 @@ impl Discovered {
     pub fn problem(&self) -> Option<String> {
         match &self.manifest {
             Err(e) => Some(e.clone()),
+            Ok(_) if self.library_problem.is_some() => self.library_problem.clone(),
             Ok(m) => {
                 if m.abi_version != audit_abi::AUDIT_ABI_VERSION {
                     return Some(format!(
@@ -89,11 +100,17 @@ impl Discovered {
     /// Loads and negotiates the plugin, checking that it is the one its manifest describes.
     pub fn load(&self) -> Result<std::sync::Arc<LoadedPlugin>, PluginError> {
         let bad = |reason: String| PluginError::BadManifest {
-            path: self.library_path.clone().unwrap_or_else(|| self.manifest_path.clone()),
+            path: self.library_path.clone().unwrap_or_else(|| match &self.manifest {
+                Ok(m) => PathBuf::from(&m.library),
+                Err(_) => self.manifest_path.clone(),
+            }),
             manifest: self.manifest_path.clone(),
             reason,
         };
         let m = self.manifest.as_ref().map_err(|e| bad(e.clone()))?;
+        if let Some(problem) = &self.library_problem {
+            return Err(bad(problem.clone()));
+        }
         let lib = self.library_path.as_ref().ok_or_else(|| bad("no library".into()))?;
         let p = load(lib)?;
         if p.name != m.name || p.kind != m.kind {
@@ -106,7 +123,26 @@ impl Discovered {
     }
 }
 
-/// The folders searched, in order, with where each came from.
+/// Says once per process on stderr that a search folder the user named is missing.
+fn warn_missing_dir(dir: &Path, from: &str) {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static WARNED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    let problem = match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return,
+        Ok(_) => "is not a folder",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+        Err(_) => "cannot be read",
+    };
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.get_or_insert_with(HashSet::new).insert(dir.to_path_buf()) {
+        eprintln!("warning: plugin folder {} ({from}) {problem}; ignored", dir.display());
+    }
+}
+
+/// The folders searched, in order, with where each came from. A folder named by `--plugin-dir`
+/// or `AUDIT_PLUGIN_PATH` that does not exist is kept (so messages list it) and warned about on
+/// stderr, once per process.
 pub fn search_dirs(cli: &[PathBuf]) -> Vec<(PathBuf, &'static str)> {
     let mut dirs: Vec<(PathBuf, &'static str)> = cli.iter().map(|d| (d.clone(), "--plugin-dir")).collect();
     if let Some(env) = std::env::var_os("AUDIT_PLUGIN_PATH") {
@@ -122,7 +158,47 @@ pub fn search_dirs(cli: &[PathBuf]) -> Vec<(PathBuf, &'static str)> {
     {
         dirs.push((dir, "beside the binary"));
     }
+    for (dir, from) in &dirs {
+        if *from != "beside the binary" {
+            warn_missing_dir(dir, from);
+        }
+    }
     dirs
+}
+
+/// Resolves a manifest's `library` field against its folder, refusing anything outside it.
+fn library_in_folder(dir: &Path, library: &str) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let lib = Path::new(library);
+    let refuse = |why: String| {
+        Err(format!(
+            "field `library`: {library:?} {why}; a manifest's library must be a file in the manifest's own folder"
+        ))
+    };
+    if library.is_empty() {
+        return refuse("is empty".into());
+    }
+    if lib.is_absolute() {
+        return refuse("is an absolute path".into());
+    }
+    if lib
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return refuse("leaves the folder (`..`)".into());
+    }
+    let joined = dir.join(lib);
+    // A symlink (the file or a folder on the way) may still lead elsewhere.
+    if let (Ok(real_dir), Ok(real_lib)) = (std::fs::canonicalize(dir), std::fs::canonicalize(&joined)) {
+        if !real_lib.starts_with(&real_dir) {
+            return refuse(format!(
+                "resolves through a symlink to {}, outside {}",
+                real_lib.display(),
+                real_dir.display()
+            ));
+        }
+    }
+    Ok(joined)
 }
 
 fn read_manifest(path: &Path) -> Result<Manifest, String> {
@@ -141,7 +217,7 @@ fn read_manifest(path: &Path) -> Result<Manifest, String> {
 /// Reads every manifest in `dirs` (missing folders are skipped). Runs no plugin code.
 pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
     let mut found: Vec<Discovered> = Vec::new();
-    for (dir, _) in dirs {
+    for (dir, source) in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -154,7 +230,9 @@ pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
         paths.sort();
         for manifest_path in paths {
             let manifest = read_manifest(&manifest_path);
-            let library_path = manifest.as_ref().ok().map(|m| dir.join(&m.library));
+            let resolved = manifest.as_ref().ok().map(|m| library_in_folder(dir, &m.library));
+            let library_problem = resolved.as_ref().and_then(|r| r.as_ref().err().cloned());
+            let library_path = resolved.and_then(Result::ok);
             let shadowed_by = manifest.as_ref().ok().and_then(|m| {
                 found
                     .iter()
@@ -163,13 +241,84 @@ pub fn discover(dirs: &[(PathBuf, &'static str)]) -> Vec<Discovered> {
             });
             found.push(Discovered {
                 manifest_path,
+                source,
                 library_path,
                 manifest,
+                library_problem,
                 shadowed_by,
             });
         }
     }
     found
+}
+
+/// When more than one folder holds a plugin named `name`: which one is used and which are
+/// shadowed, as one line for stderr.
+pub fn shadowing(found: &[Discovered], name: &str) -> Option<String> {
+    let same: Vec<&Discovered> = found
+        .iter()
+        .filter(|d| d.manifest.as_ref().is_ok_and(|m| m.name == name))
+        .collect();
+    let (used, shadowed) = same.split_first()?;
+    if shadowed.is_empty() {
+        return None;
+    }
+    let describe = |d: &Discovered| {
+        let lib = d
+            .library_path
+            .as_ref()
+            .map_or_else(|| "refused library".to_string(), |p| p.display().to_string());
+        format!("{lib} (manifest {}, from {})", d.manifest_path.display(), d.source)
+    };
+    Some(format!(
+        "plugin `{name}` is in {} plugin folders: using {}; shadowed: {}",
+        same.len(),
+        describe(used),
+        shadowed.iter().map(|d| describe(d)).collect::<Vec<_>>().join("; ")
+    ))
+}
+
+/// Shared libraries in the plugin folders that no manifest in their folder names: a library
+/// copied in by hand, never installed. Runs no plugin code.
+pub fn unmanaged_libraries(dirs: &[(PathBuf, &'static str)]) -> Vec<PathBuf> {
+    let found = discover(dirs);
+    let mut out = Vec::new();
+    for (dir, _) in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut libs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(".so") || n.contains(".so."))
+            })
+            .collect();
+        libs.sort();
+        for lib in libs {
+            let real = std::fs::canonicalize(&lib).ok();
+            let named = found.iter().any(|d| {
+                d.manifest_path.parent() == Some(dir.as_path())
+                    && d.manifest.as_ref().is_ok_and(|m| {
+                        let target = dir.join(&m.library);
+                        target == lib || (real.is_some() && std::fs::canonicalize(&target).ok() == real)
+                    })
+            });
+            if !named && !out.contains(&lib) {
+                out.push(lib);
+            }
+        }
+    }
+    out
+}
+
+/// The stderr line for a library no manifest names.
+pub fn unmanaged_note(lib: &Path) -> String {
+    format!(
+        "note: {}: no manifest: run audit plugins install {} (a library without a manifest is not used)",
+        lib.display(),
+        lib.display()
+    )
 }
 
 /// Writes `bytes` to `path` atomically (temporary file beside it, then rename).
@@ -196,6 +345,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// unless `force`.
 pub fn install(lib: &Path, dir: &Path, force: bool) -> anyhow::Result<(Manifest, PathBuf)> {
     use anyhow::Context;
+    // `load` opens the canonical path: a bare `libfoo.so` is the file in the current folder,
+    // never one found on the loader's search path.
     let plugin = load(lib)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let file_name = lib
@@ -216,7 +367,14 @@ pub fn install(lib: &Path, dir: &Path, force: bool) -> anyhow::Result<(Manifest,
         }
     }
     if !same_file {
-        let bytes = std::fs::read(lib).with_context(|| format!("reading {}", lib.display()))?;
+        // The very file that was loaded (canonical path), and only if it did not change since.
+        let bytes = std::fs::read(&plugin.path).with_context(|| format!("reading {}", plugin.path.display()))?;
+        if super::loader::file_sha256(&bytes) != plugin.sha256 {
+            return Err(crate::error::input_error(format!(
+                "{}: the file changed while it was being installed; nothing installed",
+                plugin.path.display()
+            )));
+        }
         write_atomic(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
     }
     let manifest = Manifest::of(&plugin, file_name);

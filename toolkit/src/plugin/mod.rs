@@ -5,17 +5,24 @@
 //! Bundled plugins go through exactly this path; nothing calls their Rust code directly.
 
 mod call;
+#[cfg(test)]
+mod fuzz;
 mod host;
 mod loader;
 mod manifest;
 pub mod schema;
+mod stdio;
 
 use std::path::PathBuf;
 
 pub use call::{CallInput, CallOutput, OwnedTensor};
 pub use loader::{load, LoadedPlugin};
 pub(crate) use manifest::write_atomic;
-pub use manifest::{discover, install, search_dirs, Discovered, Manifest, MANIFEST_SUFFIX};
+pub use manifest::{
+    discover, install, search_dirs, shadowing, unmanaged_libraries, unmanaged_note, Discovered, Manifest,
+    MANIFEST_SUFFIX,
+};
+pub use stdio::StdoutToStderr;
 
 use audit_abi as abi;
 

@@ -244,6 +244,9 @@ struct Detail {
     params: String,
     output: String,
     output_sha256: String,
+    /// The defense plugin's library (canonical path) and its sha256, or `-`.
+    library: String,
+    library_sha256: String,
     /// Training samples the defense dropped (detect-and-drop defenses), as text.
     dropped: String,
     report: String,
@@ -279,6 +282,8 @@ pub fn html(report: &Report) -> Result<String> {
             params: serde_json::to_string_pretty(&r.params).unwrap_or_default(),
             output: r.output.clone().unwrap_or_else(|| "-".into()),
             output_sha256: r.output_sha256.clone().unwrap_or_else(|| "-".into()),
+            library: r.library.clone().unwrap_or_else(|| "-".into()),
+            library_sha256: r.library_sha256.clone().unwrap_or_else(|| "-".into()),
             dropped: match (r.n_dropped, r.precision, r.recall) {
                 (Some(n), Some(p), Some(q)) => {
                     format!(
@@ -341,6 +346,23 @@ mod tests {
         assert!(page.contains("class=\"best\""), "best values marked");
         assert!(page.contains(&r.model.sha256) && page.contains(&r.data.fingerprint));
         assert!(page.contains("17 training samples dropped as suspects (precision 0.3000"));
+    }
+
+    #[test]
+    fn finding_low_html_report_escapes_untrusted_fields() {
+        let mut r = sample();
+        let evil = "<img src=x onerror=alert(1)>";
+        // The name reaches the charts' legends (SVG, inserted unescaped by the template) too.
+        r.rows[0].defense = format!("<script>{evil}</script>");
+        r.rows[0].params = serde_json::json!({ "k": evil });
+        r.rows[0].library = Some(format!("/p/{evil}.so"));
+        r.rows[2].error = Some(format!("boom {evil}"));
+        r.model.path = format!("/m/{evil}.onnx");
+        r.finish();
+        let page = html(&r).unwrap();
+        assert!(!page.contains("<img") && !page.contains("<script"), "{page}");
+        assert!(page.contains("&lt;img"), "escaped, not dropped");
+        assert_eq!(page.matches("<svg").count(), 3, "the charts still render");
     }
 
     #[test]

@@ -53,6 +53,12 @@ pub struct PluginRef {
     pub name: String,
     pub version: String,
     pub params: Value,
+    /// The library that ran: canonical path (absent in reports written before it was recorded).
+    #[serde(default)]
+    pub library: Option<String>,
+    /// sha256 of that library file (hex).
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// One model measured: the undefended input (`baseline`) or a defense's output (`rows`).
@@ -84,6 +90,12 @@ pub struct Row {
     pub output_sha256: Option<String>,
     /// The plugin's own report (summarised by the host).
     pub defense_report: Value,
+    /// The defense plugin's library: canonical path (absent in older reports and the baseline).
+    #[serde(default)]
+    pub library: Option<String>,
+    /// sha256 of the defense plugin's library file (hex).
+    #[serde(default)]
+    pub library_sha256: Option<String>,
 }
 
 /// A report document (`schema_version` 1).
@@ -369,8 +381,34 @@ pub fn one_line(s: &str, max: usize) -> String {
     }
 }
 
-fn md_escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+/// Untrusted text (plugin names, parameters, error texts, paths) as inert Markdown: HTML
+/// special characters become entities, Markdown punctuation is backslash-escaped, and the text
+/// stays on one line so it cannot end a table cell or start a block.
+pub fn md_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\n' | '\r' => out.push(' '),
+            '\\' | '`' | '*' | '_' | '[' | ']' | '|' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A fenced code block holding `text` verbatim: the fence is longer than any run of backticks
+/// in the text, so the text cannot close it (inside a fence, HTML is not interpreted).
+fn md_fenced(text: &str) -> String {
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest.max(2) + 1);
+    format!("{fence}\n{text}\n{fence}")
 }
 
 /// The report as Markdown: provenance, the table (best in bold), failures, parameters.
@@ -391,11 +429,11 @@ pub fn markdown(report: &Report) -> String {
                 .into_iter()
                 .map(|(t, best)| if best { format!("**{t}**") } else { t })
                 .collect();
-            s += &format!("| {} | {} |\n", row.defense, c.join(" | "));
+            s += &format!("| {} | {} |\n", md_escape(&row.defense), c.join(" | "));
         } else {
             s += &format!(
                 "| {} | FAILED: {} |{}\n",
-                row.defense,
+                md_escape(&row.defense),
                 md_escape(&one_line(row.error.as_deref().unwrap_or("unknown error"), 200)),
                 " |".repeat(COLUMNS.len() - 1)
             );
@@ -411,21 +449,24 @@ pub fn markdown(report: &Report) -> String {
         s += "\n## Failures\n\n";
         for r in failed {
             s += &format!(
-                "### {}\n\n```\n{}\n```\n\n",
-                r.defense,
-                r.error.as_deref().unwrap_or("").trim()
+                "### {}\n\n{}\n\n",
+                md_escape(&r.defense),
+                md_fenced(r.error.as_deref().unwrap_or("").trim())
             );
         }
     }
-    s += "\n## Defenses\n\n| defense | version | parameters | dropped samples | output sha256 |\n|---|---|---|---|---|\n";
+    s += "\n## Defenses\n\n| defense | version | parameters | dropped samples | output sha256 | plugin library | library sha256 |\n|---|---|---|---|---|---|---|\n";
+    let or_dash = |v: Option<&str>| v.map_or("-".to_string(), md_escape);
     for r in &report.rows {
         s += &format!(
-            "| {} | {} | `{}` | {} | {} |\n",
-            r.defense,
-            r.version.as_deref().unwrap_or("-"),
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            md_escape(&r.defense),
+            or_dash(r.version.as_deref()),
             md_escape(&r.params.to_string()),
             r.n_dropped.map_or("-".to_string(), |n| n.to_string()),
-            r.output_sha256.as_deref().map_or("-".to_string(), |h| format!("`{h}`"))
+            or_dash(r.output_sha256.as_deref()),
+            or_dash(r.library.as_deref()),
+            or_dash(r.library_sha256.as_deref()),
         );
     }
     s
@@ -461,7 +502,17 @@ pub fn provenance(report: &Report) -> Vec<(&'static str, String)> {
     v.push((
         "attack measured",
         match &report.eval_attack {
-            Some(a) => format!("{} {} with {}", a.name, a.version, a.params),
+            Some(a) => format!(
+                "{} {} with {}{}",
+                a.name,
+                a.version,
+                a.params,
+                match (&a.library, &a.sha256) {
+                    (Some(l), Some(h)) => format!(" (library {l}, sha256 {h})"),
+                    (Some(l), None) => format!(" (library {l})"),
+                    _ => String::new(),
+                }
+            ),
             None => "none (no ASR or RA)".to_string(),
         },
     ));
@@ -510,6 +561,8 @@ mod tests {
         a.precision = Some(0.3);
         a.recall = Some(0.99);
         a.n_dropped = Some(17);
+        a.library = Some("/plugins/libaudit_plugin_none.so".into());
+        a.library_sha256 = Some("12".repeat(32));
         let mut b = Row::measured("finetune", &m(0.89, 0.90));
         b.seconds = Some(10.0);
         b.peak_rss_bytes = Some(800 << 20);
@@ -536,6 +589,8 @@ mod tests {
                 name: "badnets".into(),
                 version: "0.1.0".into(),
                 params: json!({"target": 0}),
+                library: Some("/plugins/libaudit_plugin_badnets.so".into()),
+                sha256: Some("ef".repeat(32)),
             }),
             seed: 0,
             device: "cpu".into(),
@@ -563,9 +618,92 @@ mod tests {
         assert!(t.contains("nad FAILED: nad: unknown layer `x`"), "{t}");
         let md = markdown(&r);
         assert!(md.contains("| none | 0.8800 | **0.0100** |"), "{md}");
-        assert!(md.contains("| nad | FAILED: nad: unknown layer `x` |"), "{md}");
+        assert!(md.contains("| nad | FAILED: nad: unknown layer \\`x\\` |"), "{md}");
         assert!(md.contains("## Failures"), "{md}");
         assert!(md.contains("| 17 |"), "dropped samples listed: {md}");
+    }
+
+    /// Lines of `md` outside fenced code blocks (where HTML would be interpreted).
+    fn outside_fences(md: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut fence: Option<usize> = None;
+        for line in md.lines() {
+            let ticks = line.chars().take_while(|&c| c == '`').count();
+            match fence {
+                Some(n) if ticks >= n && line.trim_end().chars().all(|c| c == '`') => fence = None,
+                Some(_) => {}
+                None if ticks >= 3 => fence = Some(ticks),
+                None => out.push(line),
+            }
+        }
+        assert!(fence.is_none(), "unclosed fence in:\n{md}");
+        out
+    }
+
+    #[test]
+    fn finding_low_markdown_escapes_html_from_untrusted_fields() {
+        let mut r = sample();
+        let evil = "<img src=x onerror=alert(1)>";
+        r.model.path = format!("/m/{evil}.onnx");
+        r.rows[0].defense = "<script>alert(1)</script>".into();
+        r.rows[0].params = json!({ "k": evil, "pipe": "a|b", "tick": "`x`" });
+        r.rows[0].library = Some(format!("/p/{evil}.so"));
+        r.rows[2].error = Some(format!("boom ```\n{evil}\n```` and more"));
+        r.eval_attack.as_mut().unwrap().params = json!({ "x": "[click](javascript:alert(1))" });
+        let md = markdown(&r);
+        for line in outside_fences(&md) {
+            assert!(!line.contains('<'), "raw HTML outside a code fence: {line}\n{md}");
+            let link = line
+                .match_indices("](")
+                .any(|(i, _)| i == 0 || line.as_bytes()[i - 1] != b'\\');
+            assert!(!link, "a link can form: {line}");
+        }
+        assert!(md.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{md}");
+        // The error text is kept verbatim inside a fence it cannot close.
+        assert!(md.contains(&format!("{evil}\n```` and more")), "{md}");
+        // A pipe in a parameter does not split the table row: each Defenses row keeps 7 cells.
+        let row = md
+            .lines()
+            .find(|l| l.contains("&lt;script&gt;") && l.contains("pipe"))
+            .unwrap();
+        let unescaped_pipes = row.len() - row.replace('|', "").len() - row.matches("\\|").count();
+        assert_eq!(unescaped_pipes, 8, "{row}");
+    }
+
+    #[test]
+    fn finding_13d_reports_record_plugin_library_and_sha256() {
+        let r = sample();
+        let md = markdown(&r);
+        assert!(md.contains("/plugins/libaudit\\_plugin\\_none.so"), "{md}");
+        assert!(md.contains(&"12".repeat(32)), "{md}");
+        assert!(
+            md.contains(&format!("sha256 {}", "ef".repeat(32))),
+            "eval attack's library: {md}"
+        );
+        let page = html(&r).unwrap();
+        assert!(page.contains("libaudit_plugin_none.so") && page.contains(&"12".repeat(32)));
+        assert!(page.contains(&"ef".repeat(32)));
+        // JSON keeps them, and a report written before they existed still reads.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        r.write(&p).unwrap();
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(v["rows"][0]["library_sha256"], "12".repeat(32));
+        assert_eq!(v["eval_attack"]["sha256"], "ef".repeat(32));
+        for row in v["rows"].as_array_mut().unwrap() {
+            let row = row.as_object_mut().unwrap();
+            row.remove("library");
+            row.remove("library_sha256");
+        }
+        v["baseline"].as_object_mut().unwrap().remove("library");
+        v["baseline"].as_object_mut().unwrap().remove("library_sha256");
+        v["eval_attack"].as_object_mut().unwrap().remove("library");
+        v["eval_attack"].as_object_mut().unwrap().remove("sha256");
+        std::fs::write(&p, v.to_string()).unwrap();
+        let old = Report::read(&p).unwrap();
+        assert_eq!(old.rows[0].library, None);
+        assert_eq!(old.eval_attack.unwrap().sha256, None);
+        assert!(markdown(&Report::read(&p).unwrap()).contains("| - | - |"));
     }
 
     #[test]
