@@ -98,7 +98,9 @@ struct Planned {
 /// with `--verbose`; warnings and errors always are.
 fn is_chatter(line: &str) -> bool {
     let plugin_info = line.starts_with('[') && (line.contains("] info: ") || line.contains("] debug: "));
-    plugin_info || line.starts_with("hardening ") || line.trim().is_empty()
+    // The parent resolved the same plugins and said so already; phase lines are for fault tests.
+    let repeated = line.starts_with("warning: plugin `") || line.starts_with("@phase ");
+    plugin_info || repeated || line.starts_with("hardening ") || line.trim().is_empty()
 }
 
 /// What a child run left: its JSON document or its error.
@@ -528,6 +530,7 @@ mod tests {
         assert!(!is_chatter("[abl] warning: the isolated samples' loss is below 1e-6"));
         assert!(!is_chatter("audit: error: something broke"));
         assert!(!is_chatter("thread 'main' panicked at src/x.rs:1:1"));
+        assert!(is_chatter("warning: plugin `none` is in 2 plugin folders: using /a (manifest /b); shadowed: /c"));
     }
 
     #[test]
