@@ -196,12 +196,71 @@ fn labels_from(path: &Path, name: &str, shape: &[usize], arr: Array) -> Result<V
     }
 }
 
+/// Deflate cannot expand data more than about 1032 times; an entry that claims more is corrupt
+/// or a zip bomb.
+const MAX_INFLATE_RATIO: u64 = 1032;
+
+/// Checks the archive's entries before any is read: no two with one name (numpy would read the
+/// last, a reviewer the first), each within the size limit once inflated, none claiming more
+/// than deflate can produce, and all together within the limit.
+fn check_entries<R: std::io::Read + std::io::Seek>(
+    zip: &mut npyz::zip::ZipArchive<R>,
+    path: &Path,
+    limit: u64,
+) -> Result<(), DataError> {
+    let mut names = std::collections::HashSet::new();
+    let mut total: u64 = 0;
+    for i in 0..zip.len() {
+        let entry = zip
+            .by_index_raw(i)
+            .map_err(|e| DataError::malformed(path, format!("zip entry {i}: {e}")))?;
+        let name = entry.name().to_string();
+        if !names.insert(name.clone()) {
+            return Err(DataError::malformed(
+                path,
+                format!("the archive holds two entries named `{name}`: refused (which one counts would be ambiguous)"),
+            ));
+        }
+        let (size, packed) = (entry.size(), entry.compressed_size());
+        total = total.saturating_add(size);
+        if size > limit || total > limit {
+            return Err(DataError::malformed(
+                path,
+                format!(
+                    "entry `{name}` inflates to {size} bytes ({total} so far), more than the {limit}-byte input limit ({} raises it)",
+                    audit_nn::limits::MAX_INPUT_BYTES_ENV
+                ),
+            ));
+        }
+        if size > packed.saturating_mul(MAX_INFLATE_RATIO).max(1 << 16) {
+            return Err(DataError::malformed(
+                path,
+                format!("entry `{name}` claims {size} bytes from {packed} compressed: corrupt, or a zip bomb"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads an NPZ dataset: `x_train, y_train, x_test, y_test` (NCHW or NHWC, uint8 or float in 0..1)
 /// and optionally `poison_idx`. Returns the dataset and the poisoned indices when present.
 pub fn read_npz(path: &Path) -> Result<(Dataset, Option<Vec<i64>>), DataError> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let limit = audit_nn::limits::max_input_bytes();
+    let size = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    if size > limit {
+        return Err(DataError::malformed(
+            path,
+            audit_nn::limits::ReadError::TooLarge {
+                size: Some(size),
+                limit,
+            }
+            .to_string(),
+        ));
+    }
     let mut archive = npyz::npz::NpzArchive::new(std::io::BufReader::new(file))
         .map_err(|e| DataError::malformed(path, format!("not an NPZ (zip) file: {e}")))?;
+    check_entries(archive.zip_archive(), path, limit)?;
     let mut need = |name: &str| -> Result<(Vec<usize>, Array), DataError> {
         read_array(&mut archive, path, name)?.ok_or_else(|| {
             DataError::malformed(
