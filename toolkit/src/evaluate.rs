@@ -91,10 +91,18 @@ impl Normalization {
 pub fn model_classes(bytes: &[u8], chw: [i64; 3]) -> Result<usize> {
     let proto = audit_nn::model::parse(bytes).map_err(|e| input_error(e.to_string()))?;
     let graph = proto.graph.as_ref().context("the model has no graph")?;
-    let first = graph.output.first().ok_or_else(|| input_error("the model has no output"))?;
+    let first = graph
+        .output
+        .first()
+        .ok_or_else(|| input_error("the model has no output"))?;
     use audit_nn::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
     if let Some(Value::TensorType(t)) = first.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        if let Some(Dim::DimValue(k)) = t.shape.as_ref().and_then(|s| s.dim.last()).and_then(|d| d.value.clone()) {
+        if let Some(Dim::DimValue(k)) = t
+            .shape
+            .as_ref()
+            .and_then(|s| s.dim.last())
+            .and_then(|d| d.value.clone())
+        {
             if k > 0 {
                 return Ok(k as usize);
             }
@@ -113,7 +121,13 @@ pub fn model_classes(bytes: &[u8], chw: [i64; 3]) -> Result<usize> {
 
 /// Labels must be classes of the model: every label of `sets` (and the data's class count)
 /// below `classes`. The error (exit 2) names the data, the split and the model's output count.
-pub fn check_labels(classes: usize, data: &str, num_classes: usize, sets: &[(&str, &LabeledSet)], model: &str) -> Result<()> {
+pub fn check_labels(
+    classes: usize,
+    data: &str,
+    num_classes: usize,
+    sets: &[(&str, &LabeledSet)],
+    model: &str,
+) -> Result<()> {
     for (split, set) in sets {
         if let Some(&bad) = set.labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
             return Err(input_error_hint(
@@ -188,7 +202,10 @@ fn predict_checked(
         if let Some(max) = max_label {
             if max >= classes as i64 {
                 return Err(input_error_hint(
-                    format!("the data has label {max}, but the model has {classes} outputs (classes 0..{})", classes - 1),
+                    format!(
+                        "the data has label {max}, but the model has {classes} outputs (classes 0..{})",
+                        classes - 1
+                    ),
                     "the data and the model must have the same classes",
                 ));
             }

@@ -255,7 +255,11 @@ fn unsupported_ir_version(msg: &str) -> Option<(i64, i64)> {
     let rest = &msg[msg.find("Unsupported model IR version: ")? + "Unsupported model IR version: ".len()..];
     let have: i64 = rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
     let max_at = rest.find("max supported IR version: ")? + "max supported IR version: ".len();
-    let max: i64 = rest[max_at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let max: i64 = rest[max_at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
     (max > 0 && max < have).then_some((have, max))
 }
 
@@ -275,7 +279,9 @@ fn load_failure(bytes: &[u8], msg: &str) -> anyhow::Error {
 
 fn load_failure_with(bytes: &[u8], runtime: &str, msg: &str) -> anyhow::Error {
     match engine_diagnosis(bytes) {
-        Some(e) => anyhow::Error::new(e).context(format!("{runtime} could not load the model, and the engine says why")),
+        Some(e) => {
+            anyhow::Error::new(e).context(format!("{runtime} could not load the model, and the engine says why"))
+        }
         None => anyhow!("{runtime} could not load the model: {}", clean_runtime_message(msg)),
     }
 }
@@ -328,7 +334,9 @@ pub fn clean_runtime_message(msg: &str) -> String {
             Some((f, l)) if !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()) => (f, true),
             _ => (w, false),
         };
-        let ext = [".cc", ".cpp", ".h", ".hpp", ".c", ".rs"].iter().any(|e| file.ends_with(e));
+        let ext = [".cc", ".cpp", ".h", ".hpp", ".c", ".rs"]
+            .iter()
+            .any(|e| file.ends_with(e));
         ext && (line || file.contains('/'))
     };
     let mut out: Vec<String> = Vec::new();
@@ -391,11 +399,17 @@ mod message_tests {
             "Unsupported model IR version: 14, max supported IR version: 13"
         );
         assert_eq!(unsupported_ir_version(m), Some((14, 13)));
-        assert_eq!(unsupported_ir_version("Unsupported model IR version: 9, max supported IR version: 13"), None);
+        assert_eq!(
+            unsupported_ir_version("Unsupported model IR version: 9, max supported IR version: 13"),
+            None
+        );
         assert_eq!(unsupported_ir_version("something else"), None);
         let coloured = "\u{1b}[1;31m2026-01-01 [E:onnxruntime:, inference_session.cc:2544 operator()] bad\u{1b}[m";
         let c = clean_runtime_message(coloured);
-        assert!(!c.contains('\u{1b}') && !c.contains("inference_session.cc") && c.ends_with("bad"), "{c}");
+        assert!(
+            !c.contains('\u{1b}') && !c.contains("inference_session.cc") && c.ends_with("bad"),
+            "{c}"
+        );
         let keep = "Invalid model. Node input 'z' is not a graph input";
         assert_eq!(clean_runtime_message(keep), keep);
     }

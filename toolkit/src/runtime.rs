@@ -36,8 +36,17 @@ pub fn ort_env() -> Result<&'static ort::environment::Environment> {
             std::env::set_var(TELEMETRY_ENV, "1");
         }
         let env = ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
+        // onnxruntime's own log lines carry its source paths and ANSI colours: print warnings and
+        // errors ourselves, cleaned, and nothing below.
+        let logger: ort::logging::LoggerFunction = std::sync::Arc::new(|level, _category, _id, _location, message| {
+            use ort::logging::LogLevel;
+            if matches!(level, LogLevel::Warning | LogLevel::Error | LogLevel::Fatal) {
+                eprintln!("onnxruntime: {}", crate::infer::clean_runtime_message(message));
+            }
+        });
         env.with_name("audit")
             .with_telemetry(false)
+            .with_logger(logger)
             .build()
             .map_err(|e| format!("starting onnxruntime: {e}"))
     })

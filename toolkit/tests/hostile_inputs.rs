@@ -199,7 +199,11 @@ fn finding_3_inspect_parity_survives_huge_dims_bombs_and_missing_outputs() {
     huge.graph.as_mut().unwrap().input = vec![value("x", &[1, 1, 100_000, 100_000])];
     let p = write_model(d, "huge.onnx", &huge);
     let r = audit(d, &["inspect", s(&p), "--parity"]).expect(2);
-    assert!(r.stderr.contains("more than") && r.stderr.contains("`x`"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("more than") && r.stderr.contains("`x`"),
+        "{}",
+        r.stderr
+    );
     // ConstantOfShape asking for 2^60 floats.
     let bomb = graph_model(
         vec![node("ConstantOfShape", &["s"], "c"), node("Add", &["x", "c"], "y")],
@@ -235,7 +239,16 @@ fn finding_3_labels_beyond_the_models_outputs_stop_attack_harden_and_compare() {
     let data = npz(d, "d.npz", [1, 4, 4], 40, |i| (i % 20) as i64);
     let out = d.join("o.onnx");
     for args in [
-        vec!["attack", "badnets", "--model", s(&m), "--data", s(&data), "--out", s(&out)],
+        vec![
+            "attack",
+            "badnets",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ],
         vec!["harden", s(&m), "--data", s(&data), "--out", s(&out)],
         vec!["compare", s(&m), "--data", s(&data)],
     ] {
@@ -306,15 +319,26 @@ fn finding_4_external_data_resolves_beside_the_model_not_the_cwd() {
     let decoy = external_model(&cwd, weights().iter().map(|v| -v * 3.0).collect());
     let want = accuracy(&audit(d, &["eval", s(&plain), "--data", s(&data), "--json"]).expect(0));
     let decoy_acc = accuracy(&audit(d, &["eval", s(&decoy), "--data", s(&data), "--json"]).expect(0));
-    assert_ne!(want, decoy_acc, "the decoy must measure differently for this test to mean anything");
+    assert_ne!(
+        want, decoy_acc,
+        "the decoy must measure differently for this test to mean anything"
+    );
     for runtime in ["onnxruntime", "tract"] {
-        let r = audit(&cwd, &["eval", s(&ext), "--data", s(&data), "--runtime", runtime, "--json"]).expect(0);
+        let r = audit(
+            &cwd,
+            &["eval", s(&ext), "--data", s(&data), "--runtime", runtime, "--json"],
+        )
+        .expect(0);
         assert_eq!(accuracy(&r), want, "{runtime}: {}", r.stderr);
     }
     // Without its own weights file, the model fails naming it, even with the decoy in the cwd.
     std::fs::remove_file(models.join("weights.bin")).unwrap();
     let r = audit(&cwd, &["eval", s(&ext), "--data", s(&data)]).expect(2);
-    assert!(r.stderr.contains("weights.bin") && r.stderr.contains("models"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("weights.bin") && r.stderr.contains("models"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -328,11 +352,26 @@ fn finding_15_external_data_models_harden_inspect_and_load_by_bare_name() {
     // A bare file name (parent "") resolves in the working folder.
     let r = audit(&models, &["inspect", "model.onnx", "--parity", "--json"]).expect(0);
     assert_eq!(r.json()["parity"]["ok"], true, "{}", r.stdout);
-    audit(&models, &["eval", "model.onnx", "--data", s(&data), "--runtime", "tract"]).expect(0);
+    audit(
+        &models,
+        &["eval", "model.onnx", "--data", s(&data), "--runtime", "tract"],
+    )
+    .expect(0);
     let out = d.join("hardened.onnx");
     let r = audit(
         &models,
-        &["harden", "model.onnx", "--data", s(&data), "--out", s(&out), "--device", "cpu", "--clean-size", "8"],
+        &[
+            "harden",
+            "model.onnx",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+            "--clean-size",
+            "8",
+        ],
     );
     let r = r.expect(0);
     assert!(out.is_file(), "{}", r.stderr);
@@ -354,7 +393,11 @@ fn finding_11_class_counts_empty_splits_and_nan_outputs_are_refused() {
     let m = write_model(d, "m.onnx", &gemm_model(weights(), 16));
     let npz99 = npz(d, "labels99.npz", [1, 4, 4], 100, |i| i as i64);
     let r = audit(d, &["eval", s(&m), "--data", s(&npz99)]).expect(2);
-    assert!(r.stderr.contains("label 99") && r.stderr.contains("10 outputs"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("label 99") && r.stderr.contains("10 outputs"),
+        "{}",
+        r.stderr
+    );
     // An image folder with 12 classes.
     let folder = d.join("folder");
     for split in ["train", "test"] {
@@ -468,8 +511,17 @@ fn finding_16_endless_and_oversized_inputs_are_refused_with_the_knob() {
     let m = write_model(d, "m.onnx", &gemm_model(weights(), 16));
     let data = npz(d, "big.npz", [1, 4, 4], 40_000, |i| (i % 10) as i64);
     let r = audit_env(d, &["eval", s(&m), "--data", s(&data)], &cap).expect(2);
-    assert!(r.stderr.contains("big.npz") && r.stderr.contains("AUDIT_MAX_INPUT_BYTES"), "{}", r.stderr);
-    audit_env(d, &["eval", s(&m), "--data", s(&data)], &[("AUDIT_MAX_INPUT_BYTES", "64M")]).expect(0);
+    assert!(
+        r.stderr.contains("big.npz") && r.stderr.contains("AUDIT_MAX_INPUT_BYTES"),
+        "{}",
+        r.stderr
+    );
+    audit_env(
+        d,
+        &["eval", s(&m), "--data", s(&data)],
+        &[("AUDIT_MAX_INPUT_BYTES", "64M")],
+    )
+    .expect(0);
 }
 
 #[test]
@@ -480,10 +532,19 @@ fn finding_low_inspect_exit_codes_follow_the_verdict() {
     unknown.graph.as_mut().unwrap().node[1].op_type = Some("FooBar".into());
     let p = write_model(d, "unknown.onnx", &unknown);
     let r = audit(d, &["inspect", s(&p)]).expect(2);
-    assert!(r.stdout.contains("FooBar") && !r.stdout.contains("every op is supported"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("FooBar") && !r.stdout.contains("every op is supported"),
+        "{}",
+        r.stdout
+    );
     // Parity that cannot run (no onnxruntime) is a failure, not a pass.
     let m = write_model(d, "m.onnx", &gemm_model(weights(), 16));
-    let r = audit_env(d, &["inspect", s(&m), "--parity"], &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]).expect(1);
+    let r = audit_env(
+        d,
+        &["inspect", s(&m), "--parity"],
+        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+    )
+    .expect(1);
     assert!(r.stdout.contains("parity:"), "{}", r.stdout);
     audit(d, &["inspect", s(&m), "--parity"]).expect(0);
 }

@@ -58,7 +58,10 @@ pub fn raise_hint() -> String {
 pub enum ReadError {
     Io(std::io::Error),
     /// Larger than `limit` bytes (`size` when the file system says how large).
-    TooLarge { size: Option<u64>, limit: u64 },
+    TooLarge {
+        size: Option<u64>,
+        limit: u64,
+    },
 }
 
 impl std::fmt::Display for ReadError {
@@ -153,7 +156,10 @@ mod tests {
         assert_eq!(read_file_limited(&p, 10).unwrap().len(), 10);
         let e = read_file_limited(&p, 9).unwrap_err().to_string();
         assert!(e.contains("10 bytes, larger than the 9-byte"), "{e}");
-        assert!(read_file_limited(dir.path(), 9).unwrap_err().to_string().contains("folder"));
+        assert!(read_file_limited(dir.path(), 9)
+            .unwrap_err()
+            .to_string()
+            .contains("folder"));
     }
 
     #[test]

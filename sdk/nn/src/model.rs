@@ -102,6 +102,50 @@ pub fn parse(bytes: &[u8]) -> Result<ModelProto> {
     Ok(proto)
 }
 
+thread_local! {
+    /// Set while an op runs under [`guarded`]: its panics are turned into errors, not printed.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs one op with a safety net: a panic inside it (a libtorch error that a tch call without
+/// the `f_` prefix unwraps) becomes the op's error, and the panic message is not printed.
+/// Ops return errors for what they check; this catches what they do not.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> std::result::Result<T, String>) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    match result {
+        Ok(r) => r,
+        Err(payload) => Err(panic_text(payload.as_ref())),
+    }
+}
+
+/// The first line of a panic's message, libtorch's own text when it carries one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown failure");
+    match text.split_once("Torch(\"") {
+        Some((_, t)) => {
+            let first = t.split("\\n").next().unwrap_or(t);
+            let first = first.lines().next().unwrap_or(first).trim_end_matches("\")");
+            format!("libtorch rejected it: {first}")
+        }
+        None => format!("internal error: {}", text.lines().next().unwrap_or(text)),
+    }
+}
+
 /// The folder a model file's external data is resolved against: its parent, `.` for a bare
 /// file name.
 pub fn model_dir(path: &Path) -> &Path {
@@ -250,7 +294,7 @@ pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
         } else {
             match reg.get(node.op_type()) {
                 None => Some("no builder for this op".to_string()),
-                Some(build) => build(&BuildCtx { node, opset }).err(),
+                Some(build) => guarded(|| build(&BuildCtx { node, opset }).map(|_| ())).err(),
             }
         };
         if let Some(reason) = reason {
@@ -294,7 +338,10 @@ impl Model {
             }
             return Err(NnError::node(&first.node, &first.op_type, &first.reason));
         }
-        let graph = proto.graph.clone().ok_or_else(|| NnError::Parse("the model has no graph".into()))?;
+        let graph = proto
+            .graph
+            .clone()
+            .ok_or_else(|| NnError::Parse("the model has no graph".into()))?;
         let mut value_ids: HashMap<String, usize> = HashMap::new();
         let mut value_names: Vec<String> = Vec::new();
         let id = |name: &str, value_ids: &mut HashMap<String, usize>, value_names: &mut Vec<String>| -> usize {
@@ -396,7 +443,8 @@ impl Model {
         for &i in &order {
             let node = &graph.node[i];
             let build = reg.get(node.op_type()).expect("checked above");
-            let op = build(&BuildCtx { node, opset }).map_err(|m| NnError::node(node.name(), node.op_type(), m))?;
+            let op = guarded(|| build(&BuildCtx { node, opset }))
+                .map_err(|m| NnError::node(node.name(), node.op_type(), m))?;
             let ins = node
                 .input
                 .iter()
@@ -525,10 +573,7 @@ impl Model {
                     format!("input {pos} is never computed"),
                 ));
             }
-            let outs = node
-                .op
-                .run(&ctx, &args)
-                .map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
+            let outs = guarded(|| node.op.run(&ctx, &args)).map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
             if outs.len() < node.outputs.iter().len().min(1) {
                 return Err(NnError::node(&node.name, &node.op_type, "produced no output"));
             }
@@ -750,7 +795,9 @@ mod hostile_tests {
         // A location leaving the folder is still refused.
         let mut evil = parse(&std::fs::read(&p).unwrap()).unwrap();
         evil.graph.as_mut().unwrap().initializer[0].external_data[0].value = Some("../w.bin".into());
-        let e = with_external_data_inlined(evil.encode_to_vec(), dir.path()).unwrap_err().to_string();
+        let e = with_external_data_inlined(evil.encode_to_vec(), dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("refused"), "{e}");
     }
 
@@ -764,7 +811,10 @@ mod hostile_tests {
     fn finding_3_a_model_without_outputs_is_refused() {
         let m = model(vec![node("Relu", &["x"], "y")], vec![], vec![]);
         let e = Model::load(&m.encode_to_vec(), None).unwrap_err();
-        assert!(matches!(e, NnError::Parse(_)) && e.to_string().contains("no output"), "{e}");
+        assert!(
+            matches!(e, NnError::Parse(_)) && e.to_string().contains("no output"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -799,18 +849,51 @@ mod hostile_tests {
         let dir = tempfile::tempdir().unwrap();
         let p = external_model(dir.path(), [1.0; 4]);
         let mut m = parse(&std::fs::read(&p).unwrap()).unwrap();
-        m.graph.as_mut().unwrap().initializer[0].external_data.push(StringStringEntryProto {
-            key: Some("length".into()),
-            value: Some("8".into()),
-        });
-        let e = with_external_data_inlined(m.encode_to_vec(), dir.path()).unwrap_err().to_string();
+        m.graph.as_mut().unwrap().initializer[0]
+            .external_data
+            .push(StringStringEntryProto {
+                key: Some("length".into()),
+                value: Some("8".into()),
+            });
+        let e = with_external_data_inlined(m.encode_to_vec(), dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("length field says 8 bytes") && e.contains("need 16"), "{e}");
         let mut m = parse(&std::fs::read(&p).unwrap()).unwrap();
-        m.graph.as_mut().unwrap().initializer[0].external_data.push(StringStringEntryProto {
-            key: Some("offset".into()),
-            value: Some("8".into()),
-        });
-        let e = with_external_data_inlined(m.encode_to_vec(), dir.path()).unwrap_err().to_string();
-        assert!(e.contains("needs 16 bytes at offset 8 (up to byte 24), but the file has 16 bytes"), "{e}");
+        m.graph.as_mut().unwrap().initializer[0]
+            .external_data
+            .push(StringStringEntryProto {
+                key: Some("offset".into()),
+                value: Some("8".into()),
+            });
+        let e = with_external_data_inlined(m.encode_to_vec(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs 16 bytes at offset 8 (up to byte 24), but the file has 16 bytes"),
+            "{e}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_found_libtorch_panics_in_ops_become_errors() {
+        let e = guarded::<()>(|| {
+            let _ = Tensor::zeros([2], (Kind::Float, Device::Cpu)).pad([i64::MIN, 0], "constant", Some(0.0));
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(
+            e.starts_with("libtorch rejected it: ") && !e.contains("Exception raised"),
+            "{e}"
+        );
+        assert_eq!(guarded(|| Ok::<_, String>(3)), Ok(3));
+        assert_eq!(guarded::<()>(|| Err("plain".into())), Err("plain".into()));
+        // A panic outside the guard still panics (the hook is only quiet inside it).
+        assert!(std::panic::catch_unwind(|| panic!("outside")).is_err());
     }
 }

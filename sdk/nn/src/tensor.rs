@@ -148,13 +148,25 @@ fn external_bytes(t: &TensorProto, base_dir: Option<&Path>, need: usize) -> Resu
 /// checks of [`tensor_from_proto`]: sane shape, a location inside the folder, a file long enough.
 pub(crate) fn external_data(t: &TensorProto, base_dir: &Path) -> Result<Vec<u8>> {
     let name = t.name();
-    let kind = kind_of(t.data_type())
-        .ok_or_else(|| NnError::tensor(name, format!("unsupported element type {} for external data", t.data_type())))?;
+    let kind = kind_of(t.data_type()).ok_or_else(|| {
+        NnError::tensor(
+            name,
+            format!("unsupported element type {} for external data", t.data_type()),
+        )
+    })?;
     let (_, n) = checked_shape(name, &t.dims)?;
     let need = (n as usize)
         .checked_mul(kind.elt_size_in_bytes())
         .filter(|&b| b as u64 <= crate::model::MAX_PROTO_BYTES)
-        .ok_or_else(|| NnError::tensor(name, format!("external data of shape {:?} passes protobuf's 2 GiB limit for one model", t.dims)))?;
+        .ok_or_else(|| {
+            NnError::tensor(
+                name,
+                format!(
+                    "external data of shape {:?} passes protobuf's 2 GiB limit for one model",
+                    t.dims
+                ),
+            )
+        })?;
     external_bytes(t, Some(base_dir), need)
 }
 

@@ -504,7 +504,10 @@ mod tests {
         let logits = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu));
         assert!(check_labels(&logits, &Tensor::from_slice(&[0i64, 1, 2, 2])).is_ok());
         let e = check_labels(&logits, &Tensor::from_slice(&[0i64, 7, 2, 2])).unwrap_err();
-        assert!(matches!(e, NnError::Tensor { .. }) && e.to_string().contains("label 7 is outside the model's 3"), "{e}");
+        assert!(
+            matches!(e, NnError::Tensor { .. }) && e.to_string().contains("label 7 is outside the model's 3"),
+            "{e}"
+        );
         assert!(check_labels(&logits, &Tensor::from_slice(&[-1i64, 0, 0, 0])).is_err());
     }
     use crate::zoo::{self, Arch};

@@ -65,7 +65,10 @@ pub fn run(args: InspectArgs) -> Result<i32> {
         "metadata": proto.metadata_props.iter().map(|e| (e.key().to_string(), Value::from(e.value()))).collect::<serde_json::Map<_, _>>(),
     });
     let loaded = if unsupported.is_empty() {
-        Some(audit_nn::Model::from_proto(proto, Some(audit_nn::model::model_dir(&args.model))))
+        Some(audit_nn::Model::from_proto(
+            proto,
+            Some(audit_nn::model::model_dir(&args.model)),
+        ))
     } else {
         None
     };

@@ -375,7 +375,10 @@ mod tests {
         w.raw_copy_file(src.by_name("y_test.npy").unwrap()).unwrap();
         w.finish().unwrap();
         let e = read_npz(&dup).unwrap_err().to_string();
-        assert!(e.contains("dup.npz") && e.contains("two entries named `y_test.npy`"), "{e}");
+        assert!(
+            e.contains("dup.npz") && e.contains("two entries named `y_test.npy`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -385,7 +388,10 @@ mod tests {
         let mut zip = npyz::zip::ZipArchive::new(std::fs::File::open(&p).unwrap()).unwrap();
         assert!(check_entries(&mut zip, &p, 1 << 20).is_ok());
         let e = check_entries(&mut zip, &p, 100).unwrap_err().to_string();
-        assert!(e.contains("100-byte input limit") && e.contains("AUDIT_MAX_INPUT_BYTES"), "{e}");
+        assert!(
+            e.contains("100-byte input limit") && e.contains("AUDIT_MAX_INPUT_BYTES"),
+            "{e}"
+        );
         // An entry whose central directory claims 4 GB from a few bytes: a zip bomb (or a lie).
         let mut bytes = std::fs::read(&p).unwrap();
         let cd = bytes.windows(4).position(|w| w == [0x50, 0x4b, 0x01, 0x02]).unwrap();
