@@ -153,7 +153,7 @@ pub fn check_labels(
 pub fn check_model_fits_data(bytes: &[u8], model: &str, ds: &Dataset) -> Result<()> {
     let i = &ds.train.images;
     let i = if ds.train.is_empty() { &ds.test.images } else { i };
-    let classes = model_classes(bytes, [i.c as i64, i.h as i64, i.w as i64]).with_context(|| format!("{model}"))?;
+    let classes = model_classes(bytes, [i.c as i64, i.h as i64, i.w as i64]).with_context(|| model.to_string())?;
     check_labels(
         classes,
         &ds.source,

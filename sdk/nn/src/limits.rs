@@ -125,7 +125,7 @@ pub fn check_tensor_alloc(shape: &[i64], elem_size: usize) -> Result<(), String>
         if d < 0 {
             return Err(format!("negative dimension in {shape:?}"));
         }
-        bytes = bytes.checked_mul(d as u64).unwrap_or(u64::MAX);
+        bytes = bytes.saturating_mul(d as u64);
     }
     if bytes > limit {
         return Err(format!(
