@@ -83,15 +83,22 @@ impl std::fmt::Display for ReadError {
 impl std::error::Error for ReadError {}
 
 /// Reads at most `limit` bytes from `r`; more is [`ReadError::TooLarge`].
-pub fn read_to_limit(r: impl Read, limit: u64) -> Result<Vec<u8>, ReadError> {
+pub fn read_to_limit(mut r: impl Read, limit: u64) -> Result<Vec<u8>, ReadError> {
+    // In chunks, checked before they are kept: the buffer never holds more than `limit` bytes.
     let mut out = Vec::new();
-    r.take(limit.saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(ReadError::Io)?;
-    if out.len() as u64 > limit {
-        return Err(ReadError::TooLarge { size: None, limit });
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let n = match r.read(&mut chunk) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if out.len() as u64 + n as u64 > limit {
+            return Err(ReadError::TooLarge { size: None, limit });
+        }
+        out.extend_from_slice(&chunk[..n]);
     }
-    Ok(out)
 }
 
 /// Reads a whole file, refusing one larger than [`max_input_bytes`] (checked from its metadata
@@ -107,11 +114,22 @@ pub fn read_file_limited(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> 
     if meta.is_dir() {
         return Err(ReadError::Io(std::io::Error::other("is a folder, not a file")));
     }
-    if meta.is_file() && meta.len() > limit {
-        return Err(ReadError::TooLarge {
-            size: Some(meta.len()),
-            limit,
-        });
+    if meta.is_file() {
+        if meta.len() > limit {
+            return Err(ReadError::TooLarge {
+                size: Some(meta.len()),
+                limit,
+            });
+        }
+        // A regular file: one allocation of its size; `take` still bounds a file that grows.
+        let mut out = Vec::with_capacity(meta.len() as usize);
+        f.take(limit.saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(ReadError::Io)?;
+        if out.len() as u64 > limit {
+            return Err(ReadError::TooLarge { size: None, limit });
+        }
+        return Ok(out);
     }
     read_to_limit(f, limit)
 }
