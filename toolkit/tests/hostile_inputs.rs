@@ -501,9 +501,21 @@ fn finding_16_endless_and_oversized_inputs_are_refused_with_the_knob() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let cap = [("AUDIT_MAX_INPUT_BYTES", "1M")];
-    let r = audit_env(d, &["inspect", "/dev/zero"], &cap).expect(2);
+    // A device is refused before anything is read (the default limit, no knob needed).
+    let r = audit(d, &["inspect", "/dev/zero"]).expect(2);
     assert!(
-        r.stderr.contains("/dev/zero") && r.stderr.contains("AUDIT_MAX_INPUT_BYTES"),
+        r.stderr.contains("/dev/zero") && r.stderr.contains("is a device"),
+        "{}",
+        r.stderr
+    );
+    // A model file past the limit is refused from its size, with the knob in the hint.
+    let big = d.join("big.onnx");
+    std::fs::write(&big, vec![0u8; 2 << 20]).unwrap();
+    let r = audit_env(d, &["inspect", s(&big)], &cap).expect(2);
+    assert!(
+        r.stderr.contains("big.onnx")
+            && r.stderr.contains("2097152 bytes")
+            && r.stderr.contains("AUDIT_MAX_INPUT_BYTES"),
         "{}",
         r.stderr
     );

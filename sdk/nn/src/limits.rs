@@ -114,6 +114,13 @@ pub fn read_file_limited(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> 
     if meta.is_dir() {
         return Err(ReadError::Io(std::io::Error::other("is a folder, not a file")));
     }
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_char_device() || t.is_block_device() || t.is_socket() {
+            return Err(ReadError::Io(std::io::Error::other("is a device, not a file")));
+        }
+    }
     if meta.is_file() {
         if meta.len() > limit {
             return Err(ReadError::TooLarge {
@@ -164,10 +171,14 @@ mod tests {
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_size("0"), None);
-        // /dev/zero never ends: the read stops after limit + 1 bytes.
+        // /dev/zero never ends: a device is refused before any read.
         let e = read_file_limited(Path::new("/dev/zero"), 1000).unwrap_err();
+        assert!(e.to_string().contains("is a device"), "{e}");
+        // An endless stream (as a pipe would be) stops once past the limit.
+        let e = read_to_limit(std::io::repeat(0), 1000).unwrap_err();
         assert!(e.to_string().contains("1000-byte input limit"), "{e}");
         assert!(e.to_string().contains(MAX_INPUT_BYTES_ENV), "{e}");
+        assert_eq!(read_to_limit(&[7u8; 1000][..], 1000).unwrap().len(), 1000);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, [1u8; 10]).unwrap();
