@@ -5,7 +5,7 @@ RELEASE := target/release
 PLUGIN_DIR := $(RELEASE)/plugins
 SETUP_STAMP := .venv/.audit-setup-done
 
-.PHONY: setup build test demo bench header examples fmt lint
+.PHONY: setup build test demo bench header examples fmt lint fuzz
 
 # scripts/setup is idempotent; the stamp only skips re-checking on every make call.
 $(SETUP_STAMP): scripts/setup
@@ -24,6 +24,11 @@ test: build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	$(CARGO) test --release --workspace
+
+# The loader fuzzers (toolkit/tests/fuzz.rs) with many more cases than `make test` runs, and strict:
+# a libtorch panic the engine caught inside an op counts as a finding. AUDIT_FUZZ_CASES=N to change.
+fuzz: setup
+	AUDIT_FUZZ_CASES=$${AUDIT_FUZZ_CASES:-20000} AUDIT_FUZZ_STRICT=1 $(CARGO) test --release -p audit --test fuzz -- --test-threads 2
 
 demo: build
 	bash scripts/demo

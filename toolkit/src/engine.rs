@@ -7,34 +7,69 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use audit_nn::Model;
 
-use crate::error::input_error;
+use crate::error::{input_error, input_error_hint};
 use crate::infer::{load_runtime, max_rel_diff, RuntimeChoice};
 
 /// Parity tolerance for exports: max |engine - runtime| / max |runtime|, for onnxruntime and tract.
 pub const PARITY_TOLERANCE: f64 = 1e-4;
 
-/// Reads a model file (exit 2 naming the file when missing or invalid).
+/// Reads a model file for every consumer (exit 2 naming the file when missing, too large or
+/// invalid): at most `AUDIT_MAX_INPUT_BYTES`, with external data read beside the model file and
+/// inlined, so the engine, onnxruntime, tract and plugins all get the same self-contained bytes.
 pub fn read_model(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| input_error(format!("{}: {e}", path.display())))
+    let bytes = read_input_file(path)?;
+    audit_nn::model::with_external_data_inlined(bytes, audit_nn::model::model_dir(path))
+        .map_err(|e| input_error(format!("{}: {e}", path.display())))
+}
+
+/// Reads any input file with the size limit (exit 2 naming the file; the hint says how to raise
+/// the limit).
+pub fn read_input_file(path: &Path) -> Result<Vec<u8>> {
+    audit_nn::limits::read_file(path).map_err(|e| match e {
+        audit_nn::limits::ReadError::TooLarge { .. } => {
+            input_error_hint(format!("{}: {e}", path.display()), audit_nn::limits::raise_hint())
+        }
+        audit_nn::limits::ReadError::Io(_) => input_error(format!("{}: {e}", path.display())),
+    })
 }
 
 /// Loads a model for the engine (errors name the file, and op/node/opset when unsupported).
 pub fn load_model(path: &Path) -> Result<Model> {
     let bytes = read_model(path)?;
-    Model::load(&bytes, path.parent()).with_context(|| format!("loading {}", path.display()))
+    Model::load(&bytes, Some(audit_nn::model::model_dir(path))).with_context(|| format!("loading {}", path.display()))
 }
+
+/// Most elements one input image may have for the seeded batches of parity checks (16 Mi, so a
+/// batch of 4 stays at 256 MiB of floats).
+pub const MAX_IMAGE_ELEMS: i64 = 1 << 24;
 
 /// C, H, W of the model's first input, from the graph (`override_chw` wins).
 pub fn input_chw(model: &Model, override_chw: Option<[i64; 3]>) -> Result<[i64; 3]> {
+    let checked = |chw: [i64; 3]| -> Result<[i64; 3]> {
+        let n = chw.iter().try_fold(1i64, |a, &d| a.checked_mul(d));
+        match n {
+            Some(n) if n > 0 && n <= MAX_IMAGE_ELEMS => Ok(chw),
+            _ => Err(input_error(format!(
+                "input `{}`: an image of {}x{}x{} is more than {MAX_IMAGE_ELEMS} values; refusing to build a test batch that size (pass --input CxHxW)",
+                model.inputs.first().map_or("?", |i| i.name.as_str()),
+                chw[0],
+                chw[1],
+                chw[2]
+            ))),
+        }
+    };
     if let Some(chw) = override_chw {
-        return Ok(chw);
+        return checked(chw);
     }
-    let dims = &model.inputs[0].dims;
+    let Some(first) = model.inputs.first() else {
+        return Err(input_error("the model has no input"));
+    };
+    let dims = &first.dims;
     match dims[..] {
-        [_, Some(c), Some(h), Some(w)] => Ok([c, h, w]),
+        [_, Some(c), Some(h), Some(w)] => checked([c, h, w]),
         _ => Err(input_error(format!(
             "input `{}` has shape {:?}; pass --input CxHxW",
-            model.inputs[0].name,
+            first.name,
             dims.iter()
                 .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
                 .collect::<Vec<_>>()

@@ -5,7 +5,8 @@
 use anyhow::{Context, Result};
 use serde_json::Map;
 
-use crate::data::{Images, LabeledSet, Pixels};
+use crate::data::{Dataset, Images, LabeledSet, Pixels};
+use crate::error::{input_error, input_error_hint};
 use crate::infer::{load_runtime, InferenceRuntime, RuntimeChoice};
 use crate::plugin::{CallInput, LoadedPlugin, Op};
 
@@ -85,6 +86,83 @@ impl Normalization {
     }
 }
 
+/// The number of classes a model outputs: its first output's last dimension when the graph
+/// states it, else measured by running the engine on one blank image of `chw`.
+pub fn model_classes(bytes: &[u8], chw: [i64; 3]) -> Result<usize> {
+    let proto = audit_nn::model::parse(bytes).map_err(|e| input_error(e.to_string()))?;
+    let graph = proto.graph.as_ref().context("the model has no graph")?;
+    let first = graph
+        .output
+        .first()
+        .ok_or_else(|| input_error("the model has no output"))?;
+    use audit_nn::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
+    if let Some(Value::TensorType(t)) = first.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        if let Some(Dim::DimValue(k)) = t
+            .shape
+            .as_ref()
+            .and_then(|s| s.dim.last())
+            .and_then(|d| d.value.clone())
+        {
+            if k > 0 {
+                return Ok(k as usize);
+            }
+        }
+    }
+    let model = audit_nn::Model::load(bytes, None)?;
+    let n = (chw[0] * chw[1] * chw[2]) as usize;
+    let (shape, _) = model.predict_f32(&vec![0.0; n], &[1, chw[0], chw[1], chw[2]])?;
+    match shape[..] {
+        [1, k] if k > 0 => Ok(k as usize),
+        _ => Err(input_error(format!(
+            "the model's output has shape {shape:?}; expected [batch, classes]"
+        ))),
+    }
+}
+
+/// Labels must be classes of the model: every label of `sets` (and the data's class count)
+/// below `classes`. The error (exit 2) names the data, the split and the model's output count.
+pub fn check_labels(
+    classes: usize,
+    data: &str,
+    num_classes: usize,
+    sets: &[(&str, &LabeledSet)],
+    model: &str,
+) -> Result<()> {
+    for (split, set) in sets {
+        if let Some(&bad) = set.labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+            return Err(input_error_hint(
+                format!(
+                    "{data}: the {split} split has label {bad}, but {model} has {classes} outputs (classes 0..{})",
+                    classes.saturating_sub(1)
+                ),
+                "the data and the model must have the same classes",
+            ));
+        }
+    }
+    if num_classes > classes {
+        return Err(input_error_hint(
+            format!("{data} has {num_classes} classes, but {model} has {classes} outputs"),
+            "the data and the model must have the same classes",
+        ));
+    }
+    Ok(())
+}
+
+/// Where a model and a dataset meet (attack --model, harden, compare), before anything trains:
+/// the data's labels must be below the model's output count (exit 2 naming both).
+pub fn check_model_fits_data(bytes: &[u8], model: &str, ds: &Dataset) -> Result<()> {
+    let i = &ds.train.images;
+    let i = if ds.train.is_empty() { &ds.test.images } else { i };
+    let classes = model_classes(bytes, [i.c as i64, i.h as i64, i.w as i64]).with_context(|| model.to_string())?;
+    check_labels(
+        classes,
+        &ds.source,
+        ds.num_classes,
+        &[("train", &ds.train), ("test", &ds.test)],
+        model,
+    )
+}
+
 /// Predicted classes for every image, through the given runtime, in batches.
 pub fn predict(
     model: &mut dyn InferenceRuntime,
@@ -92,15 +170,45 @@ pub fn predict(
     norm: &Normalization,
     batch: usize,
 ) -> Result<Vec<i64>> {
+    predict_checked(model, images, norm, batch, None).map(|(p, _)| p)
+}
+
+/// [`predict`], failing (exit 2) when `max_label` is not a class of the model's output.
+fn predict_checked(
+    model: &mut dyn InferenceRuntime,
+    images: &Images,
+    norm: &Normalization,
+    batch: usize,
+    max_label: Option<i64>,
+) -> Result<(Vec<i64>, usize)> {
     let mut preds = Vec::with_capacity(images.n);
+    let mut out_classes = 0;
     let mut s = 0;
     while s < images.n {
         let k = (images.n - s).min(batch);
         let x = norm.batch(images, s, k);
         let (shape, logits) = model.run(x, &[k as i64, images.c as i64, images.h as i64, images.w as i64])?;
         let classes = *shape.last().context("model output has no dimensions")? as usize;
-        if shape.len() != 2 || shape[0] as usize != k || classes == 0 {
+        out_classes = classes;
+        if shape.len() != 2 || shape[0] as usize != k || classes == 0 || logits.len() != k * classes {
             anyhow::bail!("model output has shape {shape:?}; expected [batch, classes]");
+        }
+        if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+            anyhow::bail!(
+                "the model's outputs are not finite ({bad} for images {s}..{}): no metric can be computed; its weights diverged or the input is out of range",
+                s + k
+            );
+        }
+        if let Some(max) = max_label {
+            if max >= classes as i64 {
+                return Err(input_error_hint(
+                    format!(
+                        "the data has label {max}, but the model has {classes} outputs (classes 0..{})",
+                        classes - 1
+                    ),
+                    "the data and the model must have the same classes",
+                ));
+            }
         }
         preds.extend(logits.chunks_exact(classes).map(|row| {
             row.iter()
@@ -113,7 +221,7 @@ pub fn predict(
         }));
         s += k;
     }
-    Ok(preds)
+    Ok((preds, out_classes))
 }
 
 /// Metrics of one model on one test set.
@@ -163,7 +271,17 @@ pub fn evaluate_with(
     norm: &Normalization,
     attack: Option<&AttackSpec<'_>>,
 ) -> Result<Metrics> {
-    let preds = predict(model, &test.images, norm, 256)?;
+    if test.is_empty() {
+        return Err(input_error("the test split is empty: there is nothing to measure"));
+    }
+    let max_label = test.labels.iter().copied().max();
+    let (preds, classes) = predict_checked(model, &test.images, norm, 256, max_label)?;
+    if num_classes > classes {
+        return Err(input_error_hint(
+            format!("the data has {num_classes} classes, but the model has {classes} outputs"),
+            "the data and the model must have the same classes",
+        ));
+    }
     let correct = preds.iter().zip(&test.labels).filter(|(p, y)| p == y).count();
     let per_class = (0..num_classes as i64)
         .map(|k| {

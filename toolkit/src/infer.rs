@@ -14,6 +14,7 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
 
+use crate::error::input_error;
 use crate::runtime::ort_env;
 
 /// One model loaded in an inference runtime: runs float NCHW batches, returns the first output.
@@ -69,18 +70,36 @@ impl std::fmt::Debug for OrtModel {
 }
 
 impl OrtModel {
-    /// Builds a session from ONNX bytes.
+    /// Builds a session from ONNX bytes. A model whose IR version is newer than the loaded
+    /// onnxruntime supports is loaded with its IR version lowered (said on stderr); a model that
+    /// onnxruntime refuses is diagnosed by the engine first, so an invalid model is an input error
+    /// naming the node (exit 2), not onnxruntime's internal text.
     pub fn from_bytes(bytes: &[u8]) -> Result<OrtModel> {
         let env = ort_env().context("onnxruntime is not available")?;
-        let session = ort::session::Session::builder(env)
-            .and_then(|mut b| b.commit_from_memory(bytes))
-            .map_err(|e| anyhow!("onnxruntime could not load the model: {e}"))?;
-        let input = session
-            .inputs()
-            .first()
-            .map(|i| i.name().to_string())
-            .context("the model has no input")?;
-        Ok(OrtModel { session, input })
+        let commit = |bytes: &[u8]| {
+            ort::session::Session::builder(env)
+                .and_then(|mut b| b.commit_from_memory(bytes))
+                .map_err(|e| e.to_string())
+        };
+        let session = match commit(bytes) {
+            Ok(s) => s,
+            Err(msg) => match unsupported_ir_version(&msg) {
+                Some((have, max)) => {
+                    let lowered = with_ir_version(bytes, max)?;
+                    eprintln!(
+                        "note: the model's IR version {have} is newer than this onnxruntime supports ({max}); loading it as IR version {max}"
+                    );
+                    commit(&lowered).map_err(|msg| load_failure(bytes, &msg))?
+                }
+                None => return Err(load_failure(bytes, &msg)),
+            },
+        };
+        let names: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
+        check_one_input(&names)?;
+        Ok(OrtModel {
+            session,
+            input: names[0].clone(),
+        })
     }
 
     /// Runs a float batch (flat NCHW values and shape); returns the first output's shape and values.
@@ -90,7 +109,7 @@ impl OrtModel {
         let outputs = self
             .session
             .run(ort::inputs![self.input.as_str() => tensor])
-            .map_err(|e| anyhow!("onnxruntime run failed: {e}"))?;
+            .map_err(|e| anyhow!("onnxruntime run failed: {}", clean_runtime_message(&e.to_string())))?;
         let (shape, data) = outputs[0]
             .try_extract_tensor::<f32>()
             .map_err(|e| anyhow!("onnxruntime output: {e}"))?;
@@ -135,10 +154,12 @@ impl TractModel {
     pub fn from_bytes(bytes: &[u8]) -> Result<TractModel> {
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
-            .map_err(|e| anyhow!("tract could not load the model: {e:#}"))?;
+            .map_err(|e| load_failure_with(bytes, "tract", &format!("{e:#}")))?;
         if model.inputs.is_empty() {
             bail!("tract could not load the model: it has no input");
         }
+        let names: Vec<String> = model.inputs.iter().map(|o| model.nodes[o.node].name.clone()).collect();
+        check_one_input(&names)?;
         if model.outputs.is_empty() {
             bail!("tract could not load the model: it has no output");
         }
@@ -217,6 +238,142 @@ impl InferenceRuntime for TractModel {
     }
 }
 
+/// Classifiers take one image input: two or more is an input error naming them.
+fn check_one_input(names: &[String]) -> Result<()> {
+    match names.len() {
+        1 => Ok(()),
+        0 => Err(input_error("the model has no input")),
+        n => Err(input_error(format!(
+            "the model has {n} inputs ({}); audit runs classifiers with one image input",
+            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// `(model's IR version, most this onnxruntime supports)` from onnxruntime's refusal.
+fn unsupported_ir_version(msg: &str) -> Option<(i64, i64)> {
+    let rest = &msg[msg.find("Unsupported model IR version: ")? + "Unsupported model IR version: ".len()..];
+    let have: i64 = rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let max_at = rest.find("max supported IR version: ")? + "max supported IR version: ".len();
+    let max: i64 = rest[max_at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    (max > 0 && max < have).then_some((have, max))
+}
+
+/// The same model with its IR version set to `ir` (in memory; the file is not touched).
+fn with_ir_version(bytes: &[u8], ir: i64) -> Result<Vec<u8>> {
+    use audit_nn::prost::Message;
+    let mut proto = audit_nn::model::parse(bytes).map_err(|e| input_error(e.to_string()))?;
+    proto.ir_version = Some(ir);
+    Ok(proto.encode_to_vec())
+}
+
+/// Why onnxruntime could not load `bytes`: the engine's diagnosis (an input error naming the node,
+/// exit 2) when it finds the model invalid, else onnxruntime's message, cleaned.
+fn load_failure(bytes: &[u8], msg: &str) -> anyhow::Error {
+    load_failure_with(bytes, "onnxruntime", msg)
+}
+
+fn load_failure_with(bytes: &[u8], runtime: &str, msg: &str) -> anyhow::Error {
+    match engine_diagnosis(bytes) {
+        Some(e) => {
+            anyhow::Error::new(e).context(format!("{runtime} could not load the model, and the engine says why"))
+        }
+        None => anyhow!("{runtime} could not load the model: {}", clean_runtime_message(msg)),
+    }
+}
+
+/// The engine's verdict on a model a runtime refused: its loader's error (unsupported op, cycle,
+/// dangling input, bad attribute, no output), or a node error from one forward pass on a blank
+/// image (shape mismatches). `None` when the engine finds nothing wrong or cannot tell.
+pub fn engine_diagnosis(bytes: &[u8]) -> Option<audit_nn::NnError> {
+    let model = match audit_nn::Model::load(bytes, None) {
+        Err(audit_nn::NnError::Other(_)) => return None,
+        Err(e) => return Some(e),
+        Ok(m) => m,
+    };
+    let dims = &model.inputs.first()?.dims;
+    let [_, Some(c), Some(h), Some(w)] = dims[..] else {
+        return None;
+    };
+    if c.checked_mul(h)?.checked_mul(w)? > crate::engine::MAX_IMAGE_ELEMS {
+        return None;
+    }
+    match model.predict_f32(&vec![0.0; (c * h * w) as usize], &[1, c, h, w]) {
+        Err(e @ audit_nn::NnError::Node { .. }) => Some(e),
+        _ => None,
+    }
+}
+
+/// A runtime's message as we print it: no ANSI colour codes, no source paths of the runtime's own
+/// build (`/onnxruntime_src/.../model.cc:256`) and no C++ signatures after them.
+pub fn clean_runtime_message(msg: &str) -> String {
+    // ANSI escape sequences: ESC [ params letter.
+    let mut plain = String::with_capacity(msg.len());
+    let mut chars = msg.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        plain.push(c);
+    }
+    let is_source = |w: &str| {
+        let w = w.trim_matches(|c: char| c == '(' || c == ')' || c == ',' || c == '"' || c == '\'');
+        let (file, line) = match w.rsplit_once(':') {
+            Some((f, l)) if !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()) => (f, true),
+            _ => (w, false),
+        };
+        let ext = [".cc", ".cpp", ".h", ".hpp", ".c", ".rs"]
+            .iter()
+            .any(|e| file.ends_with(e));
+        ext && (line || file.contains('/'))
+    };
+    let mut out: Vec<String> = Vec::new();
+    for line in plain.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut kept: Vec<&str> = Vec::new();
+        let mut i = 0;
+        while i < words.len() {
+            if is_source(words[i]) {
+                i += 1;
+                // A C++ signature follows onnxruntime's source locations: skip to its closing
+                // parenthesis (`Model::Model(onnx::ModelProto&&, ...)`), then a `const` if any.
+                if words.get(i).is_some_and(|w| w.contains("::") && w.contains('(')) {
+                    let mut depth = 0i32;
+                    while i < words.len() {
+                        depth += words[i].matches('(').count() as i32 - words[i].matches(')').count() as i32;
+                        i += 1;
+                        if depth <= 0 {
+                            break;
+                        }
+                    }
+                    if words.get(i) == Some(&"const") {
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            kept.push(words[i]);
+            i += 1;
+        }
+        if !kept.is_empty() {
+            out.push(kept.join(" "));
+        }
+    }
+    out.join("\n")
+}
+
 /// max|a - b| / max(max|b|, 1e-6): the parity measure used everywhere.
 pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)).max(1e-6);
@@ -228,6 +385,42 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
         return f64::INFINITY;
     }
     diff / scale
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+
+    #[test]
+    fn finding_12_runtime_messages_lose_source_paths_and_colours() {
+        let m = "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::PathString&, const onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) Unsupported model IR version: 14, max supported IR version: 13";
+        assert_eq!(
+            clean_runtime_message(m),
+            "Unsupported model IR version: 14, max supported IR version: 13"
+        );
+        assert_eq!(unsupported_ir_version(m), Some((14, 13)));
+        assert_eq!(
+            unsupported_ir_version("Unsupported model IR version: 9, max supported IR version: 13"),
+            None
+        );
+        assert_eq!(unsupported_ir_version("something else"), None);
+        let coloured = "\u{1b}[1;31m2026-01-01 [E:onnxruntime:, inference_session.cc:2544 operator()] bad\u{1b}[m";
+        let c = clean_runtime_message(coloured);
+        assert!(
+            !c.contains('\u{1b}') && !c.contains("inference_session.cc") && c.ends_with("bad"),
+            "{c}"
+        );
+        let keep = "Invalid model. Node input 'z' is not a graph input";
+        assert_eq!(clean_runtime_message(keep), keep);
+    }
+
+    #[test]
+    fn finding_12_two_inputs_are_an_input_error() {
+        let e = check_one_input(&["a".into(), "b".into()]).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 2);
+        assert!(e.to_string().contains("2 inputs (`a`, `b`)"), "{e}");
+        assert!(check_one_input(&["a".into()]).is_ok());
+    }
 }
 
 #[cfg(test)]

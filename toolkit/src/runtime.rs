@@ -15,7 +15,10 @@ pub fn ort_dylib() -> Option<PathBuf> {
     })
 }
 
-/// The onnxruntime environment, created once (loading the library).
+/// onnxruntime's switch for its telemetry, set by [`ort_env`] before the library starts.
+pub const TELEMETRY_ENV: &str = "ORT_DISABLE_TELEMETRY";
+
+/// The onnxruntime environment, created once (loading the library), telemetry off.
 pub fn ort_env() -> Result<&'static ort::environment::Environment> {
     static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -26,8 +29,24 @@ pub fn ort_env() -> Result<&'static ort::environment::Environment> {
                 path.display()
             ));
         }
+        // onnxruntime's telemetry (1.31 keeps a local database under ~/.cache with the binary's
+        // path, a device id, graph names and error texts) is off: the variable stops it before
+        // the environment starts, `with_telemetry(false)` disables its events after.
+        if std::env::var_os(TELEMETRY_ENV).is_none() {
+            std::env::set_var(TELEMETRY_ENV, "1");
+        }
         let env = ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
+        // onnxruntime's own log lines carry its source paths and ANSI colours: print warnings and
+        // errors ourselves, cleaned, and nothing below.
+        let logger: ort::logging::LoggerFunction = std::sync::Arc::new(|level, _category, _id, _location, message| {
+            use ort::logging::LogLevel;
+            if matches!(level, LogLevel::Warning | LogLevel::Error | LogLevel::Fatal) {
+                eprintln!("onnxruntime: {}", crate::infer::clean_runtime_message(message));
+            }
+        });
         env.with_name("audit")
+            .with_telemetry(false)
+            .with_logger(logger)
             .build()
             .map_err(|e| format!("starting onnxruntime: {e}"))
     })

@@ -10,6 +10,7 @@ mod device;
 pub mod error;
 pub mod export;
 mod init;
+pub mod limits;
 pub mod model;
 pub mod neurons;
 pub mod ops;

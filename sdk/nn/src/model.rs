@@ -102,6 +102,133 @@ pub fn parse(bytes: &[u8]) -> Result<ModelProto> {
     Ok(proto)
 }
 
+thread_local! {
+    /// Set while an op runs under [`guarded`]: its panics are turned into errors, not printed.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs one op with a safety net: a panic inside it (a libtorch error that a tch call without
+/// the `f_` prefix unwraps) becomes the op's error, and the panic message is not printed.
+/// Ops return errors for what they check; this catches what they do not.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> std::result::Result<T, String>) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    match result {
+        Ok(r) => r,
+        Err(payload) => Err(panic_text(payload.as_ref())),
+    }
+}
+
+/// The first line of a panic's message, libtorch's own text when it carries one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown failure");
+    match text.split_once("Torch(\"") {
+        Some((_, t)) => {
+            let first = t.split("\\n").next().unwrap_or(t);
+            let first = first.lines().next().unwrap_or(first).trim_end_matches("\")");
+            format!("libtorch rejected it: {first}")
+        }
+        None => format!("internal error: {}", text.lines().next().unwrap_or(text)),
+    }
+}
+
+/// The folder a model file's external data is resolved against: its parent, `.` for a bare
+/// file name.
+pub fn model_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Protobuf's limit on one message: a model (with its weights inlined) must stay below it.
+pub const MAX_PROTO_BYTES: u64 = i32::MAX as u64;
+
+/// Reads a model file for every consumer (engine, onnxruntime, tract, plugins): at most
+/// [`crate::limits::max_input_bytes`] bytes, and when tensors keep their data in external files,
+/// those are read once, resolved beside the model file (never the current folder; locations that
+/// leave the model's folder are refused), and inlined, so the bytes returned are self-contained.
+/// A model without external data is returned byte for byte. Bytes that do not parse are returned
+/// as they are, for the caller's parser to report.
+pub fn read_model_file(path: &Path) -> Result<Vec<u8>> {
+    let bytes = crate::limits::read_file(path).map_err(|e| NnError::Parse(format!("{}: {e}", path.display())))?;
+    with_external_data_inlined(bytes, model_dir(path))
+}
+
+/// The bytes of a model read from a file in `dir`, with any external data inlined (see
+/// [`read_model_file`]); unchanged when there is none or when they do not parse.
+pub fn with_external_data_inlined(bytes: Vec<u8>, dir: &Path) -> Result<Vec<u8>> {
+    let Ok(mut proto) = ModelProto::decode(&bytes[..]) else {
+        return Ok(bytes);
+    };
+    if !inline_external_data(&mut proto, dir)? {
+        return Ok(bytes);
+    }
+    let len = proto.encoded_len() as u64;
+    if len > MAX_PROTO_BYTES {
+        return Err(NnError::Parse(format!(
+            "with its external data inlined the model would be {len} bytes, past protobuf's 2 GiB limit for one model"
+        )));
+    }
+    Ok(proto.encode_to_vec())
+}
+
+/// Replaces every external-data tensor of the graph (initializers and node attributes) by its
+/// raw data, read from `base_dir`. Returns whether anything was inlined.
+pub fn inline_external_data(proto: &mut ModelProto, base_dir: &Path) -> Result<bool> {
+    use crate::proto::tensor_proto::DataLocation;
+    let Some(graph) = proto.graph.as_mut() else {
+        return Ok(false);
+    };
+    let mut total: u64 = 0;
+    let mut changed = false;
+    let mut inline = |t: &mut crate::proto::TensorProto| -> Result<()> {
+        if t.data_location() != DataLocation::External {
+            return Ok(());
+        }
+        let raw = crate::tensor::external_data(t, base_dir)?;
+        total += raw.len() as u64;
+        if total > MAX_PROTO_BYTES {
+            return Err(NnError::tensor(
+                t.name(),
+                "the model's external data passes protobuf's 2 GiB limit for one model once inlined",
+            ));
+        }
+        t.raw_data = Some(raw);
+        t.external_data.clear();
+        t.data_location = None;
+        changed = true;
+        Ok(())
+    };
+    for t in &mut graph.initializer {
+        inline(t)?;
+    }
+    for node in &mut graph.node {
+        for a in &mut node.attribute {
+            if let Some(t) = a.t.as_mut() {
+                inline(t)?;
+            }
+            for t in &mut a.tensors {
+                inline(t)?;
+            }
+        }
+    }
+    Ok(changed)
+}
+
 /// Opset of the default ONNX domain.
 pub fn default_opset(proto: &ModelProto) -> i64 {
     proto
@@ -167,7 +294,7 @@ pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
         } else {
             match reg.get(node.op_type()) {
                 None => Some("no builder for this op".to_string()),
-                Some(build) => build(&BuildCtx { node, opset }).err(),
+                Some(build) => guarded(|| build(&BuildCtx { node, opset }).map(|_| ())).err(),
             }
         };
         if let Some(reason) = reason {
@@ -183,10 +310,10 @@ pub fn unsupported_nodes(proto: &ModelProto) -> Vec<UnsupportedNode> {
 }
 
 impl Model {
-    /// Loads a model from a file (external data resolved beside it).
+    /// Loads a model from a file (external data resolved beside it, see [`read_model_file`]).
     pub fn load_file(path: &Path) -> Result<Model> {
-        let bytes = std::fs::read(path).map_err(|e| NnError::Parse(format!("{}: {e}", path.display())))?;
-        Model::load(&bytes, path.parent())
+        let bytes = read_model_file(path)?;
+        Model::load(&bytes, Some(model_dir(path)))
     }
 
     /// Loads a model from bytes. Fails at load time, naming op, node and opset, when any op is
@@ -211,7 +338,10 @@ impl Model {
             }
             return Err(NnError::node(&first.node, &first.op_type, &first.reason));
         }
-        let graph = proto.graph.clone().expect("parse checked the graph");
+        let graph = proto
+            .graph
+            .clone()
+            .ok_or_else(|| NnError::Parse("the model has no graph".into()))?;
         let mut value_ids: HashMap<String, usize> = HashMap::new();
         let mut value_names: Vec<String> = Vec::new();
         let id = |name: &str, value_ids: &mut HashMap<String, usize>, value_names: &mut Vec<String>| -> usize {
@@ -291,6 +421,9 @@ impl Model {
         if inputs.is_empty() {
             return Err(NnError::Parse("the graph has no input besides its initializers".into()));
         }
+        if outputs.is_empty() {
+            return Err(NnError::Parse("the graph has no output".into()));
+        }
         let input_ids: Vec<usize> = inputs
             .iter()
             .map(|i| id(&i.name, &mut value_ids, &mut value_names))
@@ -310,7 +443,8 @@ impl Model {
         for &i in &order {
             let node = &graph.node[i];
             let build = reg.get(node.op_type()).expect("checked above");
-            let op = build(&BuildCtx { node, opset }).map_err(|m| NnError::node(node.name(), node.op_type(), m))?;
+            let op = guarded(|| build(&BuildCtx { node, opset }))
+                .map_err(|m| NnError::node(node.name(), node.op_type(), m))?;
             let ins = node
                 .input
                 .iter()
@@ -439,10 +573,7 @@ impl Model {
                     format!("input {pos} is never computed"),
                 ));
             }
-            let outs = node
-                .op
-                .run(&ctx, &args)
-                .map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
+            let outs = guarded(|| node.op.run(&ctx, &args)).map_err(|m| NnError::node(&node.name, &node.op_type, m))?;
             if outs.len() < node.outputs.iter().len().min(1) {
                 return Err(NnError::node(&node.name, &node.op_type, "produced no output"));
             }
@@ -513,19 +644,16 @@ fn topo_order(nodes: &[NodeProto], available: &HashSet<String>) -> Result<Vec<us
             return Ok(order);
         }
         if !progressed {
-            let stuck = nodes
-                .iter()
-                .zip(&done)
-                .find(|(_, d)| !**d)
-                .map(|(n, _)| n)
-                .expect("some node left");
+            let Some((stuck_index, stuck)) = nodes.iter().enumerate().find(|(i, _)| !done[*i]) else {
+                return Ok(order);
+            };
             let missing: Vec<&String> = stuck
                 .input
                 .iter()
                 .filter(|x| !x.is_empty() && !ready.contains(*x))
                 .collect();
             return Err(NnError::node(
-                stuck.name(),
+                &node_label(stuck, stuck_index),
                 stuck.op_type(),
                 format!("inputs {missing:?} are never produced (or the graph has a cycle)"),
             ));
@@ -547,5 +675,225 @@ impl Model {
             s,
             Vec::<f32>::try_from(y.flatten(0, -1)).map_err(|e| NnError::Other(e.to_string()))?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use crate::proto::tensor_proto::{DataLocation, DataType};
+    use crate::proto::{
+        tensor_shape_proto, type_proto, GraphProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+        TensorShapeProto, TypeProto, ValueInfoProto,
+    };
+
+    fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: Some(TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| tensor_shape_proto::Dimension {
+                                value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, outputs: Vec<ValueInfoProto>) -> ModelProto {
+        ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(GraphProto {
+                node: nodes,
+                initializer: inits,
+                input: vec![value("x", &[1, 4])],
+                output: outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            name: Some(format!("{op}_node")),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn ints(name: &str, v: &[i64]) -> TensorProto {
+        TensorProto {
+            name: Some(name.into()),
+            data_type: Some(DataType::Int64 as i32),
+            dims: vec![v.len() as i64],
+            int64_data: v.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// y = x + b, with b (4 floats) stored in `w.bin` beside the model.
+    fn external_model(dir: &Path, values: [f32; 4]) -> std::path::PathBuf {
+        let b = TensorProto {
+            name: Some("b".into()),
+            data_type: Some(DataType::Float as i32),
+            dims: vec![4],
+            data_location: Some(DataLocation::External as i32),
+            external_data: vec![StringStringEntryProto {
+                key: Some("location".into()),
+                value: Some("w.bin".into()),
+            }],
+            ..Default::default()
+        };
+        let m = model(vec![node("Add", &["x", "b"], "y")], vec![b], vec![value("y", &[1, 4])]);
+        std::fs::write(
+            dir.join("w.bin"),
+            values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let p = dir.join("m.onnx");
+        std::fs::write(&p, m.encode_to_vec()).unwrap();
+        p
+    }
+
+    #[test]
+    fn finding_4_external_data_resolves_beside_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = external_model(dir.path(), [1.0, 2.0, 3.0, 4.0]);
+        let bytes = read_model_file(&p).unwrap();
+        let proto = parse(&bytes).unwrap();
+        let b = &proto.graph.as_ref().unwrap().initializer[0];
+        assert_eq!(b.data_location(), DataLocation::Default, "inlined");
+        assert!(b.external_data.is_empty());
+        // The inlined bytes load without any folder: every consumer gets the same weights.
+        let m = Model::load(&bytes, None).unwrap();
+        let (_, y) = m.predict_f32(&[0.0; 4], &[1, 4]).unwrap();
+        assert_eq!(y, vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            Model::load_file(&p).unwrap().predict_f32(&[0.0; 4], &[1, 4]).unwrap().1,
+            y
+        );
+        // A model without external data comes back byte for byte.
+        let plain = dir.path().join("plain.onnx");
+        std::fs::write(&plain, &bytes).unwrap();
+        assert_eq!(read_model_file(&plain).unwrap(), bytes);
+        // A location leaving the folder is still refused.
+        let mut evil = parse(&std::fs::read(&p).unwrap()).unwrap();
+        evil.graph.as_mut().unwrap().initializer[0].external_data[0].value = Some("../w.bin".into());
+        let e = with_external_data_inlined(evil.encode_to_vec(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refused"), "{e}");
+    }
+
+    #[test]
+    fn finding_15_a_bare_file_name_resolves_in_the_current_folder() {
+        assert_eq!(model_dir(Path::new("model.onnx")), Path::new("."));
+        assert_eq!(model_dir(Path::new("a/model.onnx")), Path::new("a"));
+    }
+
+    #[test]
+    fn finding_3_a_model_without_outputs_is_refused() {
+        let m = model(vec![node("Relu", &["x"], "y")], vec![], vec![]);
+        let e = Model::load(&m.encode_to_vec(), None).unwrap_err();
+        assert!(
+            matches!(e, NnError::Parse(_)) && e.to_string().contains("no output"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn finding_3_constant_of_shape_bomb_is_an_error_not_an_allocation() {
+        let m = model(
+            vec![node("ConstantOfShape", &["s"], "c"), node("Add", &["x", "c"], "y")],
+            vec![ints("s", &[1 << 20, 1 << 20, 1 << 20])],
+            vec![value("y", &[1, 4])],
+        );
+        let model = Model::load(&m.encode_to_vec(), None).unwrap();
+        let e = model.predict_f32(&[0.0; 4], &[1, 4]).unwrap_err().to_string();
+        assert!(e.contains("ConstantOfShape") && e.contains("refused"), "{e}");
+        let m = model_tile();
+        let e = Model::load(&m.encode_to_vec(), None)
+            .unwrap()
+            .predict_f32(&[0.0; 4], &[1, 4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Tile") && e.contains("refused"), "{e}");
+    }
+
+    fn model_tile() -> ModelProto {
+        model(
+            vec![node("Tile", &["x", "r"], "y")],
+            vec![ints("r", &[1 << 30, 1 << 30])],
+            vec![value("y", &[1, 4])],
+        )
+    }
+
+    #[test]
+    fn finding_low_external_length_message_gives_the_right_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = external_model(dir.path(), [1.0; 4]);
+        let mut m = parse(&std::fs::read(&p).unwrap()).unwrap();
+        m.graph.as_mut().unwrap().initializer[0]
+            .external_data
+            .push(StringStringEntryProto {
+                key: Some("length".into()),
+                value: Some("8".into()),
+            });
+        let e = with_external_data_inlined(m.encode_to_vec(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("length field says 8 bytes") && e.contains("need 16"), "{e}");
+        let mut m = parse(&std::fs::read(&p).unwrap()).unwrap();
+        m.graph.as_mut().unwrap().initializer[0]
+            .external_data
+            .push(StringStringEntryProto {
+                key: Some("offset".into()),
+                value: Some("8".into()),
+            });
+        let e = with_external_data_inlined(m.encode_to_vec(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs 16 bytes at offset 8 (up to byte 24), but the file has 16 bytes"),
+            "{e}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_found_libtorch_panics_in_ops_become_errors() {
+        let e = guarded::<()>(|| {
+            let _ = Tensor::zeros([2], (Kind::Float, Device::Cpu)).pad([i64::MIN, 0], "constant", Some(0.0));
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(
+            e.starts_with("libtorch rejected it: ") && !e.contains("Exception raised"),
+            "{e}"
+        );
+        assert_eq!(guarded(|| Ok::<_, String>(3)), Ok(3));
+        assert_eq!(guarded::<()>(|| Err("plain".into())), Err("plain".into()));
+        // A panic outside the guard still panics (the hook is only quiet inside it).
+        assert!(std::panic::catch_unwind(|| panic!("outside")).is_err());
     }
 }

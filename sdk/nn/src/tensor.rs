@@ -117,13 +117,22 @@ fn external_bytes(t: &TensorProto, base_dir: Option<&Path>, need: usize) -> Resu
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(&canon).map_err(|e| NnError::tensor(name, format!("{}: {e}", canon.display())))?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let len = length.unwrap_or(need as u64);
-    if len != need as u64 || offset.checked_add(len).is_none_or(|end| end > size) {
+    if let Some(len) = length.filter(|&l| l != need as u64) {
         return Err(NnError::tensor(
             name,
             format!(
-                "external data {}: needs {need} bytes at offset {offset}, file has {size}",
+                "external data {}: its length field says {len} bytes, but the tensor's shape and type need {need}",
                 canon.display()
+            ),
+        ));
+    }
+    if offset.checked_add(need as u64).is_none_or(|end| end > size) {
+        return Err(NnError::tensor(
+            name,
+            format!(
+                "external data {}: needs {need} bytes at offset {offset} (up to byte {}), but the file has {size} bytes",
+                canon.display(),
+                offset.saturating_add(need as u64)
             ),
         ));
     }
@@ -133,6 +142,32 @@ fn external_bytes(t: &TensorProto, base_dir: Option<&Path>, need: usize) -> Resu
     f.read_exact(&mut buf)
         .map_err(|e| NnError::tensor(name, e.to_string()))?;
     Ok(buf)
+}
+
+/// The bytes of an external-data tensor, read from `base_dir` (the model's folder) with the
+/// checks of [`tensor_from_proto`]: sane shape, a location inside the folder, a file long enough.
+pub(crate) fn external_data(t: &TensorProto, base_dir: &Path) -> Result<Vec<u8>> {
+    let name = t.name();
+    let kind = kind_of(t.data_type()).ok_or_else(|| {
+        NnError::tensor(
+            name,
+            format!("unsupported element type {} for external data", t.data_type()),
+        )
+    })?;
+    let (_, n) = checked_shape(name, &t.dims)?;
+    let need = (n as usize)
+        .checked_mul(kind.elt_size_in_bytes())
+        .filter(|&b| b as u64 <= crate::model::MAX_PROTO_BYTES)
+        .ok_or_else(|| {
+            NnError::tensor(
+                name,
+                format!(
+                    "external data of shape {:?} passes protobuf's 2 GiB limit for one model",
+                    t.dims
+                ),
+            )
+        })?;
+    external_bytes(t, Some(base_dir), need)
 }
 
 fn typed_bytes(t: &TensorProto, kind: Kind, n: usize) -> Option<Vec<u8>> {

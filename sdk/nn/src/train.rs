@@ -211,6 +211,26 @@ pub type LossFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
 /// `[B]`, logits `[B, K]`).
 type StepFn<'a> = dyn FnMut(&Tensor, &Tensor, Mode) -> Result<(Tensor, Tensor)> + 'a;
 
+/// Labels must index the logits' classes: a label >= the model's output count (or negative)
+/// is an error naming both, not a libtorch panic in the loss.
+pub fn check_labels(logits: &Tensor, y: &Tensor) -> Result<()> {
+    if y.numel() == 0 || logits.dim() != 2 {
+        return Ok(());
+    }
+    let classes = logits.size()[1];
+    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    if lo < 0 || hi >= classes {
+        return Err(crate::error::NnError::tensor(
+            "labels",
+            format!(
+                "label {} is outside the model's {classes} output classes (0..{classes})",
+                if lo < 0 { lo } else { hi }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Per-sample cross-entropy.
 pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
     logits
@@ -347,6 +367,7 @@ impl Trainer {
             pre,
             &mut |xb: &Tensor, yb: &Tensor, mode: Mode| {
                 let logits = model.forward(xb, mode)?;
+                check_labels(&logits, yb)?;
                 Ok((loss(&logits, yb), logits))
             },
             hooks,
@@ -477,6 +498,18 @@ pub fn accuracy(model: &Model, data: &DeviceData, pre: &Preprocess, batch: i64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finding_3_labels_beyond_the_logits_are_an_error_not_a_panic() {
+        let logits = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu));
+        assert!(check_labels(&logits, &Tensor::from_slice(&[0i64, 1, 2, 2])).is_ok());
+        let e = check_labels(&logits, &Tensor::from_slice(&[0i64, 7, 2, 2])).unwrap_err();
+        assert!(
+            matches!(e, NnError::Tensor { .. }) && e.to_string().contains("label 7 is outside the model's 3"),
+            "{e}"
+        );
+        assert!(check_labels(&logits, &Tensor::from_slice(&[-1i64, 0, 0, 0])).is_err());
+    }
     use crate::zoo::{self, Arch};
 
     fn small_cnn(seed: u64) -> Model {

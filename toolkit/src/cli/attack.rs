@@ -240,6 +240,7 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
     )?;
     let mut model = Model::load(&model_bytes, args.model.as_deref().and_then(Path::parent))
         .with_context(|| format!("loading {source}"))?;
+    crate::evaluate::check_model_fits_data(&model_bytes, &source, &ds)?;
     let meta = |k: &str| model.metadata(k).map(str::to_string);
     let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
 

@@ -290,6 +290,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     crate::signals::phase("compare:load");
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
+    crate::evaluate::check_model_fits_data(&original, &args.model.display().to_string(), &ds)?;
     let n_test = ds.test.len();
     if args.run.clean_size == 0 || args.run.clean_size >= n_test {
         return Err(input_error(format!(

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 
@@ -81,6 +81,13 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
         Some(k) => ds.test.head(k),
         None => ds.test.clone(),
     };
+    if test.is_empty() {
+        return Err(input_error(format!(
+            "{}: the test split is empty{}: there is nothing to evaluate",
+            ds.source,
+            if args.limit == Some(0) { " (--limit 0)" } else { "" }
+        )));
+    }
     if args.attack.is_none() && !args.params.is_empty() {
         return Err(input_error("--param needs --attack NAME"));
     }
@@ -104,9 +111,10 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
         seed: args.seed,
     });
     let started = std::time::Instant::now();
-    let mut model = load_runtime(&bytes, args.runtime)?;
+    let mut model = load_runtime(&bytes, args.runtime).with_context(|| format!("{}", args.model.display()))?;
     let runtime = model.name();
-    let m = evaluate_with(model.as_mut(), &test, ds.num_classes, &norm, spec.as_ref())?;
+    let m = evaluate_with(model.as_mut(), &test, ds.num_classes, &norm, spec.as_ref())
+        .with_context(|| format!("evaluating {} on {}", args.model.display(), ds.source))?;
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         let doc = json!({

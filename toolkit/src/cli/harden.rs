@@ -230,6 +230,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
     let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
+    crate::evaluate::check_model_fits_data(&original, &args.model.display().to_string(), &ds)?;
     let train = match args.run.limit {
         Some(k) => ds.train.head(k),
         None => ds.train.clone(),

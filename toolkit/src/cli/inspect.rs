@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::engine::{input_chw, parity, parity_in, random_batch, read_model, PARITY_TOLERANCE};
-use crate::error::{input_error, EXIT_OK};
+use crate::error::{exit_code, input_error, EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
 use crate::infer::RuntimeChoice;
 
 #[derive(Debug, Args)]
@@ -65,9 +65,17 @@ pub fn run(args: InspectArgs) -> Result<i32> {
         "metadata": proto.metadata_props.iter().map(|e| (e.key().to_string(), Value::from(e.value()))).collect::<serde_json::Map<_, _>>(),
     });
     let loaded = if unsupported.is_empty() {
-        Some(audit_nn::Model::from_proto(proto, args.model.parent()))
+        Some(audit_nn::Model::from_proto(
+            proto,
+            Some(audit_nn::model::model_dir(&args.model)),
+        ))
     } else {
         None
+    };
+    // 2 when the engine cannot load the model, 1 when parity cannot run or is above tolerance.
+    let mut code = match &loaded {
+        Some(Ok(_)) => EXIT_OK,
+        _ => EXIT_USAGE,
     };
     match &loaded {
         Some(Ok(model)) => {
@@ -89,19 +97,35 @@ pub fn run(args: InspectArgs) -> Result<i32> {
                 let chw = input_chw(model, args.input)?;
                 let shape = [4, chw[0], chw[1], chw[2]];
                 let x = random_batch(4, chw, args.seed);
-                let diff = parity(model, &bytes, &x, &shape)?;
-                let tract = match parity_in(model, &bytes, RuntimeChoice::Tract, &x, &shape) {
-                    Ok((_, d)) => json!({"max_rel_diff": d, "ok": d <= PARITY_TOLERANCE}),
-                    Err(e) => json!({"error": format!("{e:#}")}),
-                };
-                doc["parity"] = json!({"runtime": "onnxruntime", "batch_shape": shape, "max_rel_diff": diff, "tolerance": PARITY_TOLERANCE, "ok": diff <= PARITY_TOLERANCE, "tract": tract});
+                match parity(model, &bytes, &x, &shape) {
+                    Ok(diff) => {
+                        let tract = match parity_in(model, &bytes, RuntimeChoice::Tract, &x, &shape) {
+                            Ok((_, d)) => {
+                                if d > PARITY_TOLERANCE {
+                                    code = code.max(EXIT_FAILURE);
+                                }
+                                json!({"max_rel_diff": d, "ok": d <= PARITY_TOLERANCE})
+                            }
+                            // tract is the second opinion: a model it cannot run is noted.
+                            Err(e) => json!({"error": format!("{e:#}")}),
+                        };
+                        if diff > PARITY_TOLERANCE {
+                            code = code.max(EXIT_FAILURE);
+                        }
+                        doc["parity"] = json!({"runtime": "onnxruntime", "batch_shape": shape, "max_rel_diff": diff, "tolerance": PARITY_TOLERANCE, "ok": diff <= PARITY_TOLERANCE, "tract": tract});
+                    }
+                    Err(e) => {
+                        code = code.max(exit_code(&e));
+                        doc["parity"] = json!({"error": format!("{e:#}")});
+                    }
+                }
             }
             _ => doc["parity"] = json!({"error": "the engine cannot load this model"}),
         }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(EXIT_OK);
+        return Ok(code);
     }
     println!(
         "{} ({} bytes, sha256 {})",
@@ -142,9 +166,9 @@ pub fn run(args: InspectArgs) -> Result<i32> {
     if let Some(Err(e)) = &loaded {
         println!("  cannot load: {e}");
     }
-    if unsupported.is_empty() {
+    if matches!(loaded, Some(Ok(_))) {
         println!("  every op is supported");
-    } else {
+    } else if !unsupported.is_empty() {
         println!("  {} unsupported node(s):", unsupported.len());
         for u in &unsupported {
             println!("    {} (node `{}`, opset {opset}): {}", u.op_type, u.node, u.reason);
@@ -157,7 +181,7 @@ pub fn run(args: InspectArgs) -> Result<i32> {
                 d.as_f64().unwrap_or(f64::NAN),
                 if p["ok"] == true { "ok" } else { "ABOVE TOLERANCE" }
             ),
-            None => println!("  parity: {}", p["error"]),
+            None => println!("  parity: {}", p["error"].as_str().unwrap_or("")),
         }
         if let Some(t) = p.get("tract") {
             match t.get("max_rel_diff") {
@@ -170,5 +194,5 @@ pub fn run(args: InspectArgs) -> Result<i32> {
             }
         }
     }
-    Ok(EXIT_OK)
+    Ok(code)
 }

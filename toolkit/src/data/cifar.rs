@@ -178,7 +178,7 @@ fn load_split(dir: &Path, names: &[&str], variant: Variant) -> Result<LabeledSet
         if !path.is_file() {
             return Err(DataError::malformed(&path, format!("missing ({})", variant.layout())));
         }
-        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+        let bytes = super::read_limited(&path)?;
         parse_batch(&path, &bytes, variant, &mut pixels, &mut labels)?;
     }
     Ok(LabeledSet {

@@ -1,6 +1,5 @@
 //! IDX files (the MNIST format): `train-images-idx3-ubyte[.gz]` and friends in one folder.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::{DataError, Dataset, Images, LabeledSet, Pixels};
@@ -21,14 +20,16 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
     ))
 }
 
+/// Reads a file (gunzipped when it is gzip), at most `AUDIT_MAX_INPUT_BYTES` on disk and once
+/// inflated.
 fn read_all(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let raw = super::read_limited(path)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::malformed(path, format!("corrupt gzip: {e}")))?;
-        Ok(out)
+        let limit = audit_nn::limits::max_input_bytes();
+        audit_nn::limits::read_to_limit(flate2::read::GzDecoder::new(&raw[..]), limit).map_err(|e| match e {
+            audit_nn::limits::ReadError::Io(e) => DataError::malformed(path, format!("corrupt gzip: {e}")),
+            too_large => DataError::malformed(path, format!("inflates to {too_large}")),
+        })
     } else {
         Ok(raw)
     }

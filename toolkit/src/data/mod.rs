@@ -44,6 +44,14 @@ impl DataError {
     }
 }
 
+/// Reads a data file with the input size limit (`AUDIT_MAX_INPUT_BYTES`), never past it.
+pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>, DataError> {
+    audit_nn::limits::read_file(path).map_err(|e| match e {
+        audit_nn::limits::ReadError::Io(e) => DataError::io(path, e),
+        too_large => DataError::malformed(path, too_large.to_string()),
+    })
+}
+
 /// Pixel storage.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Pixels {

@@ -201,12 +201,71 @@ fn labels_from(path: &Path, name: &str, shape: &[usize], arr: Array) -> Result<V
     }
 }
 
+/// Deflate cannot expand data more than about 1032 times (1100 leaves a margin); an entry that claims more is corrupt
+/// or a zip bomb.
+const MAX_INFLATE_RATIO: u64 = 1100;
+
+/// Checks the archive's entries before any is read: no two with one name (numpy would read the
+/// last, a reviewer the first), each within the size limit once inflated, none claiming more
+/// than deflate can produce, and all together within the limit.
+fn check_entries<R: std::io::Read + std::io::Seek>(
+    zip: &mut npyz::zip::ZipArchive<R>,
+    path: &Path,
+    limit: u64,
+) -> Result<(), DataError> {
+    let mut names = std::collections::HashSet::new();
+    let mut total: u64 = 0;
+    for i in 0..zip.len() {
+        let entry = zip
+            .by_index_raw(i)
+            .map_err(|e| DataError::malformed(path, format!("zip entry {i}: {e}")))?;
+        let name = entry.name().to_string();
+        if !names.insert(name.clone()) {
+            return Err(DataError::malformed(
+                path,
+                format!("the archive holds two entries named `{name}`: refused (which one counts would be ambiguous)"),
+            ));
+        }
+        let (size, packed) = (entry.size(), entry.compressed_size());
+        total = total.saturating_add(size);
+        if size > limit || total > limit {
+            return Err(DataError::malformed(
+                path,
+                format!(
+                    "entry `{name}` inflates to {size} bytes ({total} so far), more than the {limit}-byte input limit ({} raises it)",
+                    audit_nn::limits::MAX_INPUT_BYTES_ENV
+                ),
+            ));
+        }
+        if size > packed.saturating_mul(MAX_INFLATE_RATIO).max(1 << 16) {
+            return Err(DataError::malformed(
+                path,
+                format!("entry `{name}` claims {size} bytes from {packed} compressed: corrupt, or a zip bomb"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads an NPZ dataset: `x_train, y_train, x_test, y_test` (NCHW or NHWC, uint8 or float in 0..1)
 /// and optionally `poison_idx`. Returns the dataset and the poisoned indices when present.
 pub fn read_npz(path: &Path) -> Result<(Dataset, Option<Vec<i64>>), DataError> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let limit = audit_nn::limits::max_input_bytes();
+    let size = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    if size > limit {
+        return Err(DataError::malformed(
+            path,
+            audit_nn::limits::ReadError::TooLarge {
+                size: Some(size),
+                limit,
+            }
+            .to_string(),
+        ));
+    }
     let mut archive = npyz::npz::NpzArchive::new(std::io::BufReader::new(file))
         .map_err(|e| DataError::malformed(path, format!("not an NPZ (zip) file: {e}")))?;
+    check_entries(archive.zip_archive(), path, limit)?;
     let mut need = |name: &str| -> Result<(Vec<usize>, Array), DataError> {
         read_array(&mut archive, path, name)?.ok_or_else(|| {
             DataError::malformed(
@@ -279,4 +338,75 @@ pub fn read_npz(path: &Path) -> Result<(Dataset, Option<Vec<i64>>), DataError> {
         },
         poison,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(dir: &Path) -> std::path::PathBuf {
+        let images = Images {
+            n: 3,
+            c: 1,
+            h: 2,
+            w: 2,
+            pixels: Pixels::U8(vec![7; 12]),
+        };
+        let p = dir.join("d.npz");
+        write_npz(
+            &p,
+            &[
+                ("x_train", NpzArray::Images(&images)),
+                ("y_train", NpzArray::I64(&[0, 1, 2])),
+                ("x_test", NpzArray::Images(&images)),
+                ("y_test", NpzArray::I64(&[0, 1, 2])),
+            ],
+        )
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn finding_low_duplicate_npz_entries_are_refused_naming_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = valid(dir.path());
+        assert_eq!(read_npz(&p).unwrap().0.test.len(), 3);
+        let mut src = npyz::zip::ZipArchive::new(std::fs::File::open(&p).unwrap()).unwrap();
+        let dup = dir.path().join("dup.npz");
+        let mut w = npyz::zip::ZipWriter::new(std::fs::File::create(&dup).unwrap());
+        for i in 0..src.len() {
+            w.raw_copy_file(src.by_index_raw(i).unwrap()).unwrap();
+        }
+        w.raw_copy_file(src.by_name("y_test.npy").unwrap()).unwrap();
+        w.finish().unwrap();
+        let e = read_npz(&dup).unwrap_err().to_string();
+        assert!(
+            e.contains("dup.npz") && e.contains("two entries named `y_test.npy`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn finding_16_npz_inflated_sizes_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = valid(dir.path());
+        let mut zip = npyz::zip::ZipArchive::new(std::fs::File::open(&p).unwrap()).unwrap();
+        assert!(check_entries(&mut zip, &p, 1 << 20).is_ok());
+        let e = check_entries(&mut zip, &p, 100).unwrap_err().to_string();
+        assert!(
+            e.contains("100-byte input limit") && e.contains("AUDIT_MAX_INPUT_BYTES"),
+            "{e}"
+        );
+        // An entry whose central directory claims 4 GB from a few bytes: a zip bomb (or a lie).
+        let mut bytes = std::fs::read(&p).unwrap();
+        let cd = bytes.windows(4).position(|w| w == [0x50, 0x4b, 0x01, 0x02]).unwrap();
+        bytes[cd + 24..cd + 28].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        let bomb = dir.path().join("bomb.npz");
+        std::fs::write(&bomb, &bytes).unwrap();
+        let mut zip = npyz::zip::ZipArchive::new(std::fs::File::open(&bomb).unwrap()).unwrap();
+        let e = check_entries(&mut zip, &bomb, u64::MAX).unwrap_err().to_string();
+        assert!(e.contains("zip bomb"), "{e}");
+        let e = read_npz(&bomb).unwrap_err().to_string();
+        assert!(e.contains("bomb.npz") && e.contains("input limit"), "{e}");
+    }
 }

@@ -60,9 +60,22 @@ impl Padding {
         kernel: &[i64],
         strides: &[i64],
         dilations: &[i64],
-    ) -> (Vec<i64>, Vec<i64>) {
+    ) -> Result<(Vec<i64>, Vec<i64>), String> {
         let n = size.len();
-        match self {
+        for (what, v) in [("kernel_shape", kernel), ("strides", strides), ("dilations", dilations)] {
+            if v.len() != n {
+                return Err(format!("{what} {v:?} does not fit {n} spatial dimension(s)"));
+            }
+            if v.iter().any(|&x| x <= 0 || x > 1 << 20) {
+                return Err(format!("{what} {v:?} must be positive"));
+            }
+        }
+        if let Padding::Explicit { begin, end } = self {
+            if begin.iter().chain(end).any(|p| p.unsigned_abs() > 1 << 20) {
+                return Err(format!("pads {begin:?} {end:?} are absurd"));
+            }
+        }
+        Ok(match self {
             Padding::Explicit { begin, end } => {
                 let get = |v: &Vec<i64>, i: usize| v.get(i).copied().unwrap_or(0);
                 (
@@ -87,23 +100,38 @@ impl Padding {
                 }
                 (b, e)
             }
-        }
+        })
     }
 }
 
 /// Pads `x`'s spatial dims when begin != end; returns the padded input and the symmetric padding
 /// left for the kernel call.
-pub(crate) fn apply_padding(x: &Tensor, begin: &[i64], end: &[i64], value: f64) -> (Tensor, Vec<i64>) {
+pub(crate) fn apply_padding(x: &Tensor, begin: &[i64], end: &[i64], value: f64) -> Result<(Tensor, Vec<i64>), String> {
     if begin == end {
-        return (x.shallow_clone(), begin.to_vec());
+        return Ok((x.shallow_clone(), begin.to_vec()));
     }
+    let padded: Vec<i64> = x
+        .size()
+        .iter()
+        .rev()
+        .zip(begin.iter().rev().zip(end.iter().rev()))
+        .map(|(&d, (&b, &e))| d.saturating_add(b).saturating_add(e))
+        .collect();
+    if padded.iter().any(|&d| d < 0) || begin.iter().chain(end).any(|&p| p.unsigned_abs() > 1 << 31) {
+        return Err(format!(
+            "pads {begin:?} / {end:?} do not fit the input shape {:?}",
+            x.size()
+        ));
+    }
+    crate::limits::check_tensor_alloc(&padded, x.kind().elt_size_in_bytes())?;
     // constant_pad_nd takes (last_begin, last_end, prev_begin, prev_end, ...).
     let mut pad = Vec::with_capacity(begin.len() * 2);
     for i in (0..begin.len()).rev() {
         pad.push(begin[i]);
         pad.push(end[i]);
     }
-    (x.pad(&pad, "constant", Some(value)), vec![0; begin.len()])
+    let y = x.f_pad(&pad, "constant", Some(value)).map_err(|e| e.to_string())?;
+    Ok((y, vec![0; begin.len()]))
 }
 
 #[derive(Debug)]
@@ -137,8 +165,8 @@ impl Op for Conv {
         let n = xs.len() - 2;
         let strides = self.strides.clone().unwrap_or_else(|| vec![1; n]);
         let dil = self.dilations.clone().unwrap_or_else(|| vec![1; n]);
-        let (begin, end) = self.padding.resolve(&xs[2..], &ws[2..], &strides, &dil);
-        let (x, pad) = apply_padding(x, &begin, &end, 0.0);
+        let (begin, end) = self.padding.resolve(&xs[2..], &ws[2..], &strides, &dil)?;
+        let (x, pad) = apply_padding(x, &begin, &end, 0.0)?;
         if xs[1] != ws[1] * self.group {
             return Err(format!(
                 "input has {} channels, weight expects {} x group {}",
@@ -284,11 +312,11 @@ impl Op for MaxPool {
         }
         let strides = self.strides.clone().unwrap_or_else(|| vec![1; n]);
         let dil = self.dilations.clone().unwrap_or_else(|| vec![1; n]);
-        let (begin, end) = self.padding.resolve(&xs[2..], &self.kernel, &strides, &dil);
+        let (begin, end) = self.padding.resolve(&xs[2..], &self.kernel, &strides, &dil)?;
         // torch pads at most half the (dilated) kernel itself; ONNX allows more: pad explicitly then.
         let within_half = (0..n).all(|i| 2 * begin[i].max(end[i]) <= dil[i] * (self.kernel[i] - 1) + 1);
         let (x, pad) = if within_half {
-            apply_padding(x, &begin, &end, f64::NEG_INFINITY)
+            apply_padding(x, &begin, &end, f64::NEG_INFINITY)?
         } else {
             let mut p = Vec::with_capacity(2 * n);
             for i in (0..n).rev() {
@@ -378,5 +406,19 @@ impl Op for GlobalAveragePool {
         }
         let dims: Vec<i64> = (2..x.dim() as i64).collect();
         one(x.mean_dim(&dims[..], true, x.kind()))
+    }
+}
+
+#[cfg(test)]
+mod pad_tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_found_pads_of_i64_min_are_an_error_not_a_panic() {
+        let x = Tensor::zeros([1, 1, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let e = apply_padding(&x, &[i64::MIN, 0], &[0, 0], 0.0).unwrap_err();
+        assert!(e.contains("do not fit"), "{e}");
+        let (y, _) = apply_padding(&x, &[1, 1], &[0, 0], 0.0).unwrap();
+        assert_eq!(y.size(), [1, 1, 5, 5]);
     }
 }

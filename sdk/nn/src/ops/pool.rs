@@ -71,7 +71,7 @@ impl Op for AvgPool {
         if strides.len() != n {
             return Err(format!("strides {strides:?} do not fit a {n}-D kernel"));
         }
-        let (begin, end) = self.padding.resolve(&xs[2..], &self.kernel, &strides, &vec![1; n]);
+        let (begin, end) = self.padding.resolve(&xs[2..], &self.kernel, &strides, &vec![1; n])?;
         // torch's own padding is symmetric and at most half the kernel, and its ceil-mode divisor
         // differs from ONNX's at the far edge: use it only where it agrees.
         let simple = !self.ceil && begin == end && (0..n).all(|i| 2 * begin[i] <= self.kernel[i]);

@@ -357,6 +357,7 @@ impl Op for Resize {
             }
             (None, None) => return Err("Resize needs scales or sizes".into()),
         }
+        crate::limits::check_tensor_alloc(&out, 4)?;
         let roi_of = |j: usize| -> (f32, f32) {
             match &roi {
                 Some(v) if v.len() == 2 * k => (v[j] as f32, v[j + k] as f32),

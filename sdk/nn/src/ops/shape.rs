@@ -568,6 +568,7 @@ impl Op for ConstantOfShape {
         if let Some(d) = shape.iter().find(|&&d| d < 0) {
             return Err(format!("negative dimension {d} in {shape:?}"));
         }
+        crate::limits::check_tensor_alloc(&shape, self.kind.elt_size_in_bytes())?;
         let opts = (self.kind, s.device());
         one_tch(match self.value {
             Fill::Int(v) => Tensor::f_full(&shape[..], v, opts),
@@ -694,6 +695,13 @@ impl Op for Pad {
             begin[a as usize] = pads[k];
             end[a as usize] = pads[k + list.len()];
         }
+        let padded: Vec<i64> = x
+            .size()
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| d.saturating_add(begin[i]).saturating_add(end[i]).max(0))
+            .collect();
+        crate::limits::check_tensor_alloc(&padded, x.kind().elt_size_in_bytes())?;
         if self.mode == PadMode::Constant {
             let first = match (0..r as usize).find(|&i| begin[i] != 0 || end[i] != 0) {
                 Some(f) => f,
@@ -734,6 +742,8 @@ impl Op for Tile {
         if reps.len() != x.dim() || reps.iter().any(|&r| r < 0) {
             return Err(format!("repeats {reps:?} do not fit rank {}", x.dim()));
         }
+        let out: Vec<i64> = x.size().iter().zip(&reps).map(|(&d, &r)| d.saturating_mul(r)).collect();
+        crate::limits::check_tensor_alloc(&out, x.kind().elt_size_in_bytes())?;
         one_tch(x.f_repeat(&reps[..]))
     }
 }
@@ -746,6 +756,8 @@ impl Op for Expand {
         let x = input(inputs, 0)?;
         let shape = ints(input(inputs, 1)?)?;
         let out = broadcast_shapes(&x.size(), &shape)?;
+        // The expanded view is free, but whatever consumes it materialises it.
+        crate::limits::check_tensor_alloc(&out, x.kind().elt_size_in_bytes())?;
         one_tch(x.f_expand(&out[..], false))
     }
 }
@@ -772,6 +784,7 @@ impl Op for Range {
                 return Err(format!("Range of {n} values"));
             }
             let n = n as i64;
+            crate::limits::check_tensor_alloc(&[n], 8)?;
             let t = Tensor::f_arange(n, (Kind::Double, dev)).map_err(tch_err)?;
             one_tch(
                 t.f_mul_scalar(d)
@@ -787,6 +800,7 @@ impl Op for Range {
             if n > MAX_RANGE {
                 return Err(format!("Range of {n} values"));
             }
+            crate::limits::check_tensor_alloc(&[n], 8)?;
             let t = Tensor::f_arange(n, (Kind::Int64, dev)).map_err(tch_err)?;
             one_tch(
                 t.f_mul_scalar(d)
