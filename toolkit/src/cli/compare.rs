@@ -531,7 +531,9 @@ mod tests {
         assert!(!is_chatter("[abl] warning: the isolated samples' loss is below 1e-6"));
         assert!(!is_chatter("audit: error: something broke"));
         assert!(!is_chatter("thread 'main' panicked at src/x.rs:1:1"));
-        assert!(is_chatter("warning: plugin `none` is in 2 plugin folders: using /a (manifest /b); shadowed: /c"));
+        assert!(is_chatter(
+            "warning: plugin `none` is in 2 plugin folders: using /a (manifest /b); shadowed: /c"
+        ));
     }
 
     #[test]
