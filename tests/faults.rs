@@ -584,3 +584,19 @@ fn finding_6_compare_stopped_in_each_phase_leaves_nothing() {
     assert_eq!(listing(d.path()), ["c.json", "c.md", "kept", "m.onnx"]);
     assert_eq!(listing(&d.path().join("kept")), ["none.onnx"]);
 }
+
+#[test]
+fn finding_6_eval_stops_on_ctrl_c_with_130() {
+    let d = tempfile::tempdir().unwrap();
+    model(d.path());
+    let mut r = spawn(
+        d.path(),
+        &["eval", "m.onnx", "--data", "synthetic", "--json"],
+        &[("AUDIT_HOLD_PHASE", "eval:run"), ("AUDIT_HOLD_SECONDS", "3")],
+    );
+    r.wait_phase("eval:run");
+    r.signal("INT");
+    let (code, err) = r.finish();
+    assert_eq!(code, 130, "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+}

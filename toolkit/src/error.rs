@@ -64,7 +64,14 @@ pub fn input_error_hint(message: impl Into<String>, hint: impl Into<String>) -> 
 /// Maps an error to its exit code by looking through the chain. Any failure after the user
 /// cancelled is a cancellation (a plugin or the engine may report it in its own words).
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if crate::signals::is_cancelled() || err.chain().any(|c| c.is::<Cancelled>()) {
+    let cancelled = |c: &(dyn std::error::Error + 'static)| {
+        c.is::<Cancelled>()
+            || matches!(
+                c.downcast_ref::<audit_nn::NnError>(),
+                Some(audit_nn::NnError::Cancelled)
+            )
+    };
+    if crate::signals::is_cancelled() || err.chain().any(cancelled) {
         return EXIT_CANCELLED;
     }
     for cause in err.chain() {

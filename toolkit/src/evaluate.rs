@@ -185,6 +185,10 @@ fn predict_checked(
     let mut out_classes = 0;
     let mut s = 0;
     while s < images.n {
+        // Ctrl-C stops an evaluation between batches (exit 130), as it stops training.
+        if crate::signals::is_cancelled() {
+            return Err(crate::error::cancelled());
+        }
         let k = (images.n - s).min(batch);
         let x = norm.batch(images, s, k);
         let (shape, logits) = model.run(x, &[k as i64, images.c as i64, images.h as i64, images.w as i64])?;

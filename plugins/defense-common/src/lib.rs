@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 pub fn nn_err(e: audit_nn::NnError) -> Error {
     match e {
-        audit_nn::NnError::Other(m) if m == "cancelled" => Error::cancelled(),
+        audit_nn::NnError::Cancelled => Error::cancelled(),
         audit_nn::NnError::Other(m) => Error::failed(m),
         other => Error::invalid(other.to_string()),
     }

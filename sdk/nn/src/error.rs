@@ -20,6 +20,9 @@ pub enum NnError {
     },
     #[error("tensor `{name}`: {message}")]
     Tensor { name: String, message: String },
+    /// The caller's cancel hook said stop (training checks it every step).
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0}")]
     Other(String),
 }

@@ -413,7 +413,7 @@ impl Trainer {
         );
         for s in 0..steps {
             if (hooks.cancelled)() {
-                return Err(NnError::Other("cancelled".into()));
+                return Err(NnError::Cancelled);
             }
             let idx = perm.narrow(0, s * bs, (n - s * bs).min(bs));
             let xb = Preprocess::to_unit(&data.x.index_select(0, &idx));

@@ -113,6 +113,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
     let started = std::time::Instant::now();
     let mut model = load_runtime(&bytes, args.runtime).with_context(|| format!("{}", args.model.display()))?;
     let runtime = model.name();
+    crate::signals::phase("eval:run");
     let m = evaluate_with(model.as_mut(), &test, ds.num_classes, &norm, spec.as_ref())
         .with_context(|| format!("evaluating {} on {}", args.model.display(), ds.source))?;
     let seconds = started.elapsed().as_secs_f64();
