@@ -109,21 +109,7 @@ fn sha(path: &Path) -> Vec<u8> {
 
 /// A freshly initialised model to harden (instant to make; hardening works on any weights).
 fn model(dir: &Path) -> PathBuf {
-    audit_in(
-        dir,
-        &[
-            "zoo",
-            "small-cnn",
-            "--input",
-            "1x28x28",
-            "--classes",
-            "10",
-            "--out",
-            "m.onnx",
-        ],
-    )
-    .expect_code(0);
-    dir.join("m.onnx")
+    audit_tests::zoo_small_cnn(dir)
 }
 
 const QUICK: &[&str] = &["--data", "synthetic", "--limit", "300", "--param", "E2=1"];

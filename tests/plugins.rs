@@ -292,20 +292,7 @@ fn finding_13_harden_records_each_plugins_library_and_sha256() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    audit_in(
-        dir,
-        &[
-            "zoo",
-            "small-cnn",
-            "--input",
-            "1x28x28",
-            "--classes",
-            "10",
-            "--out",
-            "m.onnx",
-        ],
-    )
-    .expect_code(0);
+    audit_tests::zoo_small_cnn(dir);
     let h = audit_in(
         dir,
         &[

@@ -81,6 +81,26 @@ pub fn audit_in(cwd: &Path, args: &[&str]) -> Run {
     Run::from(out)
 }
 
+/// `DIR/m.onnx`: a freshly initialised small CNN for 1x28x28 inputs and 10 classes (`audit zoo`,
+/// instant), for tests that need some model rather than a trained one.
+pub fn zoo_small_cnn(dir: &Path) -> PathBuf {
+    audit_in(
+        dir,
+        &[
+            "zoo",
+            "small-cnn",
+            "--input",
+            "1x28x28",
+            "--classes",
+            "10",
+            "--out",
+            "m.onnx",
+        ],
+    )
+    .expect_code(0);
+    dir.join("m.onnx")
+}
+
 /// Runs `audit ARGS` in the repository root.
 pub fn audit(args: &[&str]) -> Run {
     audit_in(&root(), args)

@@ -26,45 +26,32 @@ impl Default for Normalization {
     }
 }
 
-fn parse_list(s: &str) -> Option<Vec<f32>> {
-    let v: Option<Vec<f32>> = s
-        .split(',')
-        .map(|p| p.trim().parse::<f32>().ok().filter(|x| x.is_finite()))
-        .collect();
-    v.filter(|v| !v.is_empty())
-}
-
 impl Normalization {
-    /// From `--mean`/`--std` flags, else the model's `audit.mean`/`audit.std` metadata, else 0/1.
+    /// From `--mean`/`--std` flags, else the model's `audit.mean`/`audit.std` metadata, else 0/1;
+    /// parsed and checked (finite, std > 0) by the engine's one parser, `Preprocess::parse`.
     pub fn resolve(
         mean: Option<&str>,
         std: Option<&str>,
         metadata: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Normalization> {
-        let pick = |flag: Option<&str>, key: &str, default: f32| -> Result<Vec<f32>> {
-            match flag.map(str::to_string).or_else(|| metadata(key)) {
-                Some(s) => parse_list(&s).ok_or_else(|| {
-                    crate::error::input_error(format!("{key}: `{s}` is not a comma-separated list of numbers"))
-                }),
-                None => Ok(vec![default]),
-            }
-        };
-        let n = Normalization {
-            mean: pick(mean, "audit.mean", 0.0)?,
-            std: pick(std, "audit.std", 1.0)?,
-        };
-        if n.std.iter().any(|&s| s <= 0.0) {
-            return Err(crate::error::input_error("std must be positive"));
-        }
-        Ok(n)
+        use audit_nn::train::{Preprocess, MEAN_KEY, STD_KEY};
+        let pick = |flag: Option<&str>, key: &str| flag.map(str::to_string).or_else(|| metadata(key));
+        let (m, s) = (pick(mean, MEAN_KEY), pick(std, STD_KEY));
+        let pre =
+            Preprocess::parse(m.as_deref(), s.as_deref()).map_err(|e| crate::error::input_error(e.to_string()))?;
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        Ok(Normalization {
+            mean: f32s(&pre.mean),
+            std: f32s(&pre.std),
+        })
     }
 
     /// As metadata entries.
     pub fn metadata(&self) -> Vec<(String, String)> {
         let join = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
         vec![
-            ("audit.mean".into(), join(&self.mean)),
-            ("audit.std".into(), join(&self.std)),
+            (audit_nn::train::MEAN_KEY.into(), join(&self.mean)),
+            (audit_nn::train::STD_KEY.into(), join(&self.std)),
         ]
     }
 

@@ -560,3 +560,42 @@ fn finding_low_inspect_exit_codes_follow_the_verdict() {
     assert!(r.stdout.contains("parity:"), "{}", r.stdout);
     audit(d, &["inspect", s(&m), "--parity"]).expect(0);
 }
+
+#[test]
+fn preprocessing_std_must_be_positive_for_the_host_and_the_plugins() {
+    // One parser (audit_nn::train::Preprocess::parse) for --mean/--std, the host's metadata and
+    // the defenses' metadata: a std of 0 would divide every pixel by zero.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plain = write_model(d, "plain.onnx", &gemm_model(weights(), 16));
+    let mut m = gemm_model(weights(), 16);
+    m.metadata_props.push(StringStringEntryProto {
+        key: Some("audit.std".into()),
+        value: Some("0".into()),
+    });
+    let zero_std = write_model(d, "m.onnx", &m);
+    let data = npz(d, "d.npz", [1, 4, 4], 40, |i| (i % 10) as i64);
+    let r = audit(d, &["eval", s(&plain), "--data", s(&data), "--std", "0"]).expect(2);
+    assert!(r.stderr.contains("every std must be > 0"), "{}", r.stderr);
+    let r = audit(d, &["eval", s(&plain), "--data", s(&data), "--mean", "0.5,x"]).expect(2);
+    assert!(r.stderr.contains("audit.mean=`0.5,x`"), "{}", r.stderr);
+    let r = audit(d, &["eval", s(&zero_std), "--data", s(&data)]).expect(2);
+    assert!(r.stderr.contains("audit.std=`0`"), "{}", r.stderr);
+    // `plugins run` lends the model as it is: the defense itself refuses the metadata.
+    let r = audit(
+        d,
+        &[
+            "plugins",
+            "run",
+            "none",
+            "--op",
+            "defend",
+            "--model",
+            s(&zero_std),
+            "--data",
+            s(&data),
+        ],
+    )
+    .expect(2);
+    assert!(r.stderr.contains("every std must be > 0"), "{}", r.stderr);
+}

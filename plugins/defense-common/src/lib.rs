@@ -71,25 +71,10 @@ pub fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
     })
 }
 
-/// Pixel normalisation from the model's `audit.mean` / `audit.std` metadata (the host writes it).
+/// Pixel normalisation from the model's `audit.mean` / `audit.std` metadata (the host writes it;
+/// checked: finite numbers, std > 0).
 pub fn preprocess(model: &Model) -> Result<Preprocess> {
-    let parse = |key: &str, default: f64| -> Result<Vec<f64>> {
-        match model.metadata(key) {
-            None => Ok(vec![default]),
-            Some(s) => s
-                .split(',')
-                .map(|p| {
-                    p.trim()
-                        .parse::<f64>()
-                        .map_err(|_| Error::invalid(format!("model metadata {key}=`{s}` is not a list of numbers")))
-                })
-                .collect(),
-        }
-    };
-    Ok(Preprocess {
-        mean: parse("audit.mean", 0.0)?,
-        std: parse("audit.std", 1.0)?,
-    })
+    Preprocess::from_metadata(model).map_err(|e| Error::invalid(format!("model metadata: {e}")))
 }
 
 /// Runs one sample through the model and checks that its logits cover every label of `data`

@@ -24,7 +24,43 @@ impl Default for Preprocess {
     }
 }
 
+/// Model metadata key of the preprocessing mean (comma-separated: one value or one per channel).
+pub const MEAN_KEY: &str = "audit.mean";
+/// Model metadata key of the preprocessing std (comma-separated; every value > 0).
+pub const STD_KEY: &str = "audit.std";
+
+/// A comma-separated list of finite numbers (`key` names it in errors).
+fn parse_list(key: &str, s: &str) -> Result<Vec<f64>> {
+    let v: Option<Vec<f64>> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>().ok().filter(|x| x.is_finite()))
+        .collect();
+    v.filter(|v| !v.is_empty())
+        .ok_or_else(|| NnError::Parse(format!("{key}=`{s}`: not a comma-separated list of finite numbers")))
+}
+
 impl Preprocess {
+    /// From the two comma-separated lists (absent: mean 0, std 1), validated: finite numbers,
+    /// every std > 0. The one parser of `audit.mean`/`audit.std` for the host and the plugins.
+    pub fn parse(mean: Option<&str>, std: Option<&str>) -> Result<Preprocess> {
+        let pre = Preprocess {
+            mean: mean.map_or(Ok(vec![0.0]), |s| parse_list(MEAN_KEY, s))?,
+            std: std.map_or(Ok(vec![1.0]), |s| parse_list(STD_KEY, s))?,
+        };
+        if let Some(bad) = pre.std.iter().find(|&&s| s <= 0.0) {
+            return Err(NnError::Parse(format!(
+                "{STD_KEY}=`{}`: every std must be > 0 (got {bad})",
+                std.unwrap_or_default()
+            )));
+        }
+        Ok(pre)
+    }
+
+    /// From the model's `audit.mean`/`audit.std` metadata (which `audit harden` writes).
+    pub fn from_metadata(model: &Model) -> Result<Preprocess> {
+        Preprocess::parse(model.metadata(MEAN_KEY), model.metadata(STD_KEY))
+    }
+
     /// Raw images (u8 0..255 or float 0..1) to the float range 0..1.
     pub fn to_unit(x: &Tensor) -> Tensor {
         if x.kind() == Kind::Uint8 {
@@ -615,5 +651,27 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.to_string().contains("boom"));
+    }
+}
+
+#[cfg(test)]
+mod preprocess_tests {
+    use super::Preprocess;
+
+    #[test]
+    fn preprocessing_lists_are_parsed_once_and_validated() {
+        assert_eq!(Preprocess::parse(None, None).unwrap(), Preprocess::default());
+        let p = Preprocess::parse(Some("0.5, 0.25"), Some("0.5,2")).unwrap();
+        assert_eq!((p.mean, p.std), (vec![0.5, 0.25], vec![0.5, 2.0]));
+        for (mean, std, want) in [
+            (Some("a"), None, "audit.mean=`a`"),
+            (None, Some("0"), "every std must be > 0"),
+            (None, Some("1,-2"), "every std must be > 0"),
+            (None, Some("nan"), "finite numbers"),
+            (Some(""), None, "finite numbers"),
+        ] {
+            let e = Preprocess::parse(mean, std).unwrap_err().to_string();
+            assert!(e.contains(want), "{mean:?} {std:?}: {e}");
+        }
     }
 }
