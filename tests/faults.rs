@@ -87,6 +87,18 @@ impl Running {
     }
 }
 
+/// Runs `audit ARGS` in `cwd` held `hold` seconds in `phase`, sends `signals` there (100 ms
+/// apart) and waits for the exit: (exit code or 128 + signal, stderr).
+fn stop_in(cwd: &Path, args: &[&str], phase: &str, hold: &str, signals: &[&str]) -> (i32, String) {
+    let mut r = spawn(cwd, args, &[("AUDIT_HOLD_PHASE", phase), ("AUDIT_HOLD_SECONDS", hold)]);
+    r.wait_phase(phase);
+    for s in signals {
+        r.signal(s);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.finish()
+}
+
 fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -165,14 +177,7 @@ fn finding_6_one_sigint_in_any_phase_writes_nothing_and_exits_130() {
     let d = tempfile::tempdir().unwrap();
     let before = sha(&model(d.path()));
     for phase in ["harden:load", "harden:train", "harden:write", "harden:commit"] {
-        let mut r = spawn(
-            d.path(),
-            &harden_args(&[]),
-            &[("AUDIT_HOLD_PHASE", phase), ("AUDIT_HOLD_SECONDS", "3")],
-        );
-        r.wait_phase(phase);
-        r.signal("INT");
-        let (code, err) = r.finish();
+        let (code, err) = stop_in(d.path(), &harden_args(&[]), phase, "3", &["INT"]);
         assert_eq!(code, 130, "{phase}: {err}");
         assert!(err.contains("cancelled"), "{phase}: {err}");
         only_inputs(d.path(), &before);
@@ -262,17 +267,7 @@ fn finding_6_attack_cancelled_in_each_phase_writes_nothing() {
         ("attack:commit", &["TERM"][..], 143),
         ("attack:commit", &["KILL"][..], 137),
     ] {
-        let mut r = spawn(
-            d.path(),
-            &args,
-            &[("AUDIT_HOLD_PHASE", phase), ("AUDIT_HOLD_SECONDS", "20")],
-        );
-        r.wait_phase(phase);
-        for s in sigs {
-            r.signal(s);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let (got, err) = r.finish();
+        let (got, err) = stop_in(d.path(), &args, phase, "20", sigs);
         assert_eq!(got, code, "{phase} {sigs:?}: {err}");
         let visible: Vec<String> = listing(d.path()).into_iter().filter(|n| !n.starts_with('.')).collect();
         assert!(visible.is_empty(), "{phase}: {:?}", listing(d.path()));
@@ -544,14 +539,7 @@ fn finding_6_compare_stopped_in_each_phase_leaves_nothing() {
         ("compare:commit", "INT", 130),
         ("compare:commit", "KILL", 137),
     ] {
-        let mut r = spawn(
-            d.path(),
-            &args,
-            &[("AUDIT_HOLD_PHASE", phase), ("AUDIT_HOLD_SECONDS", "20")],
-        );
-        r.wait_phase(phase);
-        r.signal(sig);
-        let (got, err) = r.finish();
+        let (got, err) = stop_in(d.path(), &args, phase, "20", &[sig]);
         assert_eq!(got, code, "{phase}: {err}");
         let visible =
             |dir: &Path| -> Vec<String> { listing(dir).into_iter().filter(|n| !n.starts_with('.')).collect() };
@@ -575,14 +563,13 @@ fn finding_6_compare_stopped_in_each_phase_leaves_nothing() {
 fn finding_6_eval_stops_on_ctrl_c_with_130() {
     let d = tempfile::tempdir().unwrap();
     model(d.path());
-    let mut r = spawn(
+    let (code, err) = stop_in(
         d.path(),
         &["eval", "m.onnx", "--data", "synthetic", "--json"],
-        &[("AUDIT_HOLD_PHASE", "eval:run"), ("AUDIT_HOLD_SECONDS", "3")],
+        "eval:run",
+        "3",
+        &["INT"],
     );
-    r.wait_phase("eval:run");
-    r.signal("INT");
-    let (code, err) = r.finish();
     assert_eq!(code, 130, "{err}");
     assert!(err.contains("cancelled"), "{err}");
 }

@@ -412,6 +412,24 @@ mod tests {
     }
 
     #[test]
+    fn atomic_writes_get_ordinary_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.txt");
+        let mut o = Outputs::new(false, &[]);
+        o.plan("--out", &p).unwrap();
+        o.stage(&p, b"hello").unwrap();
+        o.commit().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+        // The same mode a plain write gets under this umask (tempfile alone would give 0600).
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |q: &std::path::Path| std::fs::metadata(q).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), mode(&plain));
+    }
+
+    #[test]
     fn dropping_uncommitted_outputs_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.onnx");

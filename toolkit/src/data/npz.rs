@@ -19,21 +19,13 @@ pub enum NpzArray<'a> {
     I64(&'a [i64]),
 }
 
-/// Writes named arrays to `path` atomically (temporary file in the same folder, then rename), in
-/// the layout numpy's `np.load` and [`read_npz`] read.
+/// Writes named arrays to `path` (replacing it), in the layout numpy's `np.load` and
+/// [`read_npz`] read: staged and renamed into place like every output ([`crate::output`]).
 pub fn write_npz(path: &Path, arrays: &[(&str, NpzArray<'_>)]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".audit-")
-        .suffix(".npz.tmp")
-        .tempfile_in(dir)
-        .map_err(|e| io(path, e))?;
-    write_npz_to(tmp.as_file(), path, arrays)?;
-    tmp.persist(path).map_err(|e| io(path, e.error))?;
-    Ok(())
+    let mut out = crate::output::Outputs::new(true, &[]);
+    out.plan("npz", path)?;
+    out.stage_with(path, |f| write_npz_to(f, path, arrays))?;
+    out.commit()
 }
 
 /// Writes named arrays as an NPZ archive into `file` (`path` names it in errors).

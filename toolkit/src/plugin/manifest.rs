@@ -321,25 +321,6 @@ pub fn unmanaged_note(lib: &Path) -> String {
     )
 }
 
-/// Writes `bytes` to `path` atomically (temporary file beside it, then rename).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    // Created as an ordinary file would be (0666 less the umask), not tempfile's private 0600.
-    use std::os::unix::fs::PermissionsExt;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".audit-")
-        .permissions(std::fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
-}
-
 /// Installs a plugin library into `dir`: loads and negotiates it (so a broken plugin is refused
 /// here), copies the library, and writes its manifest. Refuses to replace another plugin's files
 /// unless `force`.
@@ -366,6 +347,8 @@ pub fn install(lib: &Path, dir: &Path, force: bool) -> anyhow::Result<(Manifest,
             }
         }
     }
+    // Existence was checked above (a library installed in place is its own destination).
+    let mut outputs = crate::output::Outputs::new(true, &[]);
     if !same_file {
         // The very file that was loaded (canonical path), and only if it did not change since.
         let bytes = std::fs::read(&plugin.path).with_context(|| format!("reading {}", plugin.path.display()))?;
@@ -375,29 +358,14 @@ pub fn install(lib: &Path, dir: &Path, force: bool) -> anyhow::Result<(Manifest,
                 plugin.path.display()
             )));
         }
-        write_atomic(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
+        outputs.plan("library", &dest)?;
+        outputs.stage(&dest, &bytes)?;
     }
     let manifest = Manifest::of(&plugin, file_name);
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
-    write_atomic(&manifest_path, text.as_bytes()).with_context(|| format!("writing {}", manifest_path.display()))?;
+    outputs.plan("manifest", &manifest_path)?;
+    outputs.stage(&manifest_path, text.as_bytes())?;
+    // The library and its manifest land together, or neither does.
+    outputs.commit()?;
     Ok((manifest, manifest_path))
-}
-
-#[cfg(test)]
-mod write_tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn atomic_writes_get_ordinary_permissions() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out.txt");
-        super::write_atomic(&p, b"hello").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
-        // The same mode a plain write gets under this umask (tempfile alone would give 0600).
-        let plain = dir.path().join("plain.txt");
-        std::fs::write(&plain, b"x").unwrap();
-        let mode = |q: &std::path::Path| std::fs::metadata(q).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&p), mode(&plain));
-    }
 }

@@ -17,7 +17,6 @@ use std::path::PathBuf;
 
 pub use call::{CallInput, CallOutput, OwnedTensor};
 pub use loader::{load, LoadedPlugin};
-pub(crate) use manifest::write_atomic;
 pub use manifest::{
     discover, install, search_dirs, shadowing, unmanaged_libraries, unmanaged_note, Discovered, Manifest,
     MANIFEST_SUFFIX,
