@@ -124,8 +124,15 @@ pub struct ClassSide {
     pub class: i64,
     /// Samples labelled with the class.
     pub n: i64,
+    /// Their indices into the training set. [n] int64
+    pub members: Tensor,
+    /// Which of `members` are on the smaller side. [n] bool
+    pub in_side: Tensor,
     /// Indices (into the training set) of the smaller side of the split. [M] int64
     pub side: Tensor,
+    /// Every member's projection on the top principal direction, signed so that the side lies at
+    /// the low end. [n] double
+    pub depth: Tensor,
     /// Ashman's D of the two sides along the top principal direction: |m1 - m2| / sqrt((v1 + v2) / 2).
     pub separation: f64,
 }
@@ -137,7 +144,7 @@ const MIN_CLASS: i64 = 10;
 /// centred features (e.g. the penultimate layer); an exact two-class Jenks break splits the
 /// projection and the smaller side is the class's candidate set. The poisoned samples of a target
 /// class form such a side, far from the class's clean samples (the separation Spectral Signatures
-/// and Activation Clustering rely on), but every clean class splits too: [`judge_sides`] decides.
+/// and Activation Clustering rely on), but every clean class splits too: [`judge_side`] decides.
 /// `features` is [N, D], `labels` [N] int64, `k` the number of classes.
 pub fn class_sides(features: &Tensor, labels: &Tensor, k: i64) -> Vec<ClassSide> {
     let f = features.to_kind(Kind::Double);
@@ -158,7 +165,11 @@ pub fn class_sides(features: &Tensor, labels: &Tensor, k: i64) -> Vec<ClassSide>
         }
         let upper = proj.ge(brk);
         let n_up = upper.sum(Kind::Int64).int64_value(&[]);
-        let small = if n_up <= nk - n_up { upper } else { upper.logical_not() };
+        let (small, depth) = if n_up <= nk - n_up {
+            (upper, -&proj)
+        } else {
+            (upper.logical_not(), proj.shallow_clone())
+        };
         let (a, b) = (proj.masked_select(&small), proj.masked_select(&small.logical_not()));
         let var = |t: &Tensor| {
             if t.size()[0] > 0 {
@@ -180,6 +191,9 @@ pub fn class_sides(features: &Tensor, labels: &Tensor, k: i64) -> Vec<ClassSide>
             class,
             n: nk,
             side: idx.masked_select(&small),
+            members: idx,
+            in_side: small,
+            depth,
             separation: if pooled > 0.0 { gap / pooled } else { 0.0 },
         });
     }
@@ -191,61 +205,131 @@ pub fn class_sides(features: &Tensor, labels: &Tensor, k: i64) -> Vec<ClassSide>
 pub struct SideVerdict {
     pub class: i64,
     pub n: i64,
+    /// Samples on the side.
     pub flagged: i64,
     pub separation: f64,
-    /// Share of the side that a probe model, trained without any class's side, does not put in
-    /// the class.
-    pub away: f64,
-    /// Normalised entropy (0..1, over the K - 1 other classes) of the probe's labels for the part of
-    /// the side it puts elsewhere.
-    pub spread: f64,
+    /// The leave-class-out probe's labels: how many of the side, and of the rest of the class, it
+    /// gives each class. [K] each
+    pub labels_side: Vec<i64>,
+    pub labels_rest: Vec<i64>,
+    /// The classes the rest of the class rarely goes to (share below `rare`): not its look-alikes.
+    pub novel_classes: Vec<i64>,
+    /// Share of the side the probe gives a novel class.
+    pub novel_share: f64,
+    /// Normalised entropy (0..1, over the K - 1 other classes) of the side's novel labels.
+    pub novel_spread: f64,
+    /// The probe's mean top probability (over the classes other than this one) on the side and
+    /// on the rest.
+    pub confidence_side: f64,
+    pub confidence_rest: f64,
     pub accepted: bool,
 }
 
-/// Exclusionary reclassification (Activation Clustering's check, made stricter): a class's side is
-/// taken as poisoned when a probe model that never saw it sends most of it (`away` >= `min_away`)
-/// to other classes, and spreads it over them (`spread` >= `min_spread`), as the source images of
-/// an all-to-one poisoning come from every class. A clean sub-population that the probe mistakes
-/// goes to one or two look-alike classes (a shirt to T-shirt or pullover) and is kept.
-/// `pred` is [N] int64: the probe's label for every training sample.
-pub fn judge_sides(sides: &[ClassSide], pred: &Tensor, k: i64, min_away: f64, min_spread: f64) -> Vec<SideVerdict> {
-    sides
-        .iter()
-        .map(|s| {
-            let m = s.side.size()[0];
-            let labels = pred.index_select(0, &s.side);
-            let counts = Vec::<i64>::try_from(labels.bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
-                .unwrap_or_default();
-            let own = counts.get(s.class as usize).copied().unwrap_or(0);
-            let away = if m > 0 { (m - own) as f64 / m as f64 } else { 0.0 };
-            let others: Vec<f64> = counts
-                .iter()
-                .enumerate()
-                .filter(|&(c, _)| c as i64 != s.class)
-                .map(|(_, &v)| v as f64)
-                .collect();
-            let total: f64 = others.iter().sum();
-            let spread = if total > 0.0 && k > 2 {
-                -others
-                    .iter()
-                    .filter(|&&v| v > 0.0)
-                    .map(|&v| (v / total) * (v / total).ln())
-                    .sum::<f64>()
-                    / ((k - 1) as f64).ln()
-            } else {
-                0.0
-            };
-            SideVerdict {
-                class: s.class,
-                n: s.n,
-                flagged: m,
-                separation: s.separation,
-                away,
-                spread,
-                accepted: m > 0 && away >= min_away && spread >= min_spread,
-            }
-        })
-        .collect()
+/// The thresholds of [`judge_side`].
+#[derive(Debug, Clone, Copy)]
+pub struct Judge {
+    /// A class is a look-alike of the judged class when the probe gives it at least this share of
+    /// the rest; the others are novel.
+    pub rare: f64,
+    /// Least share of the side in novel classes.
+    pub min_share: f64,
+    /// Least normalised entropy of the side's novel labels.
+    pub min_spread: f64,
+    /// Least margin of the probe's confidence on the side over its confidence on the rest.
+    pub min_confidence_gap: f64,
+}
+
+/// Leave-class-out reclassification. `pred` is [n] int64: for every member of the class, the
+/// label a probe that never saw the class gives it (its best class other than this one). The
+/// class's clean images go to its look-alikes (T-shirts to shirt, pullover, dress, coat), and so
+/// does a clean sub-population the split isolates, or to one class that resembles it (sandals that
+/// look like ankle boots). The source images of an all-to-one poisoning come from every other
+/// class: the probe sends most of a poisoned side to classes the rest of the class never goes to
+/// (`novel_share`), and spreads it over several of them (`novel_spread`); and as those are genuine
+/// images of the classes it learnt, it is more confident on them than on the class's own images,
+/// which it can only liken to something (a clean class the probe scatters by guessing, such as
+/// bags, fails this). All three must reach their threshold.
+/// `logits` is [n, K]: the probe's logits for every member of the class.
+pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdict {
+    let flagged = s.side.size()[0];
+    let logits = logits.to_kind(Kind::Float).copy();
+    let _ = logits.select(1, s.class).fill_(f64::NEG_INFINITY);
+    let pred = logits.argmax(-1, false);
+    let top = logits.softmax(-1, Kind::Float).amax([1], false);
+    let mean_of = |m: &Tensor| {
+        let v = top.masked_select(m);
+        if v.size()[0] > 0 {
+            v.mean(Kind::Float).double_value(&[])
+        } else {
+            0.0
+        }
+    };
+    let (confidence_side, confidence_rest) = (mean_of(&s.in_side), mean_of(&s.in_side.logical_not()));
+    let counts = |m: &Tensor| {
+        Vec::<i64>::try_from(
+            pred.masked_select(m)
+                .bincount::<Tensor>(None, k)
+                .to_device(audit_nn::tch::Device::Cpu),
+        )
+        .unwrap_or_default()
+    };
+    let (side, rest) = (counts(&s.in_side), counts(&s.in_side.logical_not()));
+    let rest_total = rest.iter().sum::<i64>().max(1) as f64;
+    let novel: Vec<i64> = (0..k)
+        .filter(|&j| j != s.class && (rest[j as usize] as f64) < t.rare * rest_total)
+        .collect();
+    let novel_counts: Vec<f64> = novel.iter().map(|&j| side[j as usize] as f64).collect();
+    let novel_total: f64 = novel_counts.iter().sum();
+    let novel_share = if flagged > 0 { novel_total / flagged as f64 } else { 0.0 };
+    let novel_spread = if novel_total > 0.0 && k > 2 {
+        -novel_counts
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .map(|&v| (v / novel_total) * (v / novel_total).ln())
+            .sum::<f64>()
+            / ((k - 1) as f64).ln()
+    } else {
+        0.0
+    };
+    SideVerdict {
+        class: s.class,
+        n: s.n,
+        flagged,
+        separation: s.separation,
+        labels_side: side,
+        labels_rest: rest,
+        novel_classes: novel,
+        novel_share,
+        novel_spread,
+        confidence_side,
+        confidence_rest,
+        accepted: flagged > 0
+            && novel_share >= t.min_share
+            && novel_spread >= t.min_spread
+            && confidence_side - confidence_rest >= t.min_confidence_gap,
+    }
+}
+
+/// The training set of an accepted class's trigger detector: the side as positives; as negatives,
+/// up to `n_other` samples of the other classes (the poisoned images' sources, without the
+/// trigger; `order` is a random permutation of the training set choosing them) and the members of
+/// the class farther from the side than the rest's median (its clean core). A classifier that
+/// separates these cannot use the images' content, which both sides share, only the trigger; it
+/// then finds the poisoned samples the split left with the clean ones. Returns (positives,
+/// negatives) as int64 index tensors.
+pub fn trigger_sets(s: &ClassSide, labels: &Tensor, order: &Tensor, n_other: i64) -> (Tensor, Tensor) {
+    let other = labels.index_select(0, order).ne(s.class);
+    let other = order.masked_select(&other);
+    let other = other.narrow(0, 0, n_other.min(other.size()[0]));
+    let rest = s.in_side.logical_not();
+    let depth_rest = s.depth.masked_select(&rest);
+    let core = if depth_rest.size()[0] > 0 {
+        let median = depth_rest.median().double_value(&[]);
+        s.members.masked_select(&rest.logical_and(&s.depth.gt(median)))
+    } else {
+        Tensor::zeros([0], (Kind::Int64, labels.device()))
+    };
+    (s.side.shallow_clone(), Tensor::cat(&[other, core], 0))
 }
 
 /// The paper's suspects that stay dropped beside the class-wise split. With no detected target
@@ -351,10 +435,11 @@ mod tests {
         }
     }
 
-    /// A class with a far, tight sub-cluster is split along it; the probe's verdict accepts a side
-    /// sent away and spread, and keeps one sent to a single look-alike class.
+    /// A class with a far, tight sub-cluster is split along it; the leave-class-out verdict
+    /// accepts a side spread over the other classes and keeps one sent to a single look-alike;
+    /// the trigger detector's sets are the side against other classes and the class's core.
     #[test]
-    fn class_sides_and_judge() {
+    fn class_sides_judge_and_trigger_sets() {
         audit_nn::tch::manual_seed(11);
         let (per, d, k) = (60i64, 8i64, 4i64);
         let labels = Tensor::arange(k, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per, 0, None);
@@ -370,28 +455,77 @@ mod tests {
             "class 0's side is its outlying cluster"
         );
         assert!(sides[0].separation > 5.0, "separation {}", sides[0].separation);
-        // The probe: class 0's side spread over 1, 2, 3; class 1's side all sent to class 2;
-        // everything else predicted as labelled.
-        let pred = labels.copy();
-        for (i, &idx) in s0.iter().enumerate() {
-            let _ = pred.get(idx).fill_(1 + (i as i64 % 3));
-        }
-        let s1 = Vec::<i64>::try_from(&sides[1].side).unwrap();
-        for &idx in &s1 {
-            let _ = pred.get(idx).fill_(2);
-        }
-        let v = judge_sides(&sides, &pred, k, 0.5, 0.8);
+        let depth = Vec::<f64>::try_from(&sides[0].depth).unwrap();
+        let deepest_rest = depth[15..].iter().cloned().fold(f64::INFINITY, f64::min);
         assert!(
-            v[0].accepted && (v[0].away - 1.0).abs() < 1e-12 && v[0].spread > 0.99,
-            "{:?}",
-            v[0]
+            depth[..15].iter().all(|&v| v < deepest_rest),
+            "the side lies at the low end of depth"
         );
+        let t = Judge {
+            rare: 0.05,
+            min_share: 0.5,
+            min_spread: 0.5,
+            min_confidence_gap: 0.1,
+        };
+        // Logits naming `labels`, sure where `scale` is large; the judged class always gets the
+        // largest logit, which judge_side must ignore.
+        let logits = |labels: &Tensor, scale: &Tensor, judged: i64| {
+            let l = labels.one_hot(k).to_kind(Kind::Float) * scale.unsqueeze(1);
+            let _ = l.select(1, judged).fill_(50.0);
+            l
+        };
+        let sure_side = |side: &Tensor| side.to_kind(Kind::Float) * 4.0 + 1.0;
+        // Class 0's probe labels: the side spread over 2 and 3, the rest all 1 (its look-alike);
+        // the probe is sure of the side, unsure of the rest.
+        let pred0 = Tensor::ones([per], (Kind::Int64, Device::Cpu));
+        for i in 0..15 {
+            let _ = pred0.get(i).fill_(2 + (i % 2));
+        }
+        let v0 = judge_side(&sides[0], &logits(&pred0, &sure_side(&sides[0].in_side), 0), k, t);
         assert!(
-            !v[1].accepted && (v[1].away - 1.0).abs() < 1e-12 && v[1].spread == 0.0,
-            "{:?}",
-            v[1]
+            v0.accepted && v0.novel_classes == [2, 3] && v0.novel_share == 1.0,
+            "{v0:?}"
         );
-        assert!(!v[2].accepted && v[2].away == 0.0, "{:?}", v[2]);
+        assert!((v0.novel_spread - (2f64.ln() / 3f64.ln())).abs() < 0.02, "{v0:?}");
+        assert_eq!((v0.labels_side[1], v0.labels_rest[1]), (0, 45));
+        assert!(v0.confidence_side > v0.confidence_rest + 0.3, "{v0:?}");
+        // The same labels, but the probe is as unsure of the side as of the rest: a guess.
+        let flat = Tensor::ones([per], (Kind::Float, Device::Cpu));
+        let guess = judge_side(&sides[0], &logits(&pred0, &flat, 0), k, t);
+        assert!(!guess.accepted && guess.novel_spread > 0.5, "{guess:?}");
+        // Class 1: its side all to one class the rest never goes to (a look-alike sub-population).
+        let mut pred1 = Tensor::zeros([per], (Kind::Int64, Device::Cpu));
+        let _ = pred1.masked_fill_(&sides[1].in_side, 2);
+        let v1 = judge_side(&sides[1], &logits(&pred1, &sure_side(&sides[1].in_side), 1), k, t);
+        assert!(
+            !v1.accepted && v1.novel_share == 1.0 && v1.novel_spread == 0.0,
+            "{v1:?}"
+        );
+        // Class 2: side and rest scattered alike over 0, 1, 3 (a scattered clean class): nothing is novel.
+        let pick = Tensor::from_slice(&[0i64, 1, 3]);
+        let pred2 = pick.index_select(0, &Tensor::arange(per, (Kind::Int64, Device::Cpu)).remainder(3));
+        let v2 = judge_side(&sides[2], &logits(&pred2, &sure_side(&sides[2].in_side), 2), k, t);
+        assert!(
+            !v2.accepted && v2.novel_classes.is_empty() && v2.novel_share == 0.0,
+            "{v2:?}"
+        );
+
+        let order = Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).flip([0]);
+        let (pos, neg) = trigger_sets(&sides[0], &labels, &order, 50);
+        assert_eq!(Vec::<i64>::try_from(&pos).unwrap(), s0);
+        let neg = Vec::<i64>::try_from(&neg).unwrap();
+        let (other, core): (Vec<i64>, Vec<i64>) = neg.iter().partition(|&&i| i >= per);
+        assert_eq!(other.len(), 50, "the first 50 of the order outside class 0");
+        assert_eq!(other[0], per * k - 1);
+        assert!(
+            core.iter().all(|&i| (15..per).contains(&i)),
+            "the core is class 0 off the side: {core:?}"
+        );
+        assert_eq!(
+            core.len(),
+            22,
+            "the farther half of the 45 others (strictly above the median)"
+        );
     }
 
     /// Swept classes go back unless they are a target; with no target the split stays whole.

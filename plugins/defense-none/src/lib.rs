@@ -22,15 +22,22 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, jenks_break, judge_sides, paper_suspects_kept, select_neurons, ClassSide, SideVerdict,
+    class_sides, jenks_break, judge_side, paper_suspects_kept, select_neurons, trigger_sets, ClassSide, Judge,
+    SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
 "preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's algorithm (suspects from one global Jenks split of the top neurons, fine-tune at none_lr with BN frozen for 20 epochs, suspects recomputed each round; reset 5%, lr 1e-4, R 1); default: this toolkit's measured default (suspects also from the class-wise split, retrain)"},
-"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, where a probe model trained without any side sends that side away from its label and spreads it over the other classes), or both (the class-wise sides, and the paper's suspects except, when some class was detected as a target, in the other classes the paper's split swept at least half of)"},
-"class_probe_epochs":{"type":"integer","default":2,"minimum":1,"description":"suspects=class|both: epochs of the probe model (a fresh copy of the graph trained on the data minus every class's side and the paper's suspects; Adam at retrain_lr)"},
-"class_away":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe puts at least this share of it outside its label"},
-"class_spread":{"type":"number","default":0.8,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over the other classes with at least this normalised entropy (an all-to-one poisoning's sources come from every class; a mistaken clean sub-population goes to one or two look-alikes)"},
+"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, accepted when a probe that never saw the class spreads it over the other classes; then a trigger detector trained on the side finds the rest of the class's poisoned samples), or both (the class-wise suspects, and the paper's suspects except, when some class was detected as a target, in the other classes the paper's split swept at least half of)"},
+"class_probe_epochs":{"type":"integer","default":1,"minimum":1,"description":"suspects=class|both: epochs of each leave-class-out probe (a fresh copy of the graph trained on samples of the other classes only; Adam at retrain_lr)"},
+"class_probe_samples":{"type":"integer","default":6000,"minimum":100,"description":"suspects=class|both: training samples of each leave-class-out probe (drawn at random from the other classes; one probe per class)"},
+"class_rare":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"suspects=class|both: a class is a look-alike of the judged class when the leave-class-out probe gives it at least this share of the class's samples off the side; the other classes are novel"},
+"class_novel":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe sends at least this share of it to novel classes (an all-to-one poisoning's sources come from every class; the class's clean images go to its look-alikes)"},
+"class_spread":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over them with at least this normalised entropy (a clean sub-population that resembles another class goes to that one class)"},
+"class_confidence":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and the probe is at least this much more confident on the side (mean top probability over the other classes) than on the rest (poisoned images are genuine images of the classes it learnt; a clean class it scatters by guessing is not)"},
+"trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
+"trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
+"trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -56,8 +63,14 @@ struct Params {
     preset: String,
     suspects: String,
     class_probe_epochs: usize,
-    class_away: f64,
+    class_probe_samples: i64,
+    class_rare: f64,
+    class_novel: f64,
     class_spread: f64,
+    class_confidence: f64,
+    trigger_epochs: usize,
+    trigger_negatives: i64,
+    trigger_threshold: f64,
     retrain_push_away: f64,
     repair: String,
     lamda_h: f64,
@@ -113,11 +126,13 @@ impl Plugin for NoneDefense {
 }
 
 /// A stretch of training: `epochs` epochs labelled `phase`; `extra` = (samples, weight, loss)
-/// adds, at every step, a batch of those samples with that loss.
+/// adds, at every step, a batch of those samples with that loss; `class_weights` ([K] float)
+/// weighs each sample's cross-entropy by its label (without `extra`).
 struct Stretch<'a> {
     epochs: usize,
     phase: &'a str,
     extra: Option<(&'a DeviceData, f64, ExtraLoss)>,
+    class_weights: Option<&'a Tensor>,
 }
 
 /// The loss on the extra samples of a stretch.
@@ -138,7 +153,12 @@ fn train(
     pre: &Preprocess,
     stretch: Stretch<'_>,
 ) -> Result<Vec<Value>> {
-    let Stretch { epochs, phase, extra } = stretch;
+    let Stretch {
+        epochs,
+        phase,
+        extra,
+        class_weights,
+    } = stretch;
     let host = call.host;
     let mut log = Vec::new();
     for e in 0..epochs {
@@ -147,9 +167,16 @@ fn train(
             progress: Box::new(|_, d, t| host.progress(&label, d, t)),
             cancelled: Box::new(|| host.is_cancelled()),
         };
-        let stats = match extra {
-            None => trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?,
-            Some((suspects, weight, kind)) => {
+        let stats = match (extra, class_weights) {
+            (None, None) => trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?,
+            (None, Some(w)) => {
+                let loss =
+                    |logits: &Tensor, y: &Tensor| audit_nn::train::cross_entropy(logits, y) * w.index_select(0, y);
+                trainer
+                    .epoch_with(model, data, pre, &loss, &mut hooks)
+                    .map_err(nn_err)?
+            }
+            (Some((suspects, weight, kind)), _) => {
                 // Every clean batch also takes a batch of the extra samples.
                 let n = suspects.len().max(1);
                 let counter = std::cell::Cell::new(0i64);
@@ -193,6 +220,139 @@ fn train(
         log.push(json!({"phase": phase, "epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}));
     }
     Ok(log)
+}
+
+/// What the class-wise split found in one round.
+struct ClassSplit {
+    /// [N] bool: the suspects of the accepted classes.
+    mask: Tensor,
+    /// The accepted (target) classes.
+    targets: Vec<i64>,
+    /// Per class: the verdict and what the trigger detector added.
+    report: Vec<Value>,
+}
+
+/// Judges every class's side with a leave-class-out probe (a fresh copy of the graph trained on
+/// `class_probe_samples` images of the other classes, which then names each member's best other
+/// class); for an accepted class, trains a trigger detector (a fresh copy separating the side from
+/// other classes' images and the class's core, cross-entropy weighted to balance the two) and
+/// takes every member it scores at least `trigger_threshold`, with the side.
+#[allow(clippy::too_many_arguments)]
+fn class_split(
+    call: &Call<'_>,
+    model_bytes: &[u8],
+    full: &DeviceData,
+    pre: &Preprocess,
+    sides: &[ClassSide],
+    k: i64,
+    p: &Params,
+    seed: u64,
+    adam: &dyn Fn(usize) -> TrainConfig,
+    report_epochs: &mut Vec<Value>,
+) -> Result<ClassSplit> {
+    let host = call.host;
+    let device = full.x.device();
+    let n = full.len();
+    let (probe, _) = load_model(model_bytes, device, false)?;
+    tch::manual_seed(seed as i64);
+    let order = Tensor::randperm(n, (Kind::Int64, device));
+    let mut mask = Tensor::zeros([n], (Kind::Bool, device));
+    let (mut targets, mut report) = (Vec::new(), Vec::new());
+    for s in sides {
+        host.check_cancelled()?;
+        let others = order.masked_select(&full.y.index_select(0, &order).ne(s.class));
+        let take = others.narrow(0, 0, p.class_probe_samples.min(others.size()[0]));
+        probe.reinitialize(seed.wrapping_add(s.class as u64));
+        let mut t = Trainer::new(&probe, adam(p.class_probe_epochs)).map_err(nn_err)?;
+        report_epochs.extend(train(
+            call,
+            &probe,
+            &mut t,
+            &full.select(&take),
+            pre,
+            Stretch {
+                epochs: p.class_probe_epochs,
+                phase: &format!("probe without class {}", s.class),
+                extra: None,
+                class_weights: None,
+            },
+        )?);
+        let members = full.select(&s.members);
+        let logits = audit_nn::train::predict(&probe, &members, pre, 512).map_err(nn_err)?;
+        let judge = Judge {
+            rare: p.class_rare,
+            min_share: p.class_novel,
+            min_spread: p.class_spread,
+            min_confidence_gap: p.class_confidence,
+        };
+        let v = judge_side(s, &logits, k, judge);
+        let mut entry = json!({
+            "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
+            "novel_share": v.novel_share, "novel_spread": v.novel_spread,
+            "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest, "accepted": v.accepted,
+            "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
+        });
+        if !v.accepted {
+            report.push(entry);
+            continue;
+        }
+        let mut hit = s.in_side.copy();
+        if p.trigger_epochs > 0 {
+            let (pos, neg) = trigger_sets(s, &full.y, &order, p.trigger_negatives);
+            let (np, nn) = (pos.size()[0], neg.size()[0]);
+            let set = DeviceData {
+                x: Tensor::cat(&[full.x.index_select(0, &pos), full.x.index_select(0, &neg)], 0),
+                y: Tensor::cat(
+                    &[
+                        Tensor::ones([np], (Kind::Int64, device)),
+                        Tensor::zeros([nn], (Kind::Int64, device)),
+                    ],
+                    0,
+                ),
+            };
+            // Each side weighs half of the loss.
+            let total = (np + nn) as f64;
+            let mut w = vec![0.0f32; k.max(2) as usize];
+            w[0] = (total / (2.0 * nn.max(1) as f64)) as f32;
+            w[1] = (total / (2.0 * np.max(1) as f64)) as f32;
+            let w = Tensor::from_slice(&w).to_device(device);
+            probe.reinitialize(seed.wrapping_add(0x7419_0000 + s.class as u64));
+            let mut t = Trainer::new(&probe, adam(p.trigger_epochs)).map_err(nn_err)?;
+            report_epochs.extend(train(
+                call,
+                &probe,
+                &mut t,
+                &set,
+                pre,
+                Stretch {
+                    epochs: p.trigger_epochs,
+                    phase: &format!("trigger detector for class {}", s.class),
+                    extra: None,
+                    class_weights: Some(&w),
+                },
+            )?);
+            let l = audit_nn::train::predict(&probe, &members, pre, 512).map_err(nn_err)?;
+            let p1 = (l.select(1, 1) - l.select(1, 0)).sigmoid();
+            hit = hit.logical_or(&p1.ge(p.trigger_threshold));
+        }
+        let flagged = s.members.masked_select(&hit);
+        let nf = flagged.size()[0];
+        let _ = mask.index_fill_(0, &flagged, 1);
+        host.info(&format!(
+            "class {}: {} of {} samples are suspects ({} on the split's side; the probe without the class sends {:.0}% of the side to classes the rest does not go to, spread {:.2})",
+            v.class,
+            nf,
+            v.n,
+            v.flagged,
+            v.novel_share * 100.0,
+            v.novel_spread
+        ));
+        entry["flagged"] = json!(nf);
+        entry["trigger_detector_added"] = json!(nf - v.flagged);
+        report.push(entry);
+        targets.push(s.class);
+    }
+    Ok(ClassSplit { mask, targets, report })
 }
 
 impl Defense for NoneDefense {
@@ -260,6 +420,7 @@ impl Defense for NoneDefense {
                     epochs: p.e1,
                     phase: "E1",
                     extra: None,
+                    class_weights: None,
                 },
             )?);
             t.cfg.schedule = Schedule::Constant;
@@ -319,59 +480,24 @@ impl Defense for NoneDefense {
                 (Some(f), mode) => {
                     let k = acts.probs.size()[1];
                     let sides = class_sides(f, &full.y, k);
-                    // The probe: a fresh copy of the graph trained on the data minus every side and
-                    // the paper's suspects, so it has seen (almost) no poisoned sample.
-                    let mut held = paper_mask.copy();
-                    for s in &sides {
-                        let _ = held.index_fill_(0, &s.side, 1);
-                    }
-                    let probe_set = full.select(&held.logical_not().nonzero().flatten(0, -1));
-                    let (probe, _) = load_model(model_bytes, device, false)?;
-                    probe.reinitialize(seed.wrapping_add(0x5eed_0000 + round as u64));
-                    let mut t = Trainer::new(&probe, adam(p.class_probe_epochs)).map_err(nn_err)?;
-                    report_epochs.extend(train(
+                    let split = class_split(
                         call,
-                        &probe,
-                        &mut t,
-                        &probe_set,
+                        model_bytes,
+                        &full,
                         &pre,
-                        Stretch {
-                            epochs: p.class_probe_epochs,
-                            phase: "probe",
-                            extra: None,
-                        },
-                    )?);
-                    let pred = audit_nn::train::predict(&probe, &full, &pre, 512)
-                        .map_err(nn_err)?
-                        .argmax(-1, false);
-                    drop(probe);
-                    let verdicts = judge_sides(&sides, &pred, k, p.class_away, p.class_spread);
-                    let mut class_mask = Tensor::zeros([n], (Kind::Bool, device));
-                    for (v, s) in verdicts.iter().zip(&sides) {
-                        if v.accepted {
-                            let _ = class_mask.index_fill_(0, &s.side, 1);
-                            host.info(&format!(
-                                "class {}: {} of {} samples split off (the probe puts {:.0}% elsewhere, spread {:.2})",
-                                v.class,
-                                v.flagged,
-                                v.n,
-                                v.away * 100.0,
-                                v.spread
-                            ));
-                        }
-                    }
-                    class_report = json!(verdicts
-                        .iter()
-                        .map(|v| json!({
-                            "class": v.class, "n": v.n, "flagged": v.flagged, "separation": v.separation,
-                            "away": v.away, "spread": v.spread, "accepted": v.accepted,
-                        }))
-                        .collect::<Vec<_>>());
+                        &sides,
+                        k,
+                        &p,
+                        seed.wrapping_add(0x5eed_0000 + 1000 * round as u64),
+                        &adam,
+                        &mut report_epochs,
+                    )?;
+                    let (class_mask, targets) = (split.mask, split.targets);
+                    class_report = Value::Array(split.report);
                     accepted_sides = Some(class_mask.shallow_clone());
                     if mode == "class" {
                         class_mask
                     } else {
-                        let targets: Vec<i64> = verdicts.iter().filter(|v| v.accepted).map(|v| v.class).collect();
                         let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets);
                         host.info(&format!(
                             "paper's split: {} suspects, {} of them dropped (the rest are in classes it swept that are not a target)",
@@ -444,6 +570,7 @@ impl Defense for NoneDefense {
                             epochs: p.e2,
                             phase: "retrain",
                             extra,
+                            class_weights: None,
                         },
                     )?
                 }
@@ -462,6 +589,7 @@ impl Defense for NoneDefense {
                             epochs: p.e2,
                             phase: "unlearn",
                             extra,
+                            class_weights: None,
                         },
                     )?
                 }
@@ -478,6 +606,7 @@ impl Defense for NoneDefense {
                             epochs: p.e2,
                             phase: "fine-tune",
                             extra: None,
+                            class_weights: None,
                         },
                     )?
                 }
