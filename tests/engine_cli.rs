@@ -167,6 +167,8 @@ fn attack_eval_and_harden_on_fashion_mnist() {
         "--json",
         "--out",
         blend_out.to_str().unwrap(),
+        "--poisoned-data",
+        dir.path().join("blend.npz").to_str().unwrap(),
     ])
     .expect_code(0)
     .json();
@@ -296,4 +298,43 @@ fn attack_eval_and_harden_on_fashion_mnist() {
         "{}",
         r.stderr
     );
+
+    // NONE's default on the Blend model: the paper's split misses Blend; the class-wise split
+    // (leave-class-out probes, then a trigger detector) finds its poisoned samples.
+    let h = audit(&[
+        "harden",
+        blend_out.to_str().unwrap(),
+        "--data",
+        dir.path().join("blend.npz").to_str().unwrap(),
+        "--eval-attack",
+        "blend",
+        "--param",
+        "E2=3",
+        "--json",
+    ])
+    .expect_code(0)
+    .json();
+    let (acc_after, asr_after) = (
+        h["after"]["clean_accuracy"].as_f64().unwrap(),
+        h["after"]["attack_success_rate"].as_f64().unwrap(),
+    );
+    let split = &h["defense_report"]["rounds"][0]["class_split"];
+    eprintln!(
+        "Blend hardened: ACC {acc_blend:.4} -> {acc_after:.4}, ASR {asr_blend:.4} -> {asr_after:.4}; split {split:#}"
+    );
+    let accepted: Vec<i64> = split
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["accepted"] == true)
+        .map(|c| c["class"].as_i64().unwrap())
+        .collect();
+    assert_eq!(accepted, [0], "the target class, and only it, is detected");
+    assert!(asr_after <= 0.05, "Blend ASR after NONE {asr_after}");
+    assert!(
+        acc_after >= acc_blend - 0.02,
+        "ACC after {acc_after} vs before {acc_blend}"
+    );
+    let pr = &h["defense_report"]["dropped_vs_poison_idx"];
+    assert!(pr["recall"].as_f64().unwrap() >= 0.9, "{pr}");
 }

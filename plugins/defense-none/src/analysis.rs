@@ -219,9 +219,13 @@ pub struct SideVerdict {
     /// Normalised entropy (0..1, over the K - 1 other classes) of the side's novel labels.
     pub novel_spread: f64,
     /// The probe's mean top probability (over the classes other than this one) on the side and
-    /// on the rest.
+    /// on the rest (reported, not a criterion).
     pub confidence_side: f64,
     pub confidence_rest: f64,
+    /// Both novelty thresholds reached: the side is a candidate, to be confirmed by a second probe.
+    pub candidate: bool,
+    /// For a candidate: the share of the side on whose label two independent probes agree.
+    pub agreement: Option<f64>,
     pub accepted: bool,
 }
 
@@ -235,8 +239,8 @@ pub struct Judge {
     pub min_share: f64,
     /// Least normalised entropy of the side's novel labels.
     pub min_spread: f64,
-    /// Least margin of the probe's confidence on the side over its confidence on the rest.
-    pub min_confidence_gap: f64,
+    /// Least share of a candidate side on whose label two independent probes agree.
+    pub min_agreement: f64,
 }
 
 /// Leave-class-out reclassification. `pred` is [n] int64: for every member of the class, the
@@ -245,10 +249,10 @@ pub struct Judge {
 /// does a clean sub-population the split isolates, or to one class that resembles it (sandals that
 /// look like ankle boots). The source images of an all-to-one poisoning come from every other
 /// class: the probe sends most of a poisoned side to classes the rest of the class never goes to
-/// (`novel_share`), and spreads it over several of them (`novel_spread`); and as those are genuine
-/// images of the classes it learnt, it is more confident on them than on the class's own images,
-/// which it can only liken to something (a clean class the probe scatters by guessing, such as
-/// bags, fails this). All three must reach their threshold.
+/// (`novel_share`), and spreads it over several of them (`novel_spread`). Both thresholds make
+/// the side a candidate; [`confirm_side`] then asks a second probe: the poisoned images are genuine
+/// images of the classes the probes learnt, so two probes name the same class for most of them,
+/// while a clean class that a probe scatters by guessing (bags) gets different guesses.
 /// `logits` is [n, K]: the probe's logits for every member of the class.
 pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdict {
     let flagged = s.side.size()[0];
@@ -303,11 +307,32 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
         novel_spread,
         confidence_side,
         confidence_rest,
-        accepted: flagged > 0
-            && novel_share >= t.min_share
-            && novel_spread >= t.min_spread
-            && confidence_side - confidence_rest >= t.min_confidence_gap,
+        candidate: flagged > 0 && novel_share >= t.min_share && novel_spread >= t.min_spread,
+        agreement: None,
+        accepted: false,
     }
+}
+
+/// Confirms a candidate side with a second, independent leave-class-out probe (`second` is its
+/// [n, K] logits for the class's members; `first` the first probe's): accepted when the two name
+/// the same class for at least `t.min_agreement` of the side.
+pub fn confirm_side(v: &mut SideVerdict, s: &ClassSide, first: &Tensor, second: &Tensor, t: Judge) {
+    let label = |l: &Tensor| {
+        let l = l.to_kind(Kind::Float).copy();
+        let _ = l.select(1, s.class).fill_(f64::NEG_INFINITY);
+        l.argmax(-1, false).masked_select(&s.in_side)
+    };
+    let (a, b) = (label(first), label(second));
+    let agreement = if a.size()[0] > 0 {
+        a.eq_tensor(&b)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[])
+    } else {
+        0.0
+    };
+    v.agreement = Some(agreement);
+    v.accepted = v.candidate && agreement >= t.min_agreement;
 }
 
 /// The training set of an accepted class's trigger detector: the side as positives; as negatives,
@@ -465,7 +490,7 @@ mod tests {
             rare: 0.05,
             min_share: 0.5,
             min_spread: 0.5,
-            min_confidence_gap: 0.1,
+            min_agreement: 0.6,
         };
         // Logits naming `labels`, sure where `scale` is large; the judged class always gets the
         // largest logit, which judge_side must ignore.
@@ -481,7 +506,13 @@ mod tests {
         for i in 0..15 {
             let _ = pred0.get(i).fill_(2 + (i % 2));
         }
-        let v0 = judge_side(&sides[0], &logits(&pred0, &sure_side(&sides[0].in_side), 0), k, t);
+        let l0 = logits(&pred0, &sure_side(&sides[0].in_side), 0);
+        let mut v0 = judge_side(&sides[0], &l0, k, t);
+        assert!(
+            v0.candidate && !v0.accepted,
+            "a candidate until a second probe confirms it: {v0:?}"
+        );
+        confirm_side(&mut v0, &sides[0], &l0, &l0, t);
         assert!(
             v0.accepted && v0.novel_classes == [2, 3] && v0.novel_share == 1.0,
             "{v0:?}"
@@ -489,10 +520,18 @@ mod tests {
         assert!((v0.novel_spread - (2f64.ln() / 3f64.ln())).abs() < 0.02, "{v0:?}");
         assert_eq!((v0.labels_side[1], v0.labels_rest[1]), (0, 45));
         assert!(v0.confidence_side > v0.confidence_rest + 0.3, "{v0:?}");
-        // The same labels, but the probe is as unsure of the side as of the rest: a guess.
-        let flat = Tensor::ones([per], (Kind::Float, Device::Cpu));
-        let guess = judge_side(&sides[0], &logits(&pred0, &flat, 0), k, t);
-        assert!(!guess.accepted && guess.novel_spread > 0.5, "{guess:?}");
+        assert_eq!(v0.agreement, Some(1.0));
+        // A second probe that names other classes for the side (guesses): not confirmed.
+        let other0 = pred0.where_self(&sides[0].in_side.logical_not(), &(&pred0 - 1));
+        let mut guess = v0.clone();
+        confirm_side(
+            &mut guess,
+            &sides[0],
+            &l0,
+            &logits(&other0, &sure_side(&sides[0].in_side), 0),
+            t,
+        );
+        assert!(!guess.accepted && guess.agreement == Some(0.0), "{guess:?}");
         // Class 1: its side all to one class the rest never goes to (a look-alike sub-population).
         let mut pred1 = Tensor::zeros([per], (Kind::Int64, Device::Cpu));
         let _ = pred1.masked_fill_(&sides[1].in_side, 2);

@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, jenks_break, judge_side, paper_suspects_kept, select_neurons, trigger_sets, ClassSide, Judge,
-    SideVerdict,
+    class_sides, confirm_side, jenks_break, judge_side, paper_suspects_kept, select_neurons, trigger_sets, ClassSide,
+    Judge, SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
@@ -34,7 +34,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "class_rare":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"suspects=class|both: a class is a look-alike of the judged class when the leave-class-out probe gives it at least this share of the class's samples off the side; the other classes are novel"},
 "class_novel":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe sends at least this share of it to novel classes (an all-to-one poisoning's sources come from every class; the class's clean images go to its look-alikes)"},
 "class_spread":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over them with at least this normalised entropy (a clean sub-population that resembles another class goes to that one class)"},
-"class_confidence":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and the probe is at least this much more confident on the side (mean top probability over the other classes) than on the rest (poisoned images are genuine images of the classes it learnt; a clean class it scatters by guessing is not)"},
+"class_agreement":{"type":"number","default":0.6,"minimum":0,"maximum":1,"description":"suspects=class|both: a candidate side (both thresholds above reached) is accepted when a second leave-class-out probe (another initialisation, other images) names the same class as the first for at least this share of it (poisoned images are genuine images of the other classes; a clean class the probes scatter by guessing gets different guesses)"},
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
@@ -67,7 +67,7 @@ struct Params {
     class_rare: f64,
     class_novel: f64,
     class_spread: f64,
-    class_confidence: f64,
+    class_agreement: f64,
     trigger_epochs: usize,
     trigger_negatives: i64,
     trigger_threshold: f64,
@@ -283,13 +283,37 @@ fn class_split(
             rare: p.class_rare,
             min_share: p.class_novel,
             min_spread: p.class_spread,
-            min_confidence_gap: p.class_confidence,
+            min_agreement: p.class_agreement,
         };
-        let v = judge_side(s, &logits, k, judge);
+        let mut v = judge_side(s, &logits, k, judge);
+        if v.candidate {
+            // A second probe, on the next images of the order, with another initialisation.
+            let end = (2 * p.class_probe_samples).min(others.size()[0]);
+            let start = (end - p.class_probe_samples).max(0);
+            let take2 = others.narrow(0, start, end - start);
+            probe.reinitialize(seed.wrapping_add(0x2d00 + s.class as u64));
+            let mut t = Trainer::new(&probe, adam(p.class_probe_epochs)).map_err(nn_err)?;
+            report_epochs.extend(train(
+                call,
+                &probe,
+                &mut t,
+                &full.select(&take2),
+                pre,
+                Stretch {
+                    epochs: p.class_probe_epochs,
+                    phase: &format!("second probe without class {}", s.class),
+                    extra: None,
+                    class_weights: None,
+                },
+            )?);
+            let second = audit_nn::train::predict(&probe, &members, pre, 512).map_err(nn_err)?;
+            confirm_side(&mut v, s, &logits, &second, judge);
+        }
         let mut entry = json!({
             "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
             "novel_share": v.novel_share, "novel_spread": v.novel_spread,
-            "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest, "accepted": v.accepted,
+            "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
+            "candidate": v.candidate, "agreement": v.agreement, "accepted": v.accepted,
             "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
         });
         if !v.accepted {

@@ -213,11 +213,14 @@ impl Model {
                 });
             }
         }
-        // Walk forward through per-channel ops; track the flattened block size once flattened.
+        // Walk forward through per-channel ops; track the flattened block size once flattened, and
+        // whether a residual Add was crossed: the channel then continues into the next block (its
+        // first conv's input slice is zeroed, as NONE's reference does), and the walk stops at
+        // the following residual Add, where the skip path of the next block joins.
         let cons = self.consumers();
-        let mut stack: Vec<(usize, Option<i64>)> = vec![(layer.value, None)];
+        let mut stack: Vec<(usize, Option<i64>, bool)> = vec![(layer.value, None, false)];
         let mut seen = HashSet::new();
-        while let Some((v, block)) = stack.pop() {
+        while let Some((v, block, crossed)) = stack.pop() {
             if !seen.insert(v) {
                 continue;
             }
@@ -234,20 +237,26 @@ impl Model {
                                 });
                             }
                         }
-                        stack.push((n.outputs[0], None));
+                        stack.push((n.outputs[0], None, crossed));
                     }
-                    (op, None) if PER_CHANNEL.contains(&op) && slot == 0 => stack.push((n.outputs[0], None)),
+                    (op, None) if PER_CHANNEL.contains(&op) && slot == 0 => stack.push((n.outputs[0], None, crossed)),
                     ("Add", None) => {
                         // MatMul + Add(bias) pattern: a 1-D bias parameter of this width.
                         let other = 1 - slot.min(1);
-                        if let Some(p) = input_param(other) {
-                            if self.params[p].tensor.size() == vec![layer.channels] {
+                        match input_param(other) {
+                            Some(p) if self.params[p].tensor.size() == vec![layer.channels] => {
                                 slices.push(Slice {
                                     param: p,
                                     ranges: vec![(0, c, c + 1)],
                                 });
-                                stack.push((n.outputs[0], None));
+                                stack.push((n.outputs[0], None, crossed));
                             }
+                            Some(_) => {}
+                            // A residual Add of two activations of the same shape.
+                            None if !crossed && n.inputs.len() == 2 && self.same_shape(n, shapes) => {
+                                stack.push((n.outputs[0], None, true))
+                            }
+                            None => {}
                         }
                     }
                     ("Flatten" | "Reshape", None) if slot == 0 => {
@@ -257,7 +266,7 @@ impl Model {
                         let out_shape = shapes.get(&n.outputs[0]).cloned().unwrap_or_default();
                         if shape.len() >= 2 && out_shape.len() == 2 {
                             let per: i64 = shape[2..].iter().product();
-                            stack.push((n.outputs[0], Some(per)));
+                            stack.push((n.outputs[0], Some(per), crossed));
                         }
                     }
                     ("Conv", None) if slot == 0 => {
@@ -295,6 +304,15 @@ impl Model {
             }
         }
         Ok(slices)
+    }
+
+    /// True when the node's inputs all have one known shape (no broadcasting).
+    fn same_shape(&self, n: &crate::model::Node, shapes: &HashMap<usize, Vec<i64>>) -> bool {
+        let mut it = n.inputs.iter().map(|i| i.and_then(|v| shapes.get(&v)));
+        match it.next().flatten() {
+            Some(first) => it.all(|s| s == Some(first)),
+            None => false,
+        }
     }
 
     /// Zeroes the given blocks in place (the tensors stay the same, so optimisers keep working).

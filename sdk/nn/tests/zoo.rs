@@ -376,3 +376,55 @@ fn the_logits_layer_is_marked_output_for_every_arch() {
         assert!(last.input.is_some(), "{arch}");
     }
 }
+
+/// A reset inside a residual block follows the channel through the block's Add into the next
+/// block's first conv (NONE's reference zeroes that input slice too), and stops at the next Add,
+/// where the following skip path joins.
+#[test]
+fn reset_crosses_one_residual_add() {
+    let proto = zoo::build(Arch::Resnet18, [3, 32, 32], CLASSES, 7).unwrap();
+    let model = Model::load(&zoo::to_bytes(&proto), None).unwrap();
+    let x = Tensor::randn([1, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+    let shapes = model.value_shapes(&x).unwrap();
+    let layers = model.layers();
+    let layer = layers
+        .iter()
+        .find(|l| l.node == "layer1.0.conv2")
+        .expect("layer1.0.conv2");
+    let weight = |name: &str| {
+        let p = model
+            .params
+            .iter()
+            .find(|p| p.name == format!("{name}.weight"))
+            .unwrap_or_else(|| panic!("{name}"));
+        p.tensor.shallow_clone()
+    };
+    let c = 5;
+    let nonzero = |t: &Tensor| t.abs().sum(Kind::Double).double_value(&[]) > 0.0;
+    assert!(nonzero(&weight("layer1.1.conv1").narrow(1, c, 1)));
+    model.reset_neurons(layer, &[c], &shapes).unwrap();
+    assert!(
+        !nonzero(&weight("layer1.0.conv2").narrow(0, c, 1)),
+        "the neuron's own filter"
+    );
+    assert!(
+        !nonzero(&weight("layer1.1.conv1").narrow(1, c, 1)),
+        "the next block's first conv, input slice c"
+    );
+    assert!(
+        nonzero(&weight("layer1.1.conv1").narrow(1, c + 1, 1)),
+        "other input channels stay"
+    );
+    assert!(
+        nonzero(&weight("layer1.1.conv2").narrow(1, c, 1)),
+        "inside the next block: untouched"
+    );
+    assert!(
+        nonzero(&weight("layer2.0.conv1").narrow(1, c, 1)),
+        "past the second Add: untouched"
+    );
+    assert!(
+        nonzero(&weight("layer2.0.downsample.0").narrow(1, c, 1)),
+        "past the second Add: untouched"
+    );
+}
