@@ -28,7 +28,7 @@ pub use analysis::{
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
 "preset":{"type":"string","default":"default","enum":["default","paper"],"description":"paper: exactly the paper's algorithm (suspects from one global Jenks split of the top neurons, fine-tune at none_lr with BN frozen for 20 epochs, suspects recomputed each round; reset 5%, lr 1e-4, R 1); default: this toolkit's measured default (suspects also from the class-wise split, retrain)"},
-"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, accepted when a probe that never saw the class spreads it over the other classes; then a trigger detector trained on the side finds the rest of the class's poisoned samples), or both (the class-wise suspects, and the paper's suspects except, when some class was detected as a target, in the other classes the paper's split swept at least half of)"},
+"suspects":{"type":"string","default":"both","enum":["paper","class","both"],"description":"which training samples are dropped: paper (the upper class of one global Jenks split of the summed top-neuron activations), class (per class, the smaller side of a Jenks split of the penultimate features' top principal direction, accepted when a probe that never saw the class spreads it over the other classes; then a trigger detector trained on the side finds the rest of the class's poisoned samples), or both (the class-wise suspects, and the paper's suspects, only those in the detected target classes when some class was detected)"},
 "class_probe_epochs":{"type":"integer","default":1,"minimum":1,"description":"suspects=class|both: epochs of each leave-class-out probe (a fresh copy of the graph trained on samples of the other classes only; Adam at retrain_lr)"},
 "class_probe_samples":{"type":"integer","default":6000,"minimum":100,"description":"suspects=class|both: training samples of each leave-class-out probe (drawn at random from the other classes; one probe per class)"},
 "class_rare":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"suspects=class|both: a class is a look-alike of the judged class when the leave-class-out probe gives it at least this share of the class's samples off the side; the other classes are novel"},
@@ -38,6 +38,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
+"paper_in_other_classes":{"type":"boolean","default":false,"description":"suspects=both, when a target class was detected: also drop the paper's suspects in the other classes, except in classes its split swept (at least half of the class); default false: only those in the target classes (an all-to-one poisoning's samples all carry the target's label)"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -71,6 +72,7 @@ struct Params {
     trigger_epochs: usize,
     trigger_negatives: i64,
     trigger_threshold: f64,
+    paper_in_other_classes: bool,
     retrain_push_away: f64,
     repair: String,
     lamda_h: f64,
@@ -522,9 +524,9 @@ impl Defense for NoneDefense {
                     if mode == "class" {
                         class_mask
                     } else {
-                        let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets);
+                        let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets, p.paper_in_other_classes);
                         host.info(&format!(
-                            "paper's split: {} suspects, {} of them dropped (the rest are in classes it swept that are not a target)",
+                            "paper's split: {} suspects, {} of them dropped (the rest are outside the detected target classes)",
                             paper_mask.sum(Kind::Int64).int64_value(&[]),
                             refined.sum(Kind::Int64).int64_value(&[])
                         ));
