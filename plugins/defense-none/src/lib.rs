@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
     class_sides, confirm_side, jenks_break, judge_side, paper_suspects_kept, select_neurons, trigger_sets, ClassSide,
-    Judge, SideVerdict,
+    Judge, PaperWithTargets, SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
@@ -38,7 +38,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
-"paper_in_other_classes":{"type":"boolean","default":false,"description":"suspects=both, when a target class was detected: also drop the paper's suspects in the other classes, except in classes its split swept (at least half of the class); default false: only those in the target classes (an all-to-one poisoning's samples all carry the target's label)"},
+"paper_with_targets":{"type":"string","default":"none","enum":["none","targets","unswept"],"description":"suspects=both, when the class-wise split detected a target class: which of the paper's suspects are dropped as well: none (the class-wise suspects replace them: in a target class the paper's split also takes many clean images, elsewhere only clean ones), targets (those in the target classes), unswept (all except in non-target classes its split swept, the previous default)"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -72,7 +72,7 @@ struct Params {
     trigger_epochs: usize,
     trigger_negatives: i64,
     trigger_threshold: f64,
-    paper_in_other_classes: bool,
+    paper_with_targets: PaperWithTargets,
     retrain_push_away: f64,
     repair: String,
     lamda_h: f64,
@@ -524,11 +524,19 @@ impl Defense for NoneDefense {
                     if mode == "class" {
                         class_mask
                     } else {
-                        let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets, p.paper_in_other_classes);
+                        let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets, p.paper_with_targets);
                         host.info(&format!(
-                            "paper's split: {} suspects, {} of them dropped (the rest are outside the detected target classes)",
+                            "paper's split: {} suspects, {} of them dropped{}",
                             paper_mask.sum(Kind::Int64).int64_value(&[]),
-                            refined.sum(Kind::Int64).int64_value(&[])
+                            refined.sum(Kind::Int64).int64_value(&[]),
+                            if targets.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    " (a target was detected; paper_with_targets={:?})",
+                                    p.paper_with_targets
+                                )
+                            }
                         ));
                         refined.logical_or(&class_mask)
                     }
