@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use audit_tests::{audit, data, python, sh};
+use audit_tests::{acc_asr, audit, data, python, sh};
 use serde_json::Value;
 
 fn onnx_data_dir() -> PathBuf {
@@ -230,10 +230,7 @@ fn attack_eval_and_harden_on_fashion_mnist() {
         "default output beside the input"
     );
     assert_eq!(h["defense"], "none");
-    let (acc_after, asr_after) = (
-        h["after"]["clean_accuracy"].as_f64().unwrap(),
-        h["after"]["attack_success_rate"].as_f64().unwrap(),
-    );
+    let (acc_after, asr_after) = acc_asr(&h["after"]);
     eprintln!(
         "hardened: ACC {acc_after:.4} ASR {asr_after:.4}; report {:#}",
         h["defense_report"]["dropped_vs_poison_idx"]
@@ -314,10 +311,7 @@ fn attack_eval_and_harden_on_fashion_mnist() {
     ])
     .expect_code(0)
     .json();
-    let (acc_after, asr_after) = (
-        h["after"]["clean_accuracy"].as_f64().unwrap(),
-        h["after"]["attack_success_rate"].as_f64().unwrap(),
-    );
+    let (acc_after, asr_after) = acc_asr(&h["after"]);
     let split = &h["defense_report"]["rounds"][0]["class_split"];
     eprintln!(
         "Blend hardened: ACC {acc_blend:.4} -> {acc_after:.4}, ASR {asr_blend:.4} -> {asr_after:.4}; split {split:#}"

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use audit_tests::{audit, python, root, sh};
+use audit_tests::{acc_asr, audit, python, root, sh};
 use serde_json::Value;
 
 #[test]
@@ -80,10 +80,7 @@ fn pytorch_badnets_model_evaluates_like_onnxruntime_and_hardens() {
     ])
     .expect_code(0)
     .json();
-    let (acc_after, asr_after) = (
-        h["after"]["clean_accuracy"].as_f64().unwrap(),
-        h["after"]["attack_success_rate"].as_f64().unwrap(),
-    );
+    let (acc_after, asr_after) = acc_asr(&h["after"]);
     eprintln!(
         "PyTorch model: ACC {acc:.4} ASR {asr:.4} -> ACC {acc_after:.4} ASR {asr_after:.4}; {}",
         h["defense_report"]["dropped_vs_poison_idx"]

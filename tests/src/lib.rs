@@ -148,3 +148,10 @@ pub fn python() -> Option<PathBuf> {
     let p = root().join(".venv/bin/python");
     p.is_file().then_some(p)
 }
+
+/// (clean accuracy, attack success rate) of a metrics object (`before`/`after` of a harden report,
+/// `metrics` of an attack).
+pub fn acc_asr(metrics: &serde_json::Value) -> (f64, f64) {
+    let get = |k: &str| metrics[k].as_f64().unwrap_or_else(|| panic!("no `{k}` in {metrics}"));
+    (get("clean_accuracy"), get("attack_success_rate"))
+}

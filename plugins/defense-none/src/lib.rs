@@ -137,6 +137,18 @@ struct Stretch<'a> {
     class_weights: Option<&'a Tensor>,
 }
 
+impl<'a> Stretch<'a> {
+    /// Plain cross-entropy training.
+    fn plain(epochs: usize, phase: &'a str) -> Stretch<'a> {
+        Stretch {
+            epochs,
+            phase,
+            extra: None,
+            class_weights: None,
+        }
+    }
+}
+
 /// The loss on the extra samples of a stretch.
 #[derive(Clone, Copy)]
 enum ExtraLoss {
@@ -260,27 +272,26 @@ fn class_split(
     let order = Tensor::randperm(n, (Kind::Int64, device));
     let mut mask = Tensor::zeros([n], (Kind::Bool, device));
     let (mut targets, mut report) = (Vec::new(), Vec::new());
+    // Trains the probe graph afresh (initialised from `init`) on `set` and returns its logits for
+    // `members`.
+    let mut fit = |init: u64, set: &DeviceData, stretch: Stretch<'_>, members: &DeviceData| -> Result<Tensor> {
+        probe.reinitialize(init);
+        let mut t = Trainer::new(&probe, adam(stretch.epochs)).map_err(nn_err)?;
+        report_epochs.extend(train(call, &probe, &mut t, set, pre, stretch)?);
+        audit_nn::train::predict(&probe, members, pre, 512).map_err(nn_err)
+    };
     for s in sides {
         host.check_cancelled()?;
         let others = order.masked_select(&full.y.index_select(0, &order).ne(s.class));
         let take = others.narrow(0, 0, p.class_probe_samples.min(others.size()[0]));
-        probe.reinitialize(seed.wrapping_add(s.class as u64));
-        let mut t = Trainer::new(&probe, adam(p.class_probe_epochs)).map_err(nn_err)?;
-        report_epochs.extend(train(
-            call,
-            &probe,
-            &mut t,
-            &full.select(&take),
-            pre,
-            Stretch {
-                epochs: p.class_probe_epochs,
-                phase: &format!("probe without class {}", s.class),
-                extra: None,
-                class_weights: None,
-            },
-        )?);
         let members = full.select(&s.members);
-        let logits = audit_nn::train::predict(&probe, &members, pre, 512).map_err(nn_err)?;
+        let phase = format!("probe without class {}", s.class);
+        let logits = fit(
+            seed.wrapping_add(s.class as u64),
+            &full.select(&take),
+            Stretch::plain(p.class_probe_epochs, &phase),
+            &members,
+        )?;
         let judge = Judge {
             rare: p.class_rare,
             min_share: p.class_novel,
@@ -293,22 +304,13 @@ fn class_split(
             let end = (2 * p.class_probe_samples).min(others.size()[0]);
             let start = (end - p.class_probe_samples).max(0);
             let take2 = others.narrow(0, start, end - start);
-            probe.reinitialize(seed.wrapping_add(0x2d00 + s.class as u64));
-            let mut t = Trainer::new(&probe, adam(p.class_probe_epochs)).map_err(nn_err)?;
-            report_epochs.extend(train(
-                call,
-                &probe,
-                &mut t,
+            let phase = format!("second probe without class {}", s.class);
+            let second = fit(
+                seed.wrapping_add(0x2d00 + s.class as u64),
                 &full.select(&take2),
-                pre,
-                Stretch {
-                    epochs: p.class_probe_epochs,
-                    phase: &format!("second probe without class {}", s.class),
-                    extra: None,
-                    class_weights: None,
-                },
-            )?);
-            let second = audit_nn::train::predict(&probe, &members, pre, 512).map_err(nn_err)?;
+                Stretch::plain(p.class_probe_epochs, &phase),
+                &members,
+            )?;
             confirm_side(&mut v, s, &logits, &second, judge);
         }
         let mut entry = json!({
@@ -342,22 +344,14 @@ fn class_split(
             w[0] = (total / (2.0 * nn.max(1) as f64)) as f32;
             w[1] = (total / (2.0 * np.max(1) as f64)) as f32;
             let w = Tensor::from_slice(&w).to_device(device);
-            probe.reinitialize(seed.wrapping_add(0x7419_0000 + s.class as u64));
-            let mut t = Trainer::new(&probe, adam(p.trigger_epochs)).map_err(nn_err)?;
-            report_epochs.extend(train(
-                call,
-                &probe,
-                &mut t,
-                &set,
-                pre,
-                Stretch {
-                    epochs: p.trigger_epochs,
-                    phase: &format!("trigger detector for class {}", s.class),
-                    extra: None,
-                    class_weights: Some(&w),
-                },
-            )?);
-            let l = audit_nn::train::predict(&probe, &members, pre, 512).map_err(nn_err)?;
+            let phase = format!("trigger detector for class {}", s.class);
+            let stretch = Stretch {
+                epochs: p.trigger_epochs,
+                phase: &phase,
+                extra: None,
+                class_weights: Some(&w),
+            };
+            let l = fit(seed.wrapping_add(0x7419_0000 + s.class as u64), &set, stretch, &members)?;
             let p1 = (l.select(1, 1) - l.select(1, 0)).sigmoid();
             hit = hit.logical_or(&p1.ge(p.trigger_threshold));
         }
@@ -436,19 +430,7 @@ impl Defense for NoneDefense {
             let mut cfg = base(p.e1_lr, false, p.e1);
             cfg.schedule = Schedule::Step { every: 80, gamma: 0.1 };
             let mut t = Trainer::new(&model, cfg).map_err(nn_err)?;
-            report_epochs.extend(train(
-                call,
-                &model,
-                &mut t,
-                &full,
-                &pre,
-                Stretch {
-                    epochs: p.e1,
-                    phase: "E1",
-                    extra: None,
-                    class_weights: None,
-                },
-            )?);
+            report_epochs.extend(train(call, &model, &mut t, &full, &pre, Stretch::plain(p.e1, "E1"))?);
             t.cfg.schedule = Schedule::Constant;
             t
         } else {
@@ -636,12 +618,7 @@ impl Defense for NoneDefense {
                         &mut trainer,
                         &rest,
                         &pre,
-                        Stretch {
-                            epochs: p.e2,
-                            phase: "fine-tune",
-                            extra: None,
-                            class_weights: None,
-                        },
+                        Stretch::plain(p.e2, "fine-tune"),
                     )?
                 }
             };
