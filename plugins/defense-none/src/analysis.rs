@@ -256,8 +256,7 @@ pub struct Judge {
 /// `logits` is [n, K]: the probe's logits for every member of the class.
 pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdict {
     let flagged = s.side.size()[0];
-    let logits = logits.to_kind(Kind::Float).copy();
-    let _ = logits.select(1, s.class).fill_(f64::NEG_INFINITY);
+    let logits = without_class(logits, s.class);
     let pred = logits.argmax(-1, false);
     let top = logits.softmax(-1, Kind::Float).amax([1], false);
     let mean_of = |m: &Tensor| {
@@ -278,10 +277,7 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
         .unwrap_or_default()
     };
     let (side, rest) = (counts(&s.in_side), counts(&s.in_side.logical_not()));
-    let rest_total = rest.iter().sum::<i64>().max(1) as f64;
-    let novel: Vec<i64> = (0..k)
-        .filter(|&j| j != s.class && (rest[j as usize] as f64) < t.rare * rest_total)
-        .collect();
+    let novel = novel_classes(&rest, s.class, t.rare);
     let novel_counts: Vec<f64> = novel.iter().map(|&j| side[j as usize] as f64).collect();
     let novel_total: f64 = novel_counts.iter().sum();
     let novel_share = if flagged > 0 { novel_total / flagged as f64 } else { 0.0 };
@@ -313,15 +309,116 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
     }
 }
 
+/// [n, K] logits as float with column `class` at -inf: a leave-class-out probe's answer among the
+/// other classes.
+fn without_class(logits: &Tensor, class: i64) -> Tensor {
+    let l = logits.to_kind(Kind::Float).copy();
+    let _ = l.select(1, class).fill_(f64::NEG_INFINITY);
+    l
+}
+
+/// The classes other than `class` that get less than `rare` of `rest` (the probe's label counts
+/// of a class's members outside the set judged, [K]): not the class's look-alikes.
+fn novel_classes(rest: &[i64], class: i64, rare: f64) -> Vec<i64> {
+    let total = rest.iter().sum::<i64>().max(1) as f64;
+    (0..rest.len() as i64)
+        .filter(|&j| j != class && (rest[j as usize] as f64) < rare * total)
+        .collect()
+}
+
+/// One class's leave-class-out probe: its label for every member of the class.
+#[derive(Debug)]
+pub struct ClassProbe {
+    pub class: i64,
+    /// Indices (into the training set) of the class's members. [n] int64
+    pub members: Tensor,
+    /// The probe's best class other than this one, per member. [n] int64
+    pub pred: Tensor,
+}
+
+impl ClassProbe {
+    /// From the probe's [n, K] logits for the members.
+    pub fn new(class: i64, members: &Tensor, logits: &Tensor) -> ClassProbe {
+        ClassProbe {
+            class,
+            members: members.shallow_clone(),
+            pred: without_class(logits, class).argmax(-1, false),
+        }
+    }
+}
+
+/// The verdict on the paper's suspects of one class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaperGroup {
+    pub class: i64,
+    /// The paper's suspects labelled with the class, and the class's size.
+    pub suspects: i64,
+    pub n: i64,
+    /// Share of the suspects the class's probe gives a novel class (one the class's other members
+    /// go to less than `rare`).
+    pub novel_share: f64,
+    pub kept: bool,
+}
+
+/// Judges the paper's suspects class by class with the leave-class-out probes: the suspects of a
+/// class stay dropped only when the probe sends at least `min_share` of them to classes the rest
+/// of the class does not go to. Poisoned samples are genuine images of other classes (the probe
+/// names their sources); the clean images the global split takes (sandals, sneakers, whole
+/// classes on clean and low-rate models: 2,000-5,000 samples measured) go where their class goes.
+/// A class whose members are all suspects has nothing to compare with and is returned. Classes
+/// without a probe keep their suspects. `paper` is [N] bool; returns the filtered mask.
+pub fn paper_groups_judged(
+    paper: &Tensor,
+    probes: &[ClassProbe],
+    k: i64,
+    rare: f64,
+    min_share: f64,
+) -> (Tensor, Vec<PaperGroup>) {
+    let mut out = paper.copy();
+    let mut groups = Vec::new();
+    for p in probes {
+        let in_group = paper.index_select(0, &p.members);
+        let suspects = in_group.sum(Kind::Int64).int64_value(&[]);
+        if suspects == 0 {
+            continue;
+        }
+        let counts = |m: &Tensor| {
+            Vec::<i64>::try_from(
+                p.pred
+                    .masked_select(m)
+                    .bincount::<Tensor>(None, k)
+                    .to_device(audit_nn::tch::Device::Cpu),
+            )
+            .unwrap_or_default()
+        };
+        let (group, rest) = (counts(&in_group), counts(&in_group.logical_not()));
+        let n = p.members.size()[0];
+        let novel_share = if suspects < n {
+            let novel = novel_classes(&rest, p.class, rare);
+            novel.iter().map(|&j| group[j as usize]).sum::<i64>() as f64 / suspects as f64
+        } else {
+            0.0
+        };
+        let kept = novel_share >= min_share;
+        if !kept {
+            let _ = out.index_fill_(0, &p.members.masked_select(&in_group), 0);
+        }
+        groups.push(PaperGroup {
+            class: p.class,
+            suspects,
+            n,
+            novel_share,
+            kept,
+        });
+    }
+    (out, groups)
+}
+
 /// Confirms a candidate side with a second, independent leave-class-out probe (`second` is its
 /// [n, K] logits for the class's members; `first` the first probe's): accepted when the two name
 /// the same class for at least `t.min_agreement` of the side.
 pub fn confirm_side(v: &mut SideVerdict, s: &ClassSide, first: &Tensor, second: &Tensor, t: Judge) {
-    let label = |l: &Tensor| {
-        let l = l.to_kind(Kind::Float).copy();
-        let _ = l.select(1, s.class).fill_(f64::NEG_INFINITY);
-        l.argmax(-1, false).masked_select(&s.in_side)
-    };
+    let label = |l: &Tensor| without_class(l, s.class).argmax(-1, false).masked_select(&s.in_side);
     let (a, b) = (label(first), label(second));
     let agreement = if a.size()[0] > 0 {
         a.eq_tensor(&b)
@@ -370,6 +467,16 @@ pub enum PaperWithTargets {
     Targets,
     /// All except those in a non-target class the split swept (held at least half of).
     Unswept,
+}
+
+/// Whether the paper's suspects are judged class by class by the leave-class-out probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PaperFilter {
+    /// [`paper_groups_judged`]: a class's suspects stay only when the probe calls them novel.
+    Novel,
+    /// All stay.
+    None,
 }
 
 /// The paper's suspects that stay dropped beside the class-wise split. With no detected target
@@ -586,6 +693,45 @@ mod tests {
             22,
             "the farther half of the 45 others (strictly above the median)"
         );
+    }
+
+    /// The paper's suspects of a class stay only when the probe sends them where the rest of the
+    /// class does not go; a class whose members are all suspects goes back.
+    #[test]
+    fn paper_groups_stay_only_when_novel() {
+        let (per, k) = (40i64, 4i64);
+        let labels = Tensor::arange(k, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per, 0, None);
+        // Class 0: 6 suspects (its first 6); class 1: 30 suspects; class 2: all 40; class 3: none.
+        let flags: Vec<bool> = (0..per * k)
+            .map(|i| match i / per {
+                0 => i % per < 6,
+                1 => i % per < 30,
+                2 => true,
+                _ => false,
+            })
+            .collect();
+        let paper = Tensor::from_slice(&flags);
+        let probe = |class: i64, pred: Vec<i64>| {
+            let members = labels.eq(class).nonzero().flatten(0, -1);
+            let logits = Tensor::from_slice(&pred).one_hot(k).to_kind(Kind::Float);
+            let _ = logits.select(1, class).fill_(9.0);
+            ClassProbe::new(class, &members, &logits)
+        };
+        // Class 0: the suspects go to 2 and 3 (novel), the rest to 1. Class 1: suspects and rest
+        // alike to 0 and 2 (its look-alikes). Class 2: swept.
+        let p0 = probe(0, (0..per).map(|i| if i < 6 { 2 + i % 2 } else { 1 }).collect());
+        let p1 = probe(1, (0..per).map(|i| [0, 2][(i % 2) as usize]).collect());
+        let p2 = probe(2, (0..per).map(|i| [0, 3][(i % 2) as usize]).collect());
+        let p3 = probe(3, vec![0; per as usize]);
+        let (kept, groups) = paper_groups_judged(&paper, &[p0, p1, p2, p3], k, 0.05, 0.5);
+        let count = |class: i64| kept.logical_and(&labels.eq(class)).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!((count(0), count(1), count(2), count(3)), (6, 0, 0, 0));
+        let summary: Vec<(i64, i64, bool)> = groups.iter().map(|g| (g.class, g.suspects, g.kept)).collect();
+        assert_eq!(summary, [(0, 6, true), (1, 30, false), (2, 40, false)]);
+        assert_eq!((groups[0].novel_share, groups[1].novel_share), (1.0, 0.0));
+        // A class without a probe keeps its suspects.
+        let (all, none) = paper_groups_judged(&paper, &[], k, 0.05, 0.5);
+        assert!(all.equal(&paper) && none.is_empty());
     }
 
     /// Swept classes go back unless they are a target; with no target the split stays whole.

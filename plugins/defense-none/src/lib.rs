@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, confirm_side, jenks_break, judge_side, paper_suspects_kept, select_neurons, trigger_sets, ClassSide,
-    Judge, PaperWithTargets, SideVerdict,
+    class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_suspects_kept, select_neurons,
+    trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup, PaperWithTargets, SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
@@ -39,6 +39,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
 "paper_with_targets":{"type":"string","default":"none","enum":["none","targets","unswept"],"description":"suspects=both, when the class-wise split detected a target class: which of the paper's suspects are dropped as well: none (the class-wise suspects replace them: in a target class the paper's split also takes many clean images, elsewhere only clean ones), targets (those in the target classes), unswept (all except in non-target classes its split swept, the previous default)"},
+"paper_filter":{"type":"string","default":"novel","enum":["novel","none"],"description":"suspects=both: novel keeps the paper's suspects of a class (those left by paper_with_targets) only when the class's leave-class-out probe sends at least class_novel of them to classes the rest of the class goes to less than class_rare (poisoned images are other classes' images; the clean images the global split takes go where their class goes); none keeps them all"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -73,6 +74,7 @@ struct Params {
     trigger_negatives: i64,
     trigger_threshold: f64,
     paper_with_targets: PaperWithTargets,
+    paper_filter: PaperFilter,
     retrain_push_away: f64,
     repair: String,
     lamda_h: f64,
@@ -244,6 +246,8 @@ struct ClassSplit {
     targets: Vec<i64>,
     /// Per class: the verdict and what the trigger detector added.
     report: Vec<Value>,
+    /// Per class: the first leave-class-out probe's labels for its members.
+    probes: Vec<ClassProbe>,
 }
 
 /// Judges every class's side with a leave-class-out probe (a fresh copy of the graph trained on
@@ -271,7 +275,7 @@ fn class_split(
     tch::manual_seed(seed as i64);
     let order = Tensor::randperm(n, (Kind::Int64, device));
     let mut mask = Tensor::zeros([n], (Kind::Bool, device));
-    let (mut targets, mut report) = (Vec::new(), Vec::new());
+    let (mut targets, mut report, mut probes) = (Vec::new(), Vec::new(), Vec::new());
     // Trains the probe graph afresh (initialised from `init`) on `set` and returns its logits for
     // `members`.
     let mut fit = |init: u64, set: &DeviceData, stretch: Stretch<'_>, members: &DeviceData| -> Result<Tensor> {
@@ -299,6 +303,7 @@ fn class_split(
             min_agreement: p.class_agreement,
         };
         let mut v = judge_side(s, &logits, k, judge);
+        probes.push(ClassProbe::new(s.class, &s.members, &logits));
         if v.candidate {
             // A second probe, on the next images of the order, with another initialisation.
             let end = (2 * p.class_probe_samples).min(others.size()[0]);
@@ -372,7 +377,12 @@ fn class_split(
         report.push(entry);
         targets.push(s.class);
     }
-    Ok(ClassSplit { mask, targets, report })
+    Ok(ClassSplit {
+        mask,
+        targets,
+        report,
+        probes,
+    })
 }
 
 impl Defense for NoneDefense {
@@ -478,6 +488,7 @@ impl Defense for NoneDefense {
             let break_value = jenks_break(&sel.h);
             let paper_mask = sel.h.ge(break_value);
             let mut class_report = Value::Null;
+            let mut paper_groups: Vec<Value> = Vec::new();
             let mut accepted_sides: Option<Tensor> = None;
             let suspect_mask = match (&acts.features, p.suspects.as_str()) {
                 (_, "paper") => paper_mask,
@@ -507,8 +518,26 @@ impl Defense for NoneDefense {
                         class_mask
                     } else {
                         let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets, p.paper_with_targets);
+                        let (refined, groups) = match p.paper_filter {
+                            PaperFilter::Novel => {
+                                paper_groups_judged(&refined, &split.probes, k, p.class_rare, p.class_novel)
+                            }
+                            PaperFilter::None => (refined, Vec::new()),
+                        };
+                        let returned: Vec<String> = groups
+                            .iter()
+                            .filter(|g| !g.kept)
+                            .map(|g| format!("{} of class {}", g.suspects, g.class))
+                            .collect();
+                        paper_groups = groups
+                            .iter()
+                            .map(|g| {
+                                json!({"class": g.class, "suspects": g.suspects, "n": g.n,
+                                       "novel_share": g.novel_share, "kept": g.kept})
+                            })
+                            .collect();
                         host.info(&format!(
-                            "paper's split: {} suspects, {} of them dropped{}",
+                            "paper's split: {} suspects, {} of them dropped{}{}",
                             paper_mask.sum(Kind::Int64).int64_value(&[]),
                             refined.sum(Kind::Int64).int64_value(&[]),
                             if targets.is_empty() {
@@ -517,6 +546,14 @@ impl Defense for NoneDefense {
                                 format!(
                                     " (a target was detected; paper_with_targets={:?})",
                                     p.paper_with_targets
+                                )
+                            },
+                            if returned.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "; back in the training, as their class's probe sends them where the class goes: {}",
+                                    returned.join(", ")
                                 )
                             }
                         ));
@@ -629,6 +666,7 @@ impl Defense for NoneDefense {
                 "n_suspects": suspects.len(),
                 "jenks_break": break_value,
                 "class_split": class_report,
+                "paper_groups": paper_groups,
                 "suspects": suspects,
                 "n_excluded": all_suspects.len(),
                 "repair": p.repair,
