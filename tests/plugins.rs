@@ -112,7 +112,7 @@ fn parameters_are_validated_before_the_plugin_runs() {
     );
     let r = with(&["--param", "patch_size=big"]).expect_code(2);
     assert!(
-        r.stderr.contains("`patch_size`") && r.stderr.contains("not a integer"),
+        r.stderr.contains("`patch_size`") && r.stderr.contains("not an integer"),
         "{}",
         r.stderr
     );

@@ -42,7 +42,7 @@ impl Patch {
     pub fn new(setup: &Setup) -> Result<Patch> {
         let p = &setup.params;
         let dims = setup.dims;
-        // `resolve_params` already enforced the schema's bounds (patch_size >= 1, color 0..=255).
+        // `Setup::new` resolved the schema, which bounds them (patch_size >= 1, color 0..=255).
         let size = p.i64("patch_size")?.max(1) as usize;
         if size > dims.h || size > dims.w {
             return Err(Error::invalid(format!(
@@ -51,7 +51,7 @@ impl Patch {
             )));
         }
         let color = p.i64("color")?.clamp(0, 255) as u8;
-        let position = Position::parse(p.str("position")?)?;
+        let position: Position = p.get("position")?;
         let (row, col) = position.origin(size, dims.h, dims.w);
         Ok(Patch {
             dims,

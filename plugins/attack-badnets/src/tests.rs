@@ -1,6 +1,7 @@
 use super::*;
-use audit_attack_common::check_schema;
 use audit_attack_common::testing::{call, f32_pixels, params, u8_pixels, TestData};
+use audit_attack_common::Mode;
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::Status;
 use serde_json::json;
 
@@ -23,7 +24,9 @@ fn in_patch(i: usize, row: usize, col: usize, size: usize) -> bool {
 
 #[test]
 fn schema_and_info_are_well_formed() {
-    check_schema(SCHEMA).unwrap();
+    Schema::parse(SCHEMA).unwrap();
+    check_enum::<Mode>(SCHEMA, "mode").unwrap();
+    check_enum::<Position>(SCHEMA, "position").unwrap();
     let info = BadNets::info();
     assert_eq!(info.name, "badnets");
     assert_eq!(info.capabilities, abi::AUDIT_CAP_NEEDS_TRAINING_DATA);

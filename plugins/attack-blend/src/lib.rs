@@ -7,6 +7,7 @@
 
 use audit_attack_common::{common_schema_properties, poison_with, trigger_with, Pixel, Setup, Stamp};
 use audit_sdk::{abi, Attack, Call, DatasetRef, Error, Plugin, PluginInfo, Poisoned, Result, Triggered};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 pub mod pattern;
@@ -27,6 +28,26 @@ pub const SCHEMA: &str = concat!(
 /// The Blend attack.
 #[derive(Debug, Default)]
 pub struct Blend;
+
+/// The built-in patterns (the schema's `pattern`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pattern {
+    /// Uniform noise seeded by `pattern_seed`.
+    Noise,
+    /// A one-pixel checkerboard.
+    Checker,
+}
+
+impl Pattern {
+    /// The schema spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pattern::Noise => "noise",
+            Pattern::Checker => "checker",
+        }
+    }
+}
 
 /// The blend trigger, resolved for one image size.
 #[derive(Debug, Clone)]
@@ -50,20 +71,15 @@ impl BlendTrigger {
             report.insert("pattern_file".into(), file.into());
             pattern::from_file(file, setup.dims).map_err(Error::invalid)?
         } else {
-            let kind = p.str("pattern")?;
-            report.insert("pattern".into(), kind.into());
+            let kind: Pattern = p.get("pattern")?;
+            report.insert("pattern".into(), kind.as_str().into());
             match kind {
-                "noise" => {
+                Pattern::Noise => {
                     let seed = p.i64("pattern_seed")?;
                     report.insert("pattern_seed".into(), seed.into());
                     pattern::noise(seed as u64, setup.dims)
                 }
-                "checker" => pattern::checker(setup.dims),
-                other => {
-                    return Err(Error::invalid(format!(
-                        "parameter `pattern`: unknown pattern `{other}`"
-                    )))
-                }
+                Pattern::Checker => pattern::checker(setup.dims),
             }
         };
         Ok(BlendTrigger {

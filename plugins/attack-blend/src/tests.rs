@@ -1,6 +1,7 @@
 use super::*;
 use audit_attack_common::testing::{call, f32_pixels, params, run_through_abi, u8_pixels, TestData};
-use audit_attack_common::{check_schema, Dims};
+use audit_attack_common::{Dims, Mode};
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::Status;
 use serde_json::json;
 
@@ -23,7 +24,9 @@ fn write_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn schema_and_info_are_well_formed() {
-    check_schema(SCHEMA).unwrap();
+    Schema::parse(SCHEMA).unwrap();
+    check_enum::<Mode>(SCHEMA, "mode").unwrap();
+    check_enum::<Pattern>(SCHEMA, "pattern").unwrap();
     let info = Blend::info();
     assert_eq!(info.name, "blend");
     assert_eq!(info.capabilities, abi::AUDIT_CAP_NEEDS_TRAINING_DATA);

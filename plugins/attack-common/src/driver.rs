@@ -5,7 +5,7 @@ use audit_sdk::serde_json::{Map, Value};
 use audit_sdk::{Call, DatasetRef, Params, Poisoned, Result, Triggered};
 
 use crate::image::{stamp_in_place, Dims, Stamp};
-use crate::params::{resolve_params, CommonParams, Mode};
+use crate::params::{CommonParams, Mode};
 use crate::select::plan;
 
 /// A call's resolved parameters, checked against its data.
@@ -22,7 +22,7 @@ pub struct Setup {
 impl Setup {
     /// Resolves `call.params` against `schema` and validates them against `data`.
     pub fn new(call: &Call<'_>, data: &DatasetRef<'_>, schema: &str) -> Result<Setup> {
-        let params = resolve_params(schema, &call.params)?;
+        let params = call.params.resolve(schema)?;
         let common = CommonParams::from_params(&params)?;
         common.validate(data)?;
         Ok(Setup {

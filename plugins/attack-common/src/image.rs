@@ -2,6 +2,7 @@
 
 use audit_sdk::serde_json::{Map, Value};
 use audit_sdk::{Call, DatasetRef, Error, Result, Tensor, TensorData};
+use serde::Deserialize;
 
 /// An image element: u8 in 0..=255 or f32 in 0..=1. Triggers compute in `f32` in the element's own
 /// unit (`MAX` is full intensity) and write back with [`Pixel::from_f32`], which clamps (and rounds
@@ -69,8 +70,10 @@ impl Dims {
     }
 }
 
-/// Where a square patch sits in the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a square patch sits in the image (the schema's `position`: `bottom-right`,
+/// `bottom-left`, `top-right`, `top-left`, `center`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Position {
     /// Bottom-right corner (the BadNets default).
     BottomRight,
@@ -85,26 +88,6 @@ pub enum Position {
 }
 
 impl Position {
-    /// The schema's spellings, in order.
-    pub const NAMES: [&'static str; 5] = ["bottom-right", "bottom-left", "top-right", "top-left", "center"];
-
-    /// Parses one of [`Position::NAMES`].
-    pub fn parse(s: &str) -> Result<Position> {
-        Ok(match s {
-            "bottom-right" => Position::BottomRight,
-            "bottom-left" => Position::BottomLeft,
-            "top-right" => Position::TopRight,
-            "top-left" => Position::TopLeft,
-            "center" => Position::Center,
-            other => {
-                return Err(Error::invalid(format!(
-                    "parameter `position`: `{other}` is not one of {}",
-                    Position::NAMES.join(", ")
-                )))
-            }
-        })
-    }
-
     /// The schema spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -208,9 +191,23 @@ mod tests {
         assert_eq!(Position::TopRight.origin(3, 32, 30), (0, 27));
         assert_eq!(Position::TopLeft.origin(3, 32, 30), (0, 0));
         assert_eq!(Position::Center.origin(4, 10, 9), (3, 2));
-        for name in Position::NAMES {
-            assert_eq!(Position::parse(name).unwrap().as_str(), name);
+        let names = audit_sdk::schema::enum_variants::<Position>().unwrap();
+        assert_eq!(names.len(), 5);
+        for &name in names {
+            let p: Position = audit_sdk::serde_json::from_value(name.into()).unwrap();
+            assert_eq!(p.as_str(), name, "as_str spells what deserializes");
         }
-        assert!(Position::parse("middle").unwrap_err().message.contains("position"));
+        let given = audit_sdk::Params(
+            audit_sdk::serde_json::json!({"position": "middle"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        let e = given.get::<Position>("position").unwrap_err();
+        assert!(
+            e.message.contains("parameter `position`") && e.message.contains("`center`"),
+            "{}",
+            e.message
+        );
     }
 }

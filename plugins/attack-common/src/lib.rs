@@ -4,8 +4,9 @@
 //!   reproducible from the call seed (or from a trigger's own seed).
 //! * [`CommonParams`]: `target`, `mode`, `poison_rate`, `adaptive`, shared by every attack, and
 //!   [`common_schema_properties!`] for their JSON Schema.
-//! * [`resolve_params`]: fills defaults from a schema and checks values against it, so the plugins
-//!   behave the same whether or not the host already did.
+//! * Parameters are resolved against the plugin's schema with the SDK's one implementation
+//!   (`call.params.resolve(SCHEMA)`, see `audit_sdk::schema`), so the plugins behave the same
+//!   whether or not the host already did.
 //! * [`plan_poison`]: which samples to poison (partial Fisher–Yates without replacement).
 //! * [`Pixel`], [`Stamp`], [`stamp_in_place`]: triggers written once for u8 (0..255) and f32 (0..1).
 //! * [`poison_with`], [`trigger_with`]: the whole `poison`/`trigger` flow around a [`Stamp`].
@@ -20,7 +21,7 @@ pub mod testing;
 
 pub use driver::{poison_with, trigger_with, Setup};
 pub use image::{stamp_in_place, Dims, Pixel, Position, Stamp};
-pub use params::{check_schema, resolve_params, CommonParams, Mode, ADAPTIVE_POISON_RATE};
+pub use params::{CommonParams, Mode, ADAPTIVE_POISON_RATE};
 pub use rng::{stream, Rng};
 pub use select::{choose, plan_poison, plan_poison_clean_label, Plan};
 
@@ -33,7 +34,7 @@ pub use select::{choose, plan_poison, plan_poison_clean_label, Plan};
 ///     audit_attack_common::common_schema_properties!(0.05),
 ///     r#"}}"#
 /// );
-/// audit_attack_common::check_schema(SCHEMA).unwrap();
+/// audit_sdk::schema::Schema::parse(SCHEMA).unwrap();
 /// ```
 #[macro_export]
 macro_rules! common_schema_properties {

@@ -1,13 +1,16 @@
-//! The parameters every attack shares, and a small checker of the JSON Schema subset the host uses.
+//! The parameters every attack shares. Schemas are checked and resolved by the SDK
+//! (`audit_sdk::schema`, [`Params::resolve`]), as in the host.
 
 use audit_sdk::serde_json::{Map, Value};
 use audit_sdk::{DatasetRef, Error, Params, Result};
+use serde::Deserialize;
 
 /// `poison_rate` used when `adaptive` is true (the low-rate "slow poisoning" setting).
 pub const ADAPTIVE_POISON_RATE: f64 = 0.003;
 
-/// How poisoned samples are relabelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How poisoned samples are relabelled (the schema's `mode`: `all-to-one`, `all-to-all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Every poisoned sample gets the target class.
     AllToOne,
@@ -16,16 +19,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// Parses `all-to-one` / `all-to-all`.
-    pub fn parse(s: &str) -> Result<Mode> {
-        match s {
-            "all-to-one" => Ok(Mode::AllToOne),
-            "all-to-all" => Ok(Mode::AllToAll),
-            other => Err(Error::invalid(format!(
-                "parameter `mode`: `{other}` is not one of all-to-one, all-to-all"
-            ))),
-        }
-    }
     /// The schema spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,7 +57,7 @@ impl CommonParams {
         }
         Ok(CommonParams {
             target,
-            mode: Mode::parse(p.str("mode")?)?,
+            mode: p.get("mode")?,
             poison_rate,
             adaptive: p.bool("adaptive")?,
         })
@@ -137,116 +130,10 @@ impl CommonParams {
     }
 }
 
-fn properties(schema: &Value) -> std::result::Result<&Map<String, Value>, String> {
-    schema
-        .get("properties")
-        .and_then(Value::as_object)
-        .ok_or_else(|| "schema has no `properties` object".to_string())
-}
-
-fn parse_schema(schema: &str) -> std::result::Result<Value, String> {
-    audit_sdk::serde_json::from_str(schema).map_err(|e| format!("schema is not valid JSON: {e}"))
-}
-
-/// Checks `value` against one property schema; integral floats are turned into integers for
-/// `"type":"integer"`.
-fn check_value(key: &str, prop: &Value, value: &Value) -> std::result::Result<Value, String> {
-    let ty = prop.get("type").and_then(Value::as_str).unwrap_or("");
-    let value = match ty {
-        "number" if value.is_number() => value.clone(),
-        "integer" if value.is_i64() || value.is_u64() => value.clone(),
-        "integer" if value.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.0e15) => {
-            Value::from(value.as_f64().unwrap_or_default() as i64)
-        }
-        "boolean" if value.is_boolean() => value.clone(),
-        "string" if value.is_string() => value.clone(),
-        "number" | "integer" | "boolean" | "string" => {
-            return Err(format!("parameter `{key}` must be of type {ty}, got {value}"))
-        }
-        other => return Err(format!("parameter `{key}`: unsupported schema type `{other}`")),
-    };
-    if let Some(x) = value.as_f64() {
-        if let Some(min) = prop.get("minimum").and_then(Value::as_f64) {
-            if x < min {
-                return Err(format!("parameter `{key}` must be >= {min}, got {value}"));
-            }
-        }
-        if let Some(max) = prop.get("maximum").and_then(Value::as_f64) {
-            if x > max {
-                return Err(format!("parameter `{key}` must be <= {max}, got {value}"));
-            }
-        }
-    }
-    if let Some(options) = prop.get("enum").and_then(Value::as_array) {
-        if !options.contains(&value) {
-            let list: Vec<String> = options.iter().map(|o| o.to_string()).collect();
-            return Err(format!(
-                "parameter `{key}` must be one of {}, got {value}",
-                list.join(", ")
-            ));
-        }
-    }
-    Ok(value)
-}
-
-/// Resolves `given` against `schema`: rejects unknown keys, fills every missing key with its
-/// `default`, and checks type, `minimum`, `maximum` and `enum`. A broken schema is a plugin bug
-/// ([`Error::failed`]); a bad value is [`Error::invalid`] naming the parameter.
-pub fn resolve_params(schema: &str, given: &Params) -> Result<Params> {
-    let schema = parse_schema(schema).map_err(|e| Error::failed(format!("plugin bug: {e}")))?;
-    let props = properties(&schema).map_err(|e| Error::failed(format!("plugin bug: {e}")))?;
-    if let Some(key) = given.0.keys().find(|k| !props.contains_key(*k)) {
-        let known: Vec<&str> = props.keys().map(String::as_str).collect();
-        return Err(Error::invalid(format!(
-            "unknown parameter `{key}` (known: {})",
-            known.join(", ")
-        )));
-    }
-    let mut out = Map::new();
-    for (key, prop) in props {
-        let value = match given.0.get(key).or_else(|| prop.get("default")) {
-            Some(v) => check_value(key, prop, v).map_err(Error::invalid)?,
-            None => return Err(Error::failed(format!("plugin bug: parameter `{key}` has no default"))),
-        };
-        out.insert(key.clone(), value);
-    }
-    Ok(Params(out))
-}
-
-/// Checks that `schema` is the subset the host understands: a top-level object with
-/// `"additionalProperties": false`, and for every property a known `type`, a non-empty
-/// `description`, and a `default` that satisfies the property's own constraints (as do its `enum`
-/// entries).
-pub fn check_schema(schema: &str) -> std::result::Result<(), String> {
-    let schema = parse_schema(schema)?;
-    if schema.get("type").and_then(Value::as_str) != Some("object") {
-        return Err("top level must have \"type\": \"object\"".into());
-    }
-    if schema.get("additionalProperties") != Some(&Value::Bool(false)) {
-        return Err("top level must have \"additionalProperties\": false".into());
-    }
-    for (key, prop) in properties(&schema)? {
-        if prop
-            .get("description")
-            .and_then(Value::as_str)
-            .is_none_or(|d| d.trim().is_empty())
-        {
-            return Err(format!("parameter `{key}` has no description"));
-        }
-        let default = prop
-            .get("default")
-            .ok_or_else(|| format!("parameter `{key}` has no default"))?;
-        check_value(key, prop, default).map_err(|e| format!("default: {e}"))?;
-        for option in prop.get("enum").and_then(Value::as_array).into_iter().flatten() {
-            check_value(key, prop, option).map_err(|e| format!("enum: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use audit_sdk::schema::{check_enum, Schema};
     use audit_sdk::serde_json::json;
 
     const SCHEMA: &str = concat!(
@@ -260,11 +147,18 @@ mod tests {
     }
 
     #[test]
+    fn common_properties_are_a_valid_schema_and_mode_matches_its_enum() {
+        let s = Schema::parse(SCHEMA).unwrap();
+        let names: Vec<&str> = s.params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["target", "mode", "poison_rate", "adaptive", "size"]);
+        check_enum::<Mode>(SCHEMA, "mode").unwrap();
+    }
+
+    #[test]
     fn defaults_are_filled_and_overrides_kept() {
-        check_schema(SCHEMA).unwrap();
-        let p = resolve_params(SCHEMA, &given(json!({"target": 2, "size": 5.0}))).unwrap();
+        let p = given(json!({"target": 2, "size": 5})).resolve(SCHEMA).unwrap();
         assert_eq!(p.i64("target").unwrap(), 2);
-        assert_eq!(p.i64("size").unwrap(), 5, "integral float normalised to an integer");
+        assert_eq!(p.i64("size").unwrap(), 5);
         assert_eq!(p.f64("poison_rate").unwrap(), 0.05);
         let c = CommonParams::from_params(&p).unwrap();
         assert_eq!(c.mode, Mode::AllToOne);
@@ -281,27 +175,42 @@ mod tests {
             (json!({"size": 0}), "size"),
             (json!({"adaptive": "yes"}), "adaptive"),
             (json!({"target": 1.5}), "target"),
+            // An integer parameter takes a JSON integer: 5.0 is refused (the host's rule), where
+            // this crate used to round it.
+            (json!({"size": 5.0}), "size"),
         ] {
-            let e = resolve_params(SCHEMA, &given(v)).unwrap_err();
+            let e = given(v).resolve(SCHEMA).unwrap_err();
             assert_eq!(e.status, audit_sdk::Status::InvalidInput);
-            assert!(e.message.contains(word), "{}", e.message);
+            assert!(e.message.contains(&format!("`{word}`")), "{}", e.message);
         }
     }
 
     #[test]
-    fn check_schema_rejects_incomplete_properties() {
-        let no_default =
-            r#"{"type":"object","additionalProperties":false,"properties":{"a":{"type":"integer","description":"d"}}}"#;
-        assert!(check_schema(no_default).unwrap_err().contains("default"));
-        let bad_default = r#"{"type":"object","additionalProperties":false,"properties":{"a":{"type":"integer","default":-1,"minimum":0,"description":"d"}}}"#;
-        assert!(check_schema(bad_default).is_err());
-        let open = r#"{"type":"object","properties":{}}"#;
-        assert!(check_schema(open).is_err());
+    fn unresolved_params_are_still_checked() {
+        // Without the schema's resolution, from_params still refuses what the schema would.
+        let base = json!({"target": 0, "mode": "all-to-one", "poison_rate": 0.1, "adaptive": false});
+        assert!(CommonParams::from_params(&given(base.clone())).is_ok());
+        for (key, bad, word) in [
+            ("mode", json!("sideways"), "unknown variant `sideways`"),
+            ("target", json!(-1), ">= 0"),
+            ("poison_rate", json!(2.0), "0..1"),
+        ] {
+            let mut v = base.clone();
+            v[key] = bad;
+            let e = CommonParams::from_params(&given(v)).unwrap_err();
+            assert!(
+                e.message.contains(&format!("`{key}`")) && e.message.contains(word),
+                "{}",
+                e.message
+            );
+        }
     }
 
     #[test]
     fn adaptive_overrides_rate_and_labels_follow_mode() {
-        let p = resolve_params(SCHEMA, &given(json!({"adaptive": true, "mode": "all-to-all"}))).unwrap();
+        let p = given(json!({"adaptive": true, "mode": "all-to-all"}))
+            .resolve(SCHEMA)
+            .unwrap();
         let c = CommonParams::from_params(&p).unwrap();
         assert_eq!(c.effective_rate(), ADAPTIVE_POISON_RATE);
         assert_eq!(c.weakening(), 0.5);

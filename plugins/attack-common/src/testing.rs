@@ -5,7 +5,6 @@ use audit_sdk::abi::{self, AuditDataset, AuditTensor};
 use audit_sdk::serde_json::Value;
 use audit_sdk::{Call, DatasetRef, Host, Params, Tensor, TensorData, TensorRef};
 
-use crate::params::resolve_params;
 use crate::rng::Rng;
 
 /// An owned labelled image set (NCHW) that lends itself as a [`DatasetRef`].
@@ -123,7 +122,9 @@ impl TestData {
 /// Panics when an override is invalid.
 pub fn params(schema: &str, overrides: Value) -> Params {
     let given = Params(overrides.as_object().cloned().expect("overrides must be a JSON object"));
-    resolve_params(schema, &given).unwrap_or_else(|e| panic!("invalid test parameters: {e}"))
+    given
+        .resolve(schema)
+        .unwrap_or_else(|e| panic!("invalid test parameters: {e}"))
 }
 
 /// A call with no host (progress and logs are no-ops), device "cpu".

@@ -1,6 +1,6 @@
 use super::*;
-use audit_attack_common::check_schema;
 use audit_attack_common::testing::{call, f32_pixels, params, run_through_abi, u8_pixels, TestData};
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::Status;
 use serde_json::json;
 
@@ -16,7 +16,8 @@ fn trigger(data: &TestData, overrides: Value) -> Result<Triggered> {
 
 #[test]
 fn schema_and_info_are_well_formed() {
-    check_schema(SCHEMA).unwrap();
+    Schema::parse(SCHEMA).unwrap();
+    check_enum::<Mode>(SCHEMA, "mode").unwrap();
     let info = Sig::info();
     assert_eq!(info.name, "sig");
     assert_eq!(info.capabilities, abi::AUDIT_CAP_NEEDS_TRAINING_DATA);

@@ -1,6 +1,7 @@
 use super::*;
-use audit_attack_common::check_schema;
 use audit_attack_common::testing::{call, f32_pixels, params, run_through_abi, u8_pixels, TestData};
+use audit_attack_common::Mode;
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::Status;
 use serde_json::json;
 
@@ -39,7 +40,8 @@ fn mean(v: &[u8]) -> f64 {
 
 #[test]
 fn schema_and_info_are_well_formed() {
-    check_schema(SCHEMA).unwrap();
+    Schema::parse(SCHEMA).unwrap();
+    check_enum::<Mode>(SCHEMA, "mode").unwrap();
     let info = WaNet::info();
     assert_eq!(info.name, "wanet");
     assert_eq!(info.capabilities, abi::AUDIT_CAP_NEEDS_TRAINING_DATA);

@@ -88,18 +88,60 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "freeze_bn":{"type":"boolean","default":false,"description":"keep BatchNormalization running statistics fixed during unlearning (ABL's code unlearns in train mode: false)"},
 "seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
 
+/// `isolation_loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum IsolationLoss {
+    /// `sign(L - gamma) * L`.
+    Lga,
+    /// `|L - gamma| + gamma`.
+    Flooding,
+}
+
+/// `init`: where the isolation phase starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Init {
+    /// Re-initialised weights (ABL trains from scratch).
+    Fresh,
+    /// The given weights.
+    Model,
+}
+
+/// `lr_schedule` of the training on the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum LrSchedule {
+    /// x0.1 every 40 epochs (ABL's code).
+    Step,
+    /// Cosine annealing to 0 over `train_epochs`.
+    Cosine,
+    /// The base rate throughout.
+    Constant,
+}
+
+impl LrSchedule {
+    fn schedule(self) -> Schedule {
+        match self {
+            LrSchedule::Step => Schedule::Step { every: 40, gamma: 0.1 },
+            LrSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },
+            LrSchedule::Constant => Schedule::Constant,
+        }
+    }
+}
+
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
-    isolation_loss: String,
+    isolation_loss: IsolationLoss,
     gamma: f64,
     isolation_epochs: usize,
     isolation_ratio: f64,
-    init: String,
+    init: Init,
     train_epochs: usize,
     unlearning_epochs: usize,
     lr: f64,
-    lr_schedule: String,
+    lr_schedule: LrSchedule,
     unlearning_lr: f64,
     unlearning_stop_accuracy: f64,
     momentum: f64,
@@ -112,22 +154,9 @@ struct Params {
 
 impl Params {
     fn check(&self) -> Result<()> {
-        let one_of = |name: &str, value: &str, options: &[&str]| -> Result<()> {
-            if options.contains(&value) {
-                Ok(())
-            } else {
-                Err(Error::invalid(format!(
-                    "{name} `{value}`: expected {}",
-                    options.join(" or ")
-                )))
-            }
-        };
-        one_of("isolation_loss", &self.isolation_loss, &["lga", "flooding"])?;
-        one_of("init", &self.init, &["fresh", "model"])?;
-        one_of("lr_schedule", &self.lr_schedule, &["step", "cosine", "constant"])?;
         if !(self.isolation_ratio > 0.0 && self.isolation_ratio <= 0.5) {
             return Err(Error::invalid(format!(
-                "isolation_ratio {}: expected a share in (0, 0.5]",
+                "parameter `isolation_ratio`: {} is not a share in (0, 0.5]",
                 self.isolation_ratio
             )));
         }
@@ -354,13 +383,12 @@ impl Defense for Abl {
         let host = call.host;
 
         // 1. Isolation: LGA or flooding on the whole (poisoned) training set.
-        if p.init == "fresh" {
+        if p.init == Init::Fresh {
             model.reinitialize(seed);
         }
-        let objective = if p.isolation_loss == "flooding" {
-            Objective::Flooding(p.gamma)
-        } else {
-            Objective::Lga(p.gamma)
+        let objective = match p.isolation_loss {
+            IsolationLoss::Lga => Objective::Lga(p.gamma),
+            IsolationLoss::Flooding => Objective::Flooding(p.gamma),
         };
         let mut trainer = Trainer::new(
             &model,
@@ -406,11 +434,7 @@ impl Defense for Abl {
         ));
 
         // 3. Training on the rest, then unlearning the isolated samples with the same optimiser.
-        let schedule = match p.lr_schedule.as_str() {
-            "cosine" => Schedule::Cosine { min_lr: 0.0 },
-            "constant" => Schedule::Constant,
-            _ => Schedule::Step { every: 40, gamma: 0.1 },
-        };
+        let schedule = p.lr_schedule.schedule();
         let mut trainer = Trainer::new(
             &model,
             config(&p, p.train_epochs, p.lr, schedule, p.augment, seed.wrapping_add(1)),

@@ -1,6 +1,7 @@
 use audit_attack_common::testing::{self, TestData};
 use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::{Call, Status};
 use serde_json::{json, Value};
 
@@ -70,7 +71,7 @@ fn quick(extra: Value) -> Value {
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
     let _torch = testing::torch_lock();
-    audit_attack_common::check_schema(SCHEMA).expect("valid schema");
+    Schema::parse(SCHEMA).expect("valid schema");
     let info = Abl::info();
     assert_eq!(info.name, "abl");
     assert_eq!(
@@ -81,20 +82,20 @@ fn schema_is_valid_and_descriptor_matches() {
     p.check().expect("defaults are consistent");
     assert_eq!(
         (
-            p.isolation_loss.as_str(),
+            p.isolation_loss,
             p.gamma,
             p.isolation_epochs,
             p.isolation_ratio,
-            p.init.as_str(),
+            p.init,
             p.train_epochs,
             p.unlearning_epochs
         ),
-        ("lga", 0.5, 20, 0.01, "fresh", 60, 5)
+        (IsolationLoss::Lga, 0.5, 20, 0.01, Init::Fresh, 60, 5)
     );
     assert_eq!(
         (
             p.lr,
-            p.lr_schedule.as_str(),
+            p.lr_schedule,
             p.unlearning_lr,
             p.momentum,
             p.weight_decay,
@@ -103,8 +104,30 @@ fn schema_is_valid_and_descriptor_matches() {
             p.freeze_bn,
             p.unlearning_stop_accuracy
         ),
-        (0.1, "step", 0.0005, 0.9, 1e-4, 128, false, false, -1.0)
+        (0.1, LrSchedule::Step, 0.0005, 0.9, 1e-4, 128, false, false, -1.0)
     );
+}
+
+#[test]
+fn enum_parameters_match_the_schema_and_refuse_other_values() {
+    check_enum::<IsolationLoss>(SCHEMA, "isolation_loss").unwrap();
+    check_enum::<Init>(SCHEMA, "init").unwrap();
+    check_enum::<LrSchedule>(SCHEMA, "lr_schedule").unwrap();
+    // A value the host would have refused, given straight to the plugin: an error, not a fallback.
+    for key in ["isolation_loss", "init", "lr_schedule"] {
+        let mut given = testing::params(SCHEMA, json!({}));
+        given.0.insert(key.into(), json!("linear"));
+        let e = given.parse::<Params>().unwrap_err();
+        assert_eq!(e.status, Status::InvalidInput);
+        assert!(
+            e.message.contains(&format!("parameter `{key}`")) && e.message.contains("unknown variant `linear`"),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(LrSchedule::Step.schedule(), Schedule::Step { every: 40, gamma: 0.1 });
+    assert_eq!(LrSchedule::Cosine.schedule(), Schedule::Cosine { min_lr: 0.0 });
+    assert_eq!(LrSchedule::Constant.schedule(), Schedule::Constant);
 }
 
 #[test]

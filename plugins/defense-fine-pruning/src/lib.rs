@@ -58,11 +58,41 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
 "seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
 
+/// `layer`: what is pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum LayerChoice {
+    /// The channels of the last conv layer that feeds another layer (Liu et al.).
+    LastConv,
+    /// The features entering the final linear layer (BackdoorBench v2).
+    Penultimate,
+}
+
+/// `activation`: where `last-conv` channels are ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Activation {
+    /// After the activation that follows the conv.
+    Post,
+    /// On the conv's own output.
+    Pre,
+}
+
+/// `schedule` of the fine-tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum LrSchedule {
+    /// Cosine annealing to 0 (BackdoorBench).
+    Cosine,
+    /// The base rate throughout.
+    Constant,
+}
+
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
-    layer: String,
-    activation: String,
+    layer: LayerChoice,
+    activation: Activation,
     step: f64,
     acc_budget: f64,
     epochs: usize,
@@ -70,7 +100,7 @@ struct Params {
     batch_size: i64,
     weight_decay: f64,
     momentum: f64,
-    schedule: String,
+    schedule: LrSchedule,
     freeze_bn: bool,
     augment: bool,
     seed: u64,
@@ -172,7 +202,7 @@ fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
             .ok_or_else(|| Error::failed(format!("value `{name}` has no id")))
     };
     let mut notes = Vec::new();
-    if p.layer == "penultimate" {
+    if p.layer == LayerChoice::Penultimate {
         let out = layers.iter().rev().find(|l| l.is_output).ok_or_else(|| {
             Error::invalid("layer=penultimate: the model has no final linear layer (Gemm or MatMul with a weight)")
         })?;
@@ -190,9 +220,16 @@ fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
             )));
         }
         let features = shape[1];
+        // The weight's input dimension.
         let dim = match out.kind {
             LayerKind::Gemm { trans_b: true } => 1,
-            _ => 0,
+            LayerKind::Gemm { trans_b: false } | LayerKind::MatMul => 0,
+            LayerKind::Conv => {
+                return Err(Error::invalid(format!(
+                    "layer=penultimate: the final layer `{}` is a Conv, not a linear layer (Gemm or MatMul); use layer=last-conv",
+                    out.node
+                )))
+            }
         };
         let wshape = model.params[out.weight].tensor.size();
         if wshape.get(dim) != Some(&features) {
@@ -247,12 +284,12 @@ fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
             )))
         }
     };
-    let (tap_name, post) = if p.activation == "post" {
+    let (tap_name, post) = if p.activation == Activation::Post {
         graph.activation_after(&conv.value_name)
     } else {
         (conv.value_name.clone(), false)
     };
-    if p.activation == "post" && !post {
+    if p.activation == Activation::Post && !post {
         notes.push(format!(
             "no activation follows `{}` directly; channels ranked on `{tap_name}` (pre-activation)",
             conv.node
@@ -347,10 +384,9 @@ fn training_config(p: &Params, seed: u64) -> TrainConfig {
             momentum: p.momentum,
             nesterov: false,
         },
-        schedule: if p.schedule == "constant" {
-            Schedule::Constant
-        } else {
-            Schedule::Cosine { min_lr: 0.0 }
+        schedule: match p.schedule {
+            LrSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },
+            LrSchedule::Constant => Schedule::Constant,
         },
         freeze_bn: p.freeze_bn,
         augment: augment(p.augment),
@@ -368,20 +404,8 @@ impl Defense for FinePruning {
         clean: Option<&DatasetRef<'_>>,
     ) -> Result<Hardened> {
         let p: Params = call.params.parse()?;
-        for (key, value, allowed) in [
-            ("layer", &p.layer, &["last-conv", "penultimate"]),
-            ("activation", &p.activation, &["post", "pre"]),
-            ("schedule", &p.schedule, &["cosine", "constant"]),
-        ] {
-            if !allowed.contains(&value.as_str()) {
-                return Err(Error::invalid(format!(
-                    "{key} `{value}`: expected one of {}",
-                    allowed.join(", ")
-                )));
-            }
-        }
         if !(p.step > 0.0 && p.step <= 1.0) {
-            return Err(Error::invalid(format!("step {}: must be in (0, 1]", p.step)));
+            return Err(Error::invalid(format!("parameter `step`: {} is not in (0, 1]", p.step)));
         }
         let clean = require_clean("fine-pruning", clean)?;
         let device = device(call)?;

@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 use audit_attack_common::testing::{self, TestData};
 use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::{Call, Status};
 use serde_json::json;
 
@@ -82,7 +83,7 @@ fn usizes(v: &Value) -> Vec<usize> {
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
     let _torch = testing::torch_lock();
-    audit_attack_common::check_schema(SCHEMA).expect("valid schema");
+    Schema::parse(SCHEMA).expect("valid schema");
     let info = FinePruning::info();
     assert_eq!(info.name, "fine-pruning");
     assert_eq!(
@@ -91,9 +92,46 @@ fn schema_is_valid_and_descriptor_matches() {
     );
     let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
     assert_eq!(
-        (p.layer.as_str(), p.step, p.acc_budget, p.epochs, p.lr, p.momentum),
-        ("last-conv", 0.01, 0.1, 10, 0.01, 0.9)
+        (
+            p.layer,
+            p.activation,
+            p.schedule,
+            p.step,
+            p.acc_budget,
+            p.epochs,
+            p.lr,
+            p.momentum
+        ),
+        (
+            LayerChoice::LastConv,
+            Activation::Post,
+            LrSchedule::Cosine,
+            0.01,
+            0.1,
+            10,
+            0.01,
+            0.9
+        )
     );
+}
+
+#[test]
+fn enum_parameters_match_the_schema_and_refuse_other_values() {
+    check_enum::<LayerChoice>(SCHEMA, "layer").unwrap();
+    check_enum::<Activation>(SCHEMA, "activation").unwrap();
+    check_enum::<LrSchedule>(SCHEMA, "schedule").unwrap();
+    // A value the host would have refused, given straight to the plugin: an error, not a fallback.
+    for key in ["layer", "activation", "schedule"] {
+        let mut given = testing::params(SCHEMA, json!({}));
+        given.0.insert(key.into(), json!("linear"));
+        let e = given.parse::<Params>().unwrap_err();
+        assert_eq!(e.status, Status::InvalidInput);
+        assert!(
+            e.message.contains(&format!("parameter `{key}`")) && e.message.contains("unknown variant `linear`"),
+            "{}",
+            e.message
+        );
+    }
 }
 
 #[test]

@@ -13,8 +13,8 @@
 use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs};
 use audit_nn::train::{self, Optimizer, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
-use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
-use serde::Deserialize;
+use audit_sdk::{abi, Call, DatasetRef, Defense, Hardened, Plugin, PluginInfo, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
@@ -30,6 +30,26 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
 "seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
 
+/// `optimizer` (serialized as the schema spells it, for the report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum OptimizerChoice {
+    /// SGD with `momentum`.
+    Sgd,
+    /// Adam, betas 0.9 and 0.999.
+    Adam,
+}
+
+/// `schedule` over the epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum LrSchedule {
+    /// Cosine annealing to 0 (BackdoorBench).
+    Cosine,
+    /// The base rate throughout.
+    Constant,
+}
+
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
@@ -37,9 +57,9 @@ struct Params {
     lr: f64,
     batch_size: i64,
     weight_decay: f64,
-    optimizer: String,
+    optimizer: OptimizerChoice,
     momentum: f64,
-    schedule: String,
+    schedule: LrSchedule,
     freeze_bn: bool,
     augment: bool,
     seed: u64,
@@ -67,21 +87,19 @@ fn training_config(p: &Params, seed: u64) -> TrainConfig {
         batch_size: p.batch_size,
         lr: p.lr,
         weight_decay: p.weight_decay,
-        optimizer: if p.optimizer == "adam" {
-            Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-            }
-        } else {
-            Optimizer::Sgd {
+        optimizer: match p.optimizer {
+            OptimizerChoice::Sgd => Optimizer::Sgd {
                 momentum: p.momentum,
                 nesterov: false,
-            }
+            },
+            OptimizerChoice::Adam => Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+            },
         },
-        schedule: if p.schedule == "constant" {
-            Schedule::Constant
-        } else {
-            Schedule::Cosine { min_lr: 0.0 }
+        schedule: match p.schedule {
+            LrSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },
+            LrSchedule::Constant => Schedule::Constant,
         },
         freeze_bn: p.freeze_bn,
         augment: augment(p.augment),
@@ -110,18 +128,6 @@ impl Defense for Finetune {
         clean: Option<&DatasetRef<'_>>,
     ) -> Result<Hardened> {
         let p: Params = call.params.parse()?;
-        if !matches!(p.optimizer.as_str(), "sgd" | "adam") {
-            return Err(Error::invalid(format!(
-                "optimizer `{}`: expected sgd or adam",
-                p.optimizer
-            )));
-        }
-        if !matches!(p.schedule.as_str(), "cosine" | "constant") {
-            return Err(Error::invalid(format!(
-                "schedule `{}`: expected cosine or constant",
-                p.schedule
-            )));
-        }
         let clean = require_clean("finetune", clean)?;
         let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);

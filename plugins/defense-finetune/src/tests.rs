@@ -1,5 +1,6 @@
 use audit_attack_common::testing::{self, TestData};
 use audit_nn::zoo::{self, Arch};
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::{Call, Status};
 use serde_json::{json, Value};
 
@@ -22,7 +23,7 @@ fn weights(bytes: &[u8]) -> Vec<Tensor> {
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
     let _torch = testing::torch_lock();
-    audit_attack_common::check_schema(SCHEMA).expect("valid schema");
+    Schema::parse(SCHEMA).expect("valid schema");
     let info = Finetune::info();
     assert_eq!(info.name, "finetune");
     assert_eq!(
@@ -36,11 +37,33 @@ fn schema_is_valid_and_descriptor_matches() {
             p.lr,
             p.batch_size,
             p.weight_decay,
-            p.optimizer.as_str(),
+            p.optimizer,
+            p.schedule,
             p.freeze_bn
         ),
-        (10, 0.01, 128, 5e-4, "sgd", false)
+        (10, 0.01, 128, 5e-4, OptimizerChoice::Sgd, LrSchedule::Cosine, false)
     );
+}
+
+#[test]
+fn enum_parameters_match_the_schema_and_refuse_other_values() {
+    check_enum::<OptimizerChoice>(SCHEMA, "optimizer").unwrap();
+    check_enum::<LrSchedule>(SCHEMA, "schedule").unwrap();
+    // The report spells them as the schema does.
+    assert_eq!(json!(OptimizerChoice::Adam), json!("adam"));
+    assert_eq!(json!(LrSchedule::Constant), json!("constant"));
+    // A value the host would have refused, given straight to the plugin: an error, not a fallback.
+    for key in ["optimizer", "schedule"] {
+        let mut given = testing::params(SCHEMA, json!({}));
+        given.0.insert(key.into(), json!("linear"));
+        let e = given.parse::<Params>().unwrap_err();
+        assert_eq!(e.status, Status::InvalidInput);
+        assert!(
+            e.message.contains(&format!("parameter `{key}`")) && e.message.contains("unknown variant `linear`"),
+            "{}",
+            e.message
+        );
+    }
 }
 
 #[test]

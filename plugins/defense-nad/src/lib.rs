@@ -44,7 +44,7 @@ use audit_defense_common::{augment, check_fit, device, device_data, load_model, 
 use audit_nn::train::{self, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Mode, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
@@ -68,6 +68,18 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 const DEFAULT_LAYERS: usize = 3;
 /// NAD's `eps` in the attention map's normalisation.
 const EPS: f64 = 1e-6;
+/// `schedule` of both phases (serialized as the schema spells it, for the report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum LrSchedule {
+    /// NAD's code: the base rate for two epochs, then a tenth.
+    Nad,
+    /// The base rate throughout (BackdoorBench's NAD).
+    Constant,
+    /// Cosine annealing to 0.
+    Cosine,
+}
+
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
@@ -79,7 +91,7 @@ struct Params {
     weight_decay: f64,
     momentum: f64,
     nesterov: bool,
-    schedule: String,
+    schedule: LrSchedule,
     p: f64,
     betas: String,
     layers: String,
@@ -275,11 +287,10 @@ fn training_config(p: &Params, lr: f64, epochs: usize, seed: u64) -> TrainConfig
             momentum: p.momentum,
             nesterov: p.nesterov,
         },
-        schedule: if p.schedule == "cosine" {
-            Schedule::Cosine { min_lr: 0.0 }
-        } else {
+        schedule: match p.schedule {
+            LrSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },
             // `nad` is applied by hand (set_lr after two epochs).
-            Schedule::Constant
+            LrSchedule::Nad | LrSchedule::Constant => Schedule::Constant,
         },
         freeze_bn: false,
         augment: augment(p.augment),
@@ -289,17 +300,17 @@ fn training_config(p: &Params, lr: f64, epochs: usize, seed: u64) -> TrainConfig
 }
 
 /// The learning rate of epoch `e` (0-based) of `epochs`, as the trainer applies it.
-fn lr_at(schedule: &str, base: f64, e: usize, epochs: usize) -> f64 {
+fn lr_at(schedule: LrSchedule, base: f64, e: usize, epochs: usize) -> f64 {
     match schedule {
-        "cosine" => 0.5 * base * (1.0 + (std::f64::consts::PI * e as f64 / epochs.max(1) as f64).cos()),
-        "nad" if e >= 2 => base / 10.0,
-        _ => base,
+        LrSchedule::Cosine => 0.5 * base * (1.0 + (std::f64::consts::PI * e as f64 / epochs.max(1) as f64).cos()),
+        LrSchedule::Nad if e >= 2 => base / 10.0,
+        LrSchedule::Nad | LrSchedule::Constant => base,
     }
 }
 
 /// Sets the `nad` schedule's rate before epoch `e`.
-fn apply_schedule(trainer: &mut Trainer, schedule: &str, base: f64, e: usize) -> Result<()> {
-    if schedule == "nad" {
+fn apply_schedule(trainer: &mut Trainer, schedule: LrSchedule, base: f64, e: usize) -> Result<()> {
+    if schedule == LrSchedule::Nad {
         trainer.set_lr(lr_at(schedule, base, e, 0)).map_err(nn_err)?;
     }
     Ok(())
@@ -328,7 +339,7 @@ fn train_teacher(
     let mut log = Vec::with_capacity(n);
     for e in 0..n {
         host.check_cancelled()?;
-        apply_schedule(&mut trainer, &p.schedule, p.teacher_lr, e)?;
+        apply_schedule(&mut trainer, p.schedule, p.teacher_lr, e)?;
         let label = format!("teacher epoch {}/{n}", e + 1);
         let s = trainer
             .epoch(teacher, data, pre, &mut hooks(call, &label))
@@ -339,7 +350,7 @@ fn train_teacher(
         ));
         log.push(json!({
             "epoch": e + 1,
-            "lr": lr_at(&p.schedule, p.teacher_lr, e, n),
+            "lr": lr_at(p.schedule, p.teacher_lr, e, n),
             "loss": s.loss,
             "train_accuracy": s.accuracy,
             "seconds": s.seconds,
@@ -414,7 +425,7 @@ fn distil(
     let mut log = Vec::with_capacity(n);
     for e in 0..n {
         host.check_cancelled()?;
-        apply_schedule(&mut trainer, &p.schedule, p.lr, e)?;
+        apply_schedule(&mut trainer, p.schedule, p.lr, e)?;
         let label = format!("NAD epoch {}/{n}", e + 1);
         let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
         let mut at_sum = Tensor::zeros([k], (Kind::Double, device));
@@ -454,7 +465,7 @@ fn distil(
         ));
         log.push(json!({
             "epoch": e + 1,
-            "lr": lr_at(&p.schedule, p.lr, e, n),
+            "lr": lr_at(p.schedule, p.lr, e, n),
             "loss": s.loss,
             "ce_loss": ce,
             "attention_loss": at,
@@ -476,14 +487,11 @@ impl Defense for Nad {
         clean: Option<&DatasetRef<'_>>,
     ) -> Result<Hardened> {
         let p: Params = call.params.parse()?;
-        if !matches!(p.schedule.as_str(), "constant" | "cosine" | "nad") {
-            return Err(Error::invalid(format!(
-                "schedule `{}`: expected constant, cosine or nad",
-                p.schedule
-            )));
-        }
         if !(p.p.is_finite() && p.p > 0.0) {
-            return Err(Error::invalid(format!("p = {}: expected a positive number", p.p)));
+            return Err(Error::invalid(format!(
+                "parameter `p`: {} is not a positive number",
+                p.p
+            )));
         }
         let clean = require_clean("nad", clean)?;
         let device = device(call)?;

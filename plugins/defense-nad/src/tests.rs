@@ -1,5 +1,6 @@
 use audit_attack_common::testing::{self, TestData};
 use audit_nn::zoo::{self, Arch};
+use audit_sdk::schema::{check_enum, Schema};
 use audit_sdk::{Call, Status};
 use serde_json::json;
 
@@ -37,7 +38,7 @@ fn close(a: f64, b: f64) -> bool {
 #[test]
 fn schema_is_valid_and_descriptor_matches() {
     let _torch = testing::torch_lock();
-    audit_attack_common::check_schema(SCHEMA).expect("valid schema");
+    Schema::parse(SCHEMA).expect("valid schema");
     let info = Nad::info();
     assert_eq!(info.name, "nad");
     assert_eq!(
@@ -51,10 +52,27 @@ fn schema_is_valid_and_descriptor_matches() {
     );
     assert_eq!((p.weight_decay, p.momentum, p.nesterov, p.p), (1e-4, 0.9, true, 2.0));
     assert_eq!(
-        (p.schedule.as_str(), p.betas.as_str(), p.layers.as_str(), p.augment),
-        ("nad", "500,1000,1000", "", false)
+        (p.schedule, p.betas.as_str(), p.layers.as_str(), p.augment),
+        (LrSchedule::Nad, "500,1000,1000", "", false)
     );
     assert_eq!(parse_betas(&p.betas).unwrap(), vec![500.0, 1000.0, 1000.0]);
+}
+
+#[test]
+fn enum_parameters_match_the_schema_and_refuse_other_values() {
+    check_enum::<LrSchedule>(SCHEMA, "schedule").unwrap();
+    // The report spells it as the schema does.
+    assert_eq!(json!(LrSchedule::Nad), json!("nad"));
+    // A value the host would have refused, given straight to the plugin: an error, not a fallback.
+    let mut given = testing::params(SCHEMA, json!({}));
+    given.0.insert("schedule".into(), json!("linear"));
+    let e = given.parse::<Params>().unwrap_err();
+    assert_eq!(e.status, Status::InvalidInput);
+    assert!(
+        e.message.contains("parameter `schedule`") && e.message.contains("unknown variant `linear`"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
@@ -92,11 +110,11 @@ fn attention_map_matches_hand_computation() {
 
 #[test]
 fn schedules_give_the_reported_rates() {
-    let nad: Vec<f64> = (0..4).map(|e| lr_at("nad", 0.1, e, 20)).collect();
+    let nad: Vec<f64> = (0..4).map(|e| lr_at(LrSchedule::Nad, 0.1, e, 20)).collect();
     assert_eq!(nad, vec![0.1, 0.1, 0.01, 0.01]);
-    assert_eq!(lr_at("constant", 0.05, 7, 20), 0.05);
-    assert!((lr_at("cosine", 0.1, 10, 20) - 0.05).abs() < 1e-12);
-    assert_eq!(lr_at("cosine", 0.1, 0, 20), 0.1);
+    assert_eq!(lr_at(LrSchedule::Constant, 0.05, 7, 20), 0.05);
+    assert!((lr_at(LrSchedule::Cosine, 0.1, 10, 20) - 0.05).abs() < 1e-12);
+    assert_eq!(lr_at(LrSchedule::Cosine, 0.1, 0, 20), 0.1);
 }
 
 #[test]

@@ -18,12 +18,15 @@
 
 mod data;
 mod host;
+mod params;
 #[doc(hidden)]
 pub mod runtime;
+pub mod schema;
 
 pub use audit_abi as abi;
 pub use data::{DatasetRef, Dtype, Tensor, TensorData, TensorRef};
 pub use host::Host;
+pub use params::Params;
 pub use serde_json;
 
 use serde_json::Value;
@@ -111,53 +114,13 @@ pub struct PluginInfo {
     pub version: &'static str,
     /// One line.
     pub description: &'static str,
-    /// JSON Schema of the parameters: `{"type":"object","properties":{...}}`; each property has a
-    /// `type` (number, integer, boolean, string), a `default`, optional `minimum`/`maximum`/`enum`,
-    /// and a `description`.
+    /// JSON Schema of the parameters:
+    /// `{"type":"object","additionalProperties":false,"properties":{...}}`; each property has a
+    /// `type` (number, integer, boolean, string), a `default`, a `description`, and optionally
+    /// `minimum`/`maximum`/`enum`. The rules are in [`schema`]; test it with [`schema::Schema::parse`].
     pub params_schema: &'static str,
     /// `AUDIT_CAP_*` flags.
     pub capabilities: u64,
-}
-
-/// The parameters of a call: a JSON object validated by the host against the schema, defaults
-/// filled in. The getters fail with [`Status::InvalidInput`] naming the key.
-#[derive(Debug, Clone)]
-pub struct Params(pub serde_json::Map<String, Value>);
-
-impl Params {
-    fn get(&self, key: &str) -> Result<&Value> {
-        self.0
-            .get(key)
-            .ok_or_else(|| Error::invalid(format!("parameter `{key}` is missing")))
-    }
-    /// A number parameter.
-    pub fn f64(&self, key: &str) -> Result<f64> {
-        self.get(key)?
-            .as_f64()
-            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a number")))
-    }
-    /// An integer parameter.
-    pub fn i64(&self, key: &str) -> Result<i64> {
-        self.get(key)?
-            .as_i64()
-            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be an integer")))
-    }
-    /// A boolean parameter.
-    pub fn bool(&self, key: &str) -> Result<bool> {
-        self.get(key)?
-            .as_bool()
-            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a boolean")))
-    }
-    /// A string parameter.
-    pub fn str(&self, key: &str) -> Result<&str> {
-        self.get(key)?
-            .as_str()
-            .ok_or_else(|| Error::invalid(format!("parameter `{key}` must be a string")))
-    }
-    /// Deserializes the whole object into a typed struct.
-    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(Value::Object(self.0.clone())).map_err(|e| Error::invalid(format!("parameters: {e}")))
-    }
 }
 
 /// Everything a call receives besides its data.

@@ -214,11 +214,11 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
     }
     let params = plugin
         .schema
-        .resolve(&args.params)
+        .resolve_args(&args.params)
         .map_err(|e| PluginError::InvalidInput {
             name: plugin.name.clone(),
             path: plugin.path.clone(),
-            message: e,
+            message: e.to_string(),
         })?;
     crate::signals::phase("attack:load");
     let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;

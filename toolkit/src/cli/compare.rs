@@ -217,10 +217,10 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
             )));
         }
         let raw = by_name.remove(name).unwrap_or_default();
-        let params = p.schema.resolve(&raw).map_err(|e| PluginError::InvalidInput {
+        let params = p.schema.resolve_args(&raw).map_err(|e| PluginError::InvalidInput {
             name: p.name.clone(),
             path: p.path.clone(),
-            message: e,
+            message: e.to_string(),
         })?;
         planned.push(Planned {
             name: p.name.clone(),
@@ -252,11 +252,13 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     let attack_params = attack
         .as_ref()
         .map(|a| {
-            a.schema.resolve(&attack_raw).map_err(|e| PluginError::InvalidInput {
-                name: a.name.clone(),
-                path: a.path.clone(),
-                message: e,
-            })
+            a.schema
+                .resolve_args(&attack_raw)
+                .map_err(|e| PluginError::InvalidInput {
+                    name: a.name.clone(),
+                    path: a.path.clone(),
+                    message: e.to_string(),
+                })
         })
         .transpose()?;
 

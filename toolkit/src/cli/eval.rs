@@ -98,11 +98,15 @@ pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
         .map(|name| super::plugins::find(&dirs, name))
         .transpose()?;
     let params = match &plugin {
-        Some(p) => Some(p.schema.resolve(&args.params).map_err(|e| PluginError::InvalidInput {
-            name: p.name.clone(),
-            path: p.path.clone(),
-            message: e,
-        })?),
+        Some(p) => Some(
+            p.schema
+                .resolve_args(&args.params)
+                .map_err(|e| PluginError::InvalidInput {
+                    name: p.name.clone(),
+                    path: p.path.clone(),
+                    message: e.to_string(),
+                })?,
+        ),
         None => None,
     };
     let spec = plugin.as_ref().zip(params.as_ref()).map(|(p, params)| AttackSpec {

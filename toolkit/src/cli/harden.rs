@@ -179,7 +179,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             defense.name, defense.kind
         )));
     }
-    let params = defense.schema.resolve(&args.params).map_err(|e| {
+    let params = defense.schema.resolve_args(&args.params).map_err(|e| {
         let hint = if args.run.eval_attack.is_some() {
             " (parameters of --eval-attack go in --attack-param)"
         } else {
@@ -210,11 +210,11 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     let attack_params = match &attack {
         Some(a) => Some(
             a.schema
-                .resolve(&args.run.attack_params)
+                .resolve_args(&args.run.attack_params)
                 .map_err(|e| PluginError::InvalidInput {
                     name: a.name.clone(),
                     path: a.path.clone(),
-                    message: e,
+                    message: e.to_string(),
                 })?,
         ),
         None => None,

@@ -361,11 +361,14 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
             op.kind()
         )));
     }
-    let params = p.schema.resolve(&args.params).map_err(|e| PluginError::InvalidInput {
-        name: p.name.clone(),
-        path: p.path.clone(),
-        message: e,
-    })?;
+    let params = p
+        .schema
+        .resolve_args(&args.params)
+        .map_err(|e| PluginError::InvalidInput {
+            name: p.name.clone(),
+            path: p.path.clone(),
+            message: e.to_string(),
+        })?;
     let model = match &args.model {
         Some(m) => Some(std::fs::read(m).map_err(|e| input_error(format!("{}: {e}", m.display())))?),
         None if op == Op::Defend || p.capabilities & audit_abi::AUDIT_CAP_NEEDS_MODEL != 0 => {

@@ -251,7 +251,7 @@ fn fake_plugin(kind: Kind) -> LoadedPlugin {
         description: String::new(),
         build_info: String::new(),
         schema_json: "{}".into(),
-        schema: Schema::parse(r#"{"type":"object","properties":{}}"#).unwrap(),
+        schema: Schema::parse(r#"{"type":"object","additionalProperties":false,"properties":{}}"#).unwrap(),
         capabilities: 0,
         run: fake_run,
         release: fake_release,

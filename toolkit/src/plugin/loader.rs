@@ -188,9 +188,9 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     let (Some(run), Some(release)) = (d.run, d.release) else {
         return Err(bad("run or release is null".into()));
     };
-    let schema = Schema::parse(&schema_json).map_err(|reason| PluginError::BadSchema {
+    let schema = Schema::parse(&schema_json).map_err(|e| PluginError::BadSchema {
         path: path_buf.clone(),
-        reason,
+        reason: e.to_string(),
     })?;
     Ok(LoadedPlugin {
         path: path_buf,
