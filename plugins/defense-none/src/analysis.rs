@@ -278,19 +278,7 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
     };
     let (side, rest) = (counts(&s.in_side), counts(&s.in_side.logical_not()));
     let novel = novel_classes(&rest, s.class, t.rare);
-    let novel_counts: Vec<f64> = novel.iter().map(|&j| side[j as usize] as f64).collect();
-    let novel_total: f64 = novel_counts.iter().sum();
-    let novel_share = if flagged > 0 { novel_total / flagged as f64 } else { 0.0 };
-    let novel_spread = if novel_total > 0.0 && k > 2 {
-        -novel_counts
-            .iter()
-            .filter(|&&v| v > 0.0)
-            .map(|&v| (v / novel_total) * (v / novel_total).ln())
-            .sum::<f64>()
-            / ((k - 1) as f64).ln()
-    } else {
-        0.0
-    };
+    let (novel_share, novel_spread) = novelty(&side, &novel, k);
     SideVerdict {
         class: s.class,
         n: s.n,
@@ -326,6 +314,26 @@ fn novel_classes(rest: &[i64], class: i64, rare: f64) -> Vec<i64> {
         .collect()
 }
 
+/// Of a set's probe label counts `set` ([K]): the share in the `novel` classes, and the
+/// normalised entropy (0..1, over the K - 1 other classes) of that part.
+fn novelty(set: &[i64], novel: &[i64], k: i64) -> (f64, f64) {
+    let total = set.iter().sum::<i64>();
+    let counts: Vec<f64> = novel.iter().map(|&j| set[j as usize] as f64).collect();
+    let novel_total: f64 = counts.iter().sum();
+    let share = if total > 0 { novel_total / total as f64 } else { 0.0 };
+    let spread = if novel_total > 0.0 && k > 2 {
+        -counts
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .map(|&v| (v / novel_total) * (v / novel_total).ln())
+            .sum::<f64>()
+            / ((k - 1) as f64).ln()
+    } else {
+        0.0
+    };
+    (share, spread)
+}
+
 /// One class's leave-class-out probe: its label for every member of the class.
 #[derive(Debug)]
 pub struct ClassProbe {
@@ -354,26 +362,28 @@ pub struct PaperGroup {
     /// The paper's suspects labelled with the class, and the class's size.
     pub suspects: i64,
     pub n: i64,
+    /// The split took at least half of the class.
+    pub swept: bool,
     /// Share of the suspects the class's probe gives a novel class (one the class's other members
-    /// go to less than `rare`).
+    /// go to less than `rare`; for a swept class, one the whole class goes to less than `rare`),
+    /// and the normalised entropy of that part.
     pub novel_share: f64,
-    pub kept: bool,
+    pub novel_spread: f64,
+    /// Suspects that stay dropped.
+    pub kept: i64,
 }
 
-/// Judges the paper's suspects class by class with the leave-class-out probes: the suspects of a
-/// class stay dropped only when the probe sends at least `min_share` of them to classes the rest
-/// of the class does not go to. Poisoned samples are genuine images of other classes (the probe
-/// names their sources); the clean images the global split takes (sandals, sneakers, whole
-/// classes on clean and low-rate models: 2,000-5,000 samples measured) go where their class goes.
-/// A class whose members are all suspects has nothing to compare with and is returned. Classes
-/// without a probe keep their suspects. `paper` is [N] bool; returns the filtered mask.
-pub fn paper_groups_judged(
-    paper: &Tensor,
-    probes: &[ClassProbe],
-    k: i64,
-    rare: f64,
-    min_share: f64,
-) -> (Tensor, Vec<PaperGroup>) {
+/// Judges the paper's suspects class by class with the leave-class-out probes. Poisoned samples
+/// are genuine images of the other classes (the probe names their sources, spread over them); the
+/// clean images the global split takes (sandals, sneakers, whole classes on clean and low-rate
+/// models: 2,000-5,000 samples measured) go where their class goes, or a look-alike
+/// sub-population to one class. A class the split took less than half of keeps its suspects only
+/// when the probe sends at least `t.min_share` of them to classes the rest of the class does not
+/// go to and spreads that part (`t.min_spread`), as [`judge_side`] judges a side. A swept class
+/// (at least half taken; poisoned samples are a minority of their class) keeps only the suspects
+/// the probe sends to a class the whole class rarely goes to. Classes without a probe keep their
+/// suspects. `paper` is [N] bool; returns the filtered mask.
+pub fn paper_groups_judged(paper: &Tensor, probes: &[ClassProbe], k: i64, t: Judge) -> (Tensor, Vec<PaperGroup>) {
     let mut out = paper.copy();
     let mut groups = Vec::new();
     for p in probes {
@@ -383,35 +393,82 @@ pub fn paper_groups_judged(
             continue;
         }
         let counts = |m: &Tensor| {
-            Vec::<i64>::try_from(
-                p.pred
-                    .masked_select(m)
-                    .bincount::<Tensor>(None, k)
-                    .to_device(audit_nn::tch::Device::Cpu),
-            )
-            .unwrap_or_default()
+            Vec::<i64>::try_from(p.pred.masked_select(m).bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
+                .unwrap_or_default()
         };
-        let (group, rest) = (counts(&in_group), counts(&in_group.logical_not()));
         let n = p.members.size()[0];
-        let novel_share = if suspects < n {
-            let novel = novel_classes(&rest, p.class, rare);
-            novel.iter().map(|&j| group[j as usize]).sum::<i64>() as f64 / suspects as f64
+        let swept = 2 * suspects >= n;
+        let group = counts(&in_group);
+        let novel = if swept {
+            novel_classes(&counts(&in_group.ones_like()), p.class, t.rare)
         } else {
-            0.0
+            novel_classes(&counts(&in_group.logical_not()), p.class, t.rare)
         };
-        let kept = novel_share >= min_share;
-        if !kept {
-            let _ = out.index_fill_(0, &p.members.masked_select(&in_group), 0);
-        }
-        groups.push(PaperGroup {
-            class: p.class,
-            suspects,
-            n,
-            novel_share,
-            kept,
-        });
+        let (novel_share, novel_spread) = novelty(&group, &novel, k);
+        let stay = if swept {
+            let mut is_novel = Tensor::zeros([k], (Kind::Bool, p.pred.device()));
+            if !novel.is_empty() {
+                let _ = is_novel.index_fill_(0, &Tensor::from_slice(&novel).to_device(p.pred.device()), 1);
+            }
+            in_group.logical_and(&is_novel.index_select(0, &p.pred))
+        } else if novel_share >= t.min_share && novel_spread >= t.min_spread {
+            in_group.shallow_clone()
+        } else {
+            in_group.zeros_like()
+        };
+        let back = in_group.logical_and(&stay.logical_not());
+        let _ = out.index_fill_(0, &p.members.masked_select(&back), 0);
+        let kept = stay.sum(Kind::Int64).int64_value(&[]);
+        groups.push(PaperGroup { class: p.class, suspects, n, swept, novel_share, novel_spread, kept });
     }
     (out, groups)
+}
+
+/// The paper's suspects of one class as a candidate side, for the same judgement as the split's
+/// side: the suspects of a class the paper's split took less than half of; of a swept class (at
+/// least half taken: the poisoned samples, if any, are a minority of it) those its probe sends to
+/// a class the whole class goes to less than `rare`. `h` is the paper's per-sample score [N]; the
+/// side lies at the low end of `depth` (-h). None when the side would be empty.
+pub fn paper_side(paper: &Tensor, h: &Tensor, probe: &ClassProbe, k: i64, rare: f64) -> Option<ClassSide> {
+    let in_group = paper.index_select(0, &probe.members);
+    let n = probe.members.size()[0];
+    let suspects = in_group.sum(Kind::Int64).int64_value(&[]);
+    let in_side = if 2 * suspects >= n {
+        let all = Vec::<i64>::try_from(probe.pred.bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
+            .unwrap_or_default();
+        let novel = novel_classes(&all, probe.class, rare);
+        let mut is_novel = Tensor::zeros([k], (Kind::Bool, probe.pred.device()));
+        if !novel.is_empty() {
+            let _ = is_novel.index_fill_(0, &Tensor::from_slice(&novel).to_device(probe.pred.device()), 1);
+        }
+        in_group.logical_and(&is_novel.index_select(0, &probe.pred))
+    } else {
+        in_group
+    };
+    let side = probe.members.masked_select(&in_side);
+    if side.size()[0] == 0 {
+        return None;
+    }
+    let depth = -h.index_select(0, &probe.members).to_kind(Kind::Double);
+    let (a, b) = (depth.masked_select(&in_side), depth.masked_select(&in_side.logical_not()));
+    let stat = |t: &Tensor| {
+        if t.size()[0] > 1 {
+            (t.mean(Kind::Double).double_value(&[]), t.var(false).double_value(&[]))
+        } else {
+            (0.0, 0.0)
+        }
+    };
+    let ((ma, va), (mb, vb)) = (stat(&a), stat(&b));
+    let pooled = ((va + vb) / 2.0).sqrt();
+    Some(ClassSide {
+        class: probe.class,
+        n,
+        members: probe.members.shallow_clone(),
+        in_side,
+        side,
+        depth,
+        separation: if pooled > 0.0 { (ma - mb).abs() / pooled } else { 0.0 },
+    })
 }
 
 /// Confirms a candidate side with a second, independent leave-class-out probe (`second` is its
@@ -695,21 +752,16 @@ mod tests {
         );
     }
 
-    /// The paper's suspects of a class stay only when the probe sends them where the rest of the
-    /// class does not go; a class whose members are all suspects goes back.
+    /// The paper's suspects of a class stay only when the probe sends them, spread, where the rest
+    /// of the class does not go; of a swept class only those sent where the class rarely goes.
     #[test]
     fn paper_groups_stay_only_when_novel() {
-        let (per, k) = (40i64, 4i64);
+        let (per, k) = (40i64, 5i64);
         let labels = Tensor::arange(k, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per, 0, None);
-        // Class 0: 6 suspects (its first 6); class 1: 30 suspects; class 2: all 40; class 3: none.
-        let flags: Vec<bool> = (0..per * k)
-            .map(|i| match i / per {
-                0 => i % per < 6,
-                1 => i % per < 30,
-                2 => true,
-                _ => false,
-            })
-            .collect();
+        // Suspects: class 0 its first 6, class 1 its first 15, class 2 all 40 (swept), class 3
+        // its first 8, class 4 none.
+        let taken = [6, 15, 40, 8, 0];
+        let flags: Vec<bool> = (0..per * k).map(|i| i % per < taken[(i / per) as usize]).collect();
         let paper = Tensor::from_slice(&flags);
         let probe = |class: i64, pred: Vec<i64>| {
             let members = labels.eq(class).nonzero().flatten(0, -1);
@@ -717,21 +769,59 @@ mod tests {
             let _ = logits.select(1, class).fill_(9.0);
             ClassProbe::new(class, &members, &logits)
         };
-        // Class 0: the suspects go to 2 and 3 (novel), the rest to 1. Class 1: suspects and rest
-        // alike to 0 and 2 (its look-alikes). Class 2: swept.
+        // Class 0: the suspects spread over 2 and 3 (novel), the rest to 1. Class 1: suspects and
+        // rest alike to 0 and 2 (its look-alikes). Class 2: to 0 and 3, but its member 5 to 1,
+        // where the class rarely goes. Class 3: the suspects all to 4 (one look-alike
+        // sub-population), the rest to 0.
         let p0 = probe(0, (0..per).map(|i| if i < 6 { 2 + i % 2 } else { 1 }).collect());
         let p1 = probe(1, (0..per).map(|i| [0, 2][(i % 2) as usize]).collect());
-        let p2 = probe(2, (0..per).map(|i| [0, 3][(i % 2) as usize]).collect());
-        let p3 = probe(3, vec![0; per as usize]);
-        let (kept, groups) = paper_groups_judged(&paper, &[p0, p1, p2, p3], k, 0.05, 0.5);
+        let p2 = probe(2, (0..per).map(|i| if i == 5 { 1 } else { [0, 3][(i % 2) as usize] }).collect());
+        let p3 = probe(3, (0..per).map(|i| if i < 8 { 4 } else { 0 }).collect());
+        let p4 = probe(4, vec![0; per as usize]);
+        let t = Judge {
+            rare: 0.05,
+            min_share: 0.5,
+            min_spread: 0.5,
+            min_agreement: 0.6,
+        };
+        let (kept, groups) = paper_groups_judged(&paper, &[p0, p1, p2, p3, p4], k, t);
         let count = |class: i64| kept.logical_and(&labels.eq(class)).sum(Kind::Int64).int64_value(&[]);
-        assert_eq!((count(0), count(1), count(2), count(3)), (6, 0, 0, 0));
-        let summary: Vec<(i64, i64, bool)> = groups.iter().map(|g| (g.class, g.suspects, g.kept)).collect();
-        assert_eq!(summary, [(0, 6, true), (1, 30, false), (2, 40, false)]);
-        assert_eq!((groups[0].novel_share, groups[1].novel_share), (1.0, 0.0));
+        assert_eq!((count(0), count(1), count(2), count(3), count(4)), (6, 0, 1, 0, 0));
+        assert!(bool::try_from(kept.get(2 * per + 5)).unwrap(), "class 2's member 5 stays");
+        let summary: Vec<(i64, i64, bool, i64)> = groups.iter().map(|g| (g.class, g.suspects, g.swept, g.kept)).collect();
+        assert_eq!(summary, [(0, 6, false, 6), (1, 15, false, 0), (2, 40, true, 1), (3, 8, false, 0)]);
+        assert_eq!((groups[0].novel_share, groups[1].novel_share, groups[3].novel_share), (1.0, 0.0, 1.0));
+        assert_eq!(groups[3].novel_spread, 0.0);
         // A class without a probe keeps its suspects.
-        let (all, none) = paper_groups_judged(&paper, &[], k, 0.05, 0.5);
+        let (all, none) = paper_groups_judged(&paper, &[], k, t);
         assert!(all.equal(&paper) && none.is_empty());
+    }
+
+    /// The paper's side of a class: its suspects, or of a swept class those sent where the class
+    /// rarely goes; at the low end of -h.
+    #[test]
+    fn paper_side_of_a_swept_class_is_its_novel_members() {
+        let (per, k) = (40i64, 4i64);
+        let labels = Tensor::arange(k, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per, 0, None);
+        let members = labels.eq(0).nonzero().flatten(0, -1);
+        let h = Tensor::arange(per * k, (Kind::Double, Device::Cpu));
+        // The probe sends member 0 of class 0 to class 3, the others to class 1.
+        let pred: Vec<i64> = (0..per).map(|i| if i == 0 { 3 } else { 1 }).collect();
+        let logits = Tensor::from_slice(&pred).one_hot(k).to_kind(Kind::Float);
+        let probe = ClassProbe::new(0, &members, &logits);
+        // Not swept: the first 10 members are the side.
+        let few = labels.eq(0).logical_and(&Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).lt(10));
+        let s = paper_side(&few, &h, &probe, k, 0.05).expect("a side");
+        assert_eq!(Vec::<i64>::try_from(&s.side).unwrap(), (0..10).collect::<Vec<_>>());
+        assert_eq!((s.class, s.n), (0, per));
+        // Swept (all 40): only the one sent to class 3, where 1 of 40 (< 5%) goes.
+        let all = labels.eq(0);
+        let s = paper_side(&all, &h, &probe, k, 0.05).expect("a side");
+        assert_eq!(Vec::<i64>::try_from(&s.side).unwrap(), [0]);
+        let depth = Vec::<f64>::try_from(&s.depth).unwrap();
+        assert_eq!(depth[5], -5.0, "depth is -h");
+        // No suspect in the class: no side.
+        assert!(paper_side(&labels.eq(9), &h, &probe, k, 0.05).is_none());
     }
 
     /// Swept classes go back unless they are a target; with no target the split stays whole.

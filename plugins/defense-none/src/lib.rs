@@ -17,12 +17,12 @@ use audit_defense_common::{augment, device, device_data, load_model, nn_err};
 use audit_nn::train::{DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_suspects_kept, select_neurons,
+    class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_side, paper_suspects_kept, select_neurons,
     trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup, PaperWithTargets, SideVerdict,
 };
 
@@ -39,7 +39,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
 "paper_with_targets":{"type":"string","default":"none","enum":["none","targets","unswept"],"description":"suspects=both, when the class-wise split detected a target class: which of the paper's suspects are dropped as well: none (the class-wise suspects replace them: in a target class the paper's split also takes many clean images, elsewhere only clean ones), targets (those in the target classes), unswept (all except in non-target classes its split swept, the previous default)"},
-"paper_filter":{"type":"string","default":"novel","enum":["novel","none"],"description":"suspects=both: novel keeps the paper's suspects of a class (those left by paper_with_targets) only when the class's leave-class-out probe sends at least class_novel of them to classes the rest of the class goes to less than class_rare (poisoned images are other classes' images; the clean images the global split takes go where their class goes); none keeps them all"},
+"paper_filter":{"type":"string","default":"novel","enum":["novel","none"],"description":"suspects=both: novel makes each class's share of the paper's suspects (of a class the split swept, at least half of it, only the members the class's leave-class-out probe sends to classes the whole class goes to less than class_rare) a second candidate side, judged, confirmed and extended by the trigger detector like the split's side; with no detected class, a class's share stays dropped only when it passes the side's novelty tests (class_novel, class_spread; of a swept class only its novel-labelled members): the clean images the global split takes go where their class goes and return to the training; none keeps the paper's suspects as paper_with_targets says"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -59,11 +59,54 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "augment":{"type":"boolean","default":false,"description":"random crop and flip during repair (CIFAR-style data)"},
 "seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
 
+/// `preset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Preset {
+    Default,
+    Paper,
+}
+
+/// `suspects`: which training samples are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Suspects {
+    Paper,
+    Class,
+    Both,
+}
+
+/// `repair`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Repair {
+    Finetune,
+    Retrain,
+    Unlearn,
+}
+
+/// `retrain_optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum RetrainOptimizer {
+    Adam,
+    Sgd,
+}
+
+/// `layers`: which layers are monitored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Layers {
+    All,
+    Conv,
+    Dense,
+}
+
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
-    preset: String,
-    suspects: String,
+    preset: Preset,
+    suspects: Suspects,
     class_probe_epochs: usize,
     class_probe_samples: i64,
     class_rare: f64,
@@ -76,12 +119,12 @@ struct Params {
     paper_with_targets: PaperWithTargets,
     paper_filter: PaperFilter,
     retrain_push_away: f64,
-    repair: String,
+    repair: Repair,
     lamda_h: f64,
     lamda_l: f64,
     max_reset_fraction: f64,
     none_lr: f64,
-    retrain_optimizer: String,
+    retrain_optimizer: RetrainOptimizer,
     retrain_lr: f64,
     e1_lr: f64,
     unlearn_weight: f64,
@@ -93,22 +136,32 @@ struct Params {
     r: usize,
     cumulative_suspects: bool,
     batch_size: i64,
-    layers: String,
+    layers: Layers,
     augment: bool,
     seed: u64,
 }
 
 impl Params {
+    /// The thresholds of the leave-class-out judgement.
+    fn judge(&self) -> Judge {
+        Judge {
+            rare: self.class_rare,
+            min_share: self.class_novel,
+            min_spread: self.class_spread,
+            min_agreement: self.class_agreement,
+        }
+    }
+
     /// `preset=paper` is the paper's algorithm (its suspects, its fine-tuning repair, suspects
     /// recomputed from the full set every round); `E2 = 0` picks the repair's epoch default.
     fn effective(mut self) -> Params {
-        if self.preset == "paper" {
-            self.repair = "finetune".into();
-            self.suspects = "paper".into();
+        if self.preset == Preset::Paper {
+            self.repair = Repair::Finetune;
+            self.suspects = Suspects::Paper;
             self.cumulative_suspects = false;
         }
         if self.e2 == 0 {
-            self.e2 = if self.repair == "retrain" { 6 } else { 20 };
+            self.e2 = if self.repair == Repair::Retrain { 6 } else { 20 };
         }
         self
     }
@@ -262,6 +315,7 @@ fn class_split(
     full: &DeviceData,
     pre: &Preprocess,
     sides: &[ClassSide],
+    paper: Option<(&Tensor, &Tensor)>,
     k: i64,
     p: &Params,
     seed: u64,
@@ -284,51 +338,73 @@ fn class_split(
         report_epochs.extend(train(call, &probe, &mut t, set, pre, stretch)?);
         audit_nn::train::predict(&probe, members, pre, 512).map_err(nn_err)
     };
-    for s in sides {
+    for split_side in sides {
         host.check_cancelled()?;
-        let others = order.masked_select(&full.y.index_select(0, &order).ne(s.class));
+        let class = split_side.class;
+        let others = order.masked_select(&full.y.index_select(0, &order).ne(class));
         let take = others.narrow(0, 0, p.class_probe_samples.min(others.size()[0]));
-        let members = full.select(&s.members);
-        let phase = format!("probe without class {}", s.class);
+        let members = full.select(&split_side.members);
+        let phase = format!("probe without class {class}");
         let logits = fit(
-            seed.wrapping_add(s.class as u64),
+            seed.wrapping_add(class as u64),
             &full.select(&take),
             Stretch::plain(p.class_probe_epochs, &phase),
             &members,
         )?;
-        let judge = Judge {
-            rare: p.class_rare,
-            min_share: p.class_novel,
-            min_spread: p.class_spread,
-            min_agreement: p.class_agreement,
-        };
-        let mut v = judge_side(s, &logits, k, judge);
-        probes.push(ClassProbe::new(s.class, &s.members, &logits));
-        if v.candidate {
-            // A second probe, on the next images of the order, with another initialisation.
-            let end = (2 * p.class_probe_samples).min(others.size()[0]);
-            let start = (end - p.class_probe_samples).max(0);
-            let take2 = others.narrow(0, start, end - start);
-            let phase = format!("second probe without class {}", s.class);
-            let second = fit(
-                seed.wrapping_add(0x2d00 + s.class as u64),
-                &full.select(&take2),
-                Stretch::plain(p.class_probe_epochs, &phase),
-                &members,
-            )?;
-            confirm_side(&mut v, s, &logits, &second, judge);
+        let judge = p.judge();
+        let class_probe = ClassProbe::new(class, &split_side.members, &logits);
+        // Candidate sides: the split's, then (paper_filter=novel) the paper's suspects of the class.
+        let from_paper = paper.and_then(|(mask, h)| paper_side(mask, h, &class_probe, k, p.class_rare));
+        probes.push(class_probe);
+        let mut second: Option<Tensor> = None;
+        let mut verdicts = Vec::new();
+        let mut chosen: Option<(&ClassSide, SideVerdict)> = None;
+        for (origin, s) in [("split", Some(split_side)), ("paper", from_paper.as_ref())] {
+            let Some(s) = s else { continue };
+            let mut v = judge_side(s, &logits, k, judge);
+            if v.candidate {
+                if second.is_none() {
+                    // A second probe, on the next images of the order, with another initialisation.
+                    let end = (2 * p.class_probe_samples).min(others.size()[0]);
+                    let start = (end - p.class_probe_samples).max(0);
+                    let take2 = others.narrow(0, start, end - start);
+                    let phase = format!("second probe without class {class}");
+                    second = Some(fit(
+                        seed.wrapping_add(0x2d00 + class as u64),
+                        &full.select(&take2),
+                        Stretch::plain(p.class_probe_epochs, &phase),
+                        &members,
+                    )?);
+                }
+                confirm_side(&mut v, s, &logits, second.as_ref().expect("trained above"), judge);
+            }
+            let accepted = v.accepted;
+            verdicts.push((origin, v.clone()));
+            if accepted {
+                chosen = Some((s, v));
+                break;
+            }
         }
-        let mut entry = json!({
-            "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
-            "novel_share": v.novel_share, "novel_spread": v.novel_spread,
-            "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
-            "candidate": v.candidate, "agreement": v.agreement, "accepted": v.accepted,
-            "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
-        });
-        if !v.accepted {
+        let entry_of = |v: &SideVerdict| {
+            json!({
+                "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
+                "novel_share": v.novel_share, "novel_spread": v.novel_spread,
+                "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
+                "candidate": v.candidate, "agreement": v.agreement, "accepted": v.accepted,
+                "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
+            })
+        };
+        // The class's entry is the split side's verdict; the paper side's, when judged, beside it.
+        let mut entry = entry_of(&verdicts[0].1);
+        if let Some((_, v)) = verdicts.iter().find(|(o, _)| *o == "paper") {
+            entry["paper_side"] = entry_of(v);
+        }
+        let Some((s, v)) = chosen else {
             report.push(entry);
             continue;
-        }
+        };
+        entry["accepted"] = json!(true);
+        entry["accepted_side"] = json!(verdicts.last().map(|(o, _)| *o));
         let mut hit = s.in_side.copy();
         if p.trigger_epochs > 0 {
             let (pos, neg) = trigger_sets(s, &full.y, &order, p.trigger_negatives);
@@ -364,11 +440,12 @@ fn class_split(
         let nf = flagged.size()[0];
         let _ = mask.index_fill_(0, &flagged, 1);
         host.info(&format!(
-            "class {}: {} of {} samples are suspects ({} on the split's side; the probe without the class sends {:.0}% of the side to classes the rest does not go to, spread {:.2})",
+            "class {}: {} of {} samples are suspects ({} on the {} side; the probe without the class sends {:.0}% of the side to classes the rest does not go to, spread {:.2})",
             v.class,
             nf,
             v.n,
             v.flagged,
+            if std::ptr::eq(s, split_side) { "split's" } else { "paper's split" },
             v.novel_share * 100.0,
             v.novel_spread
         ));
@@ -448,10 +525,10 @@ impl Defense for NoneDefense {
         };
 
         let mut layers: Vec<_> = model.layers().into_iter().filter(|l| !l.is_output).collect();
-        layers.retain(|l| match p.layers.as_str() {
-            "conv" => l.op_type == "Conv",
-            "dense" => l.op_type != "Conv",
-            _ => true,
+        layers.retain(|l| match p.layers {
+            Layers::Conv => l.op_type == "Conv",
+            Layers::Dense => l.op_type != "Conv",
+            Layers::All => true,
         });
         if layers.is_empty() {
             return Err(Error::invalid(
@@ -472,7 +549,7 @@ impl Defense for NoneDefense {
         for round in 0..p.r {
             host.check_cancelled()?;
             let phase = format!("analysis {}/{}", round + 1, p.r);
-            let want_features = if p.suspects == "paper" { None } else { features };
+            let want_features = if p.suspects == Suspects::Paper { None } else { features };
             let acts = model
                 .collect_activations_and_features(&full, &pre, &layers, want_features, 512, &mut |d, t| {
                     host.progress(&phase, d, t)
@@ -490,8 +567,8 @@ impl Defense for NoneDefense {
             let mut class_report = Value::Null;
             let mut paper_groups: Vec<Value> = Vec::new();
             let mut accepted_sides: Option<Tensor> = None;
-            let suspect_mask = match (&acts.features, p.suspects.as_str()) {
-                (_, "paper") => paper_mask,
+            let suspect_mask = match (&acts.features, p.suspects) {
+                (_, Suspects::Paper) => paper_mask,
                 (None, _) => {
                     host.info("no penultimate features (no logits layer found): class-wise split skipped");
                     paper_mask
@@ -505,6 +582,7 @@ impl Defense for NoneDefense {
                         &full,
                         &pre,
                         &sides,
+                        (p.paper_filter == PaperFilter::Novel).then_some((&paper_mask, &sel.h)),
                         k,
                         &p,
                         seed.wrapping_add(0x5eed_0000 + 1000 * round as u64),
@@ -514,26 +592,26 @@ impl Defense for NoneDefense {
                     let (class_mask, targets) = (split.mask, split.targets);
                     class_report = Value::Array(split.report);
                     accepted_sides = Some(class_mask.shallow_clone());
-                    if mode == "class" {
+                    if mode == Suspects::Class {
                         class_mask
                     } else {
                         let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets, p.paper_with_targets);
                         let (refined, groups) = match p.paper_filter {
                             PaperFilter::Novel => {
-                                paper_groups_judged(&refined, &split.probes, k, p.class_rare, p.class_novel)
+                                paper_groups_judged(&refined, &split.probes, k, p.judge())
                             }
                             PaperFilter::None => (refined, Vec::new()),
                         };
                         let returned: Vec<String> = groups
                             .iter()
-                            .filter(|g| !g.kept)
-                            .map(|g| format!("{} of class {}", g.suspects, g.class))
+                            .filter(|g| g.kept < g.suspects)
+                            .map(|g| format!("{} of class {}", g.suspects - g.kept, g.class))
                             .collect();
                         paper_groups = groups
                             .iter()
                             .map(|g| {
-                                json!({"class": g.class, "suspects": g.suspects, "n": g.n,
-                                       "novel_share": g.novel_share, "kept": g.kept})
+                                json!({"class": g.class, "suspects": g.suspects, "n": g.n, "swept": g.swept,
+                                       "novel_share": g.novel_share, "novel_spread": g.novel_spread, "kept": g.kept})
                             })
                             .collect();
                         host.info(&format!(
@@ -593,11 +671,11 @@ impl Defense for NoneDefense {
                 let _ = keep.index_fill_(0, &Tensor::from_slice(&all_suspects).to_device(device), 0);
             }
             let rest = full.select(&keep.nonzero().flatten(0, -1));
-            let repaired = match p.repair.as_str() {
-                "retrain" => {
+            let repaired = match p.repair {
+                Repair::Retrain => {
                     model.reinitialize(seed.wrapping_add(round as u64 + 1));
                     let mut cfg = adam(p.e2);
-                    if p.retrain_optimizer != "adam" {
+                    if p.retrain_optimizer == RetrainOptimizer::Sgd {
                         cfg = base(p.retrain_lr, false, p.e2);
                         cfg.schedule = Schedule::Cosine { min_lr: 0.0 };
                     }
@@ -627,7 +705,7 @@ impl Defense for NoneDefense {
                         },
                     )?
                 }
-                "unlearn" => {
+                Repair::Unlearn => {
                     trainer.cfg.freeze_bn = true;
                     trainer.set_lr(p.none_lr.max(1e-3)).map_err(nn_err)?;
                     let sus = full.select(&Tensor::from_slice(&all_suspects).to_device(device));
@@ -646,7 +724,7 @@ impl Defense for NoneDefense {
                         },
                     )?
                 }
-                _ => {
+                Repair::Finetune => {
                     trainer.cfg.freeze_bn = true;
                     trainer.set_lr(p.none_lr).map_err(nn_err)?;
                     train(
@@ -700,3 +778,6 @@ impl Defense for NoneDefense {
 }
 
 audit_sdk::export_plugin!(defense: NoneDefense);
+
+#[cfg(test)]
+mod tests;
