@@ -393,8 +393,13 @@ pub fn paper_groups_judged(paper: &Tensor, probes: &[ClassProbe], k: i64, t: Jud
             continue;
         }
         let counts = |m: &Tensor| {
-            Vec::<i64>::try_from(p.pred.masked_select(m).bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
-                .unwrap_or_default()
+            Vec::<i64>::try_from(
+                p.pred
+                    .masked_select(m)
+                    .bincount::<Tensor>(None, k)
+                    .to_device(audit_nn::tch::Device::Cpu),
+            )
+            .unwrap_or_default()
         };
         let n = p.members.size()[0];
         let swept = 2 * suspects >= n;
@@ -419,7 +424,15 @@ pub fn paper_groups_judged(paper: &Tensor, probes: &[ClassProbe], k: i64, t: Jud
         let back = in_group.logical_and(&stay.logical_not());
         let _ = out.index_fill_(0, &p.members.masked_select(&back), 0);
         let kept = stay.sum(Kind::Int64).int64_value(&[]);
-        groups.push(PaperGroup { class: p.class, suspects, n, swept, novel_share, novel_spread, kept });
+        groups.push(PaperGroup {
+            class: p.class,
+            suspects,
+            n,
+            swept,
+            novel_share,
+            novel_spread,
+            kept,
+        });
     }
     (out, groups)
 }
@@ -434,8 +447,13 @@ pub fn paper_side(paper: &Tensor, h: &Tensor, probe: &ClassProbe, k: i64, rare: 
     let n = probe.members.size()[0];
     let suspects = in_group.sum(Kind::Int64).int64_value(&[]);
     let in_side = if 2 * suspects >= n {
-        let all = Vec::<i64>::try_from(probe.pred.bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
-            .unwrap_or_default();
+        let all = Vec::<i64>::try_from(
+            probe
+                .pred
+                .bincount::<Tensor>(None, k)
+                .to_device(audit_nn::tch::Device::Cpu),
+        )
+        .unwrap_or_default();
         let novel = novel_classes(&all, probe.class, rare);
         let mut is_novel = Tensor::zeros([k], (Kind::Bool, probe.pred.device()));
         if !novel.is_empty() {
@@ -450,7 +468,10 @@ pub fn paper_side(paper: &Tensor, h: &Tensor, probe: &ClassProbe, k: i64, rare: 
         return None;
     }
     let depth = -h.index_select(0, &probe.members).to_kind(Kind::Double);
-    let (a, b) = (depth.masked_select(&in_side), depth.masked_select(&in_side.logical_not()));
+    let (a, b) = (
+        depth.masked_select(&in_side),
+        depth.masked_select(&in_side.logical_not()),
+    );
     let stat = |t: &Tensor| {
         if t.size()[0] > 1 {
             (t.mean(Kind::Double).double_value(&[]), t.var(false).double_value(&[]))
@@ -775,7 +796,12 @@ mod tests {
         // sub-population), the rest to 0.
         let p0 = probe(0, (0..per).map(|i| if i < 6 { 2 + i % 2 } else { 1 }).collect());
         let p1 = probe(1, (0..per).map(|i| [0, 2][(i % 2) as usize]).collect());
-        let p2 = probe(2, (0..per).map(|i| if i == 5 { 1 } else { [0, 3][(i % 2) as usize] }).collect());
+        let p2 = probe(
+            2,
+            (0..per)
+                .map(|i| if i == 5 { 1 } else { [0, 3][(i % 2) as usize] })
+                .collect(),
+        );
         let p3 = probe(3, (0..per).map(|i| if i < 8 { 4 } else { 0 }).collect());
         let p4 = probe(4, vec![0; per as usize]);
         let t = Judge {
@@ -787,10 +813,20 @@ mod tests {
         let (kept, groups) = paper_groups_judged(&paper, &[p0, p1, p2, p3, p4], k, t);
         let count = |class: i64| kept.logical_and(&labels.eq(class)).sum(Kind::Int64).int64_value(&[]);
         assert_eq!((count(0), count(1), count(2), count(3), count(4)), (6, 0, 1, 0, 0));
-        assert!(bool::try_from(kept.get(2 * per + 5)).unwrap(), "class 2's member 5 stays");
-        let summary: Vec<(i64, i64, bool, i64)> = groups.iter().map(|g| (g.class, g.suspects, g.swept, g.kept)).collect();
-        assert_eq!(summary, [(0, 6, false, 6), (1, 15, false, 0), (2, 40, true, 1), (3, 8, false, 0)]);
-        assert_eq!((groups[0].novel_share, groups[1].novel_share, groups[3].novel_share), (1.0, 0.0, 1.0));
+        assert!(
+            bool::try_from(kept.get(2 * per + 5)).unwrap(),
+            "class 2's member 5 stays"
+        );
+        let summary: Vec<(i64, i64, bool, i64)> =
+            groups.iter().map(|g| (g.class, g.suspects, g.swept, g.kept)).collect();
+        assert_eq!(
+            summary,
+            [(0, 6, false, 6), (1, 15, false, 0), (2, 40, true, 1), (3, 8, false, 0)]
+        );
+        assert_eq!(
+            (groups[0].novel_share, groups[1].novel_share, groups[3].novel_share),
+            (1.0, 0.0, 1.0)
+        );
         assert_eq!(groups[3].novel_spread, 0.0);
         // A class without a probe keeps its suspects.
         let (all, none) = paper_groups_judged(&paper, &[], k, t);
@@ -810,7 +846,9 @@ mod tests {
         let logits = Tensor::from_slice(&pred).one_hot(k).to_kind(Kind::Float);
         let probe = ClassProbe::new(0, &members, &logits);
         // Not swept: the first 10 members are the side.
-        let few = labels.eq(0).logical_and(&Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).lt(10));
+        let few = labels
+            .eq(0)
+            .logical_and(&Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).lt(10));
         let s = paper_side(&few, &h, &probe, k, 0.05).expect("a side");
         assert_eq!(Vec::<i64>::try_from(&s.side).unwrap(), (0..10).collect::<Vec<_>>());
         assert_eq!((s.class, s.n), (0, per));

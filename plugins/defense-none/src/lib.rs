@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_side, paper_suspects_kept, select_neurons,
-    trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup, PaperWithTargets, SideVerdict,
+    class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_side, paper_suspects_kept,
+    select_neurons, trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup, PaperWithTargets, SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
@@ -597,9 +597,7 @@ impl Defense for NoneDefense {
                     } else {
                         let refined = paper_suspects_kept(&paper_mask, &full.y, k, &targets, p.paper_with_targets);
                         let (refined, groups) = match p.paper_filter {
-                            PaperFilter::Novel => {
-                                paper_groups_judged(&refined, &split.probes, k, p.judge())
-                            }
+                            PaperFilter::Novel => paper_groups_judged(&refined, &split.probes, k, p.judge()),
                             PaperFilter::None => (refined, Vec::new()),
                         };
                         let returned: Vec<String> = groups

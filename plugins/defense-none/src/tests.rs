@@ -69,7 +69,14 @@ fn schema_is_valid_and_defaults_parse() {
     );
     let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
     assert_eq!(
-        (p.preset, p.suspects, p.repair, p.paper_with_targets, p.paper_filter, p.layers),
+        (
+            p.preset,
+            p.suspects,
+            p.repair,
+            p.paper_with_targets,
+            p.paper_filter,
+            p.layers
+        ),
         (
             Preset::Default,
             Suspects::Both,
@@ -83,7 +90,10 @@ fn schema_is_valid_and_defaults_parse() {
     assert_eq!(e.e2, 6, "E2 = 0: retrain's own default");
     let paper: Params = testing::params(SCHEMA, json!({"preset": "paper"})).parse().unwrap();
     let paper = paper.effective();
-    assert_eq!((paper.suspects, paper.repair, paper.e2), (Suspects::Paper, Repair::Finetune, 20));
+    assert_eq!(
+        (paper.suspects, paper.repair, paper.e2),
+        (Suspects::Paper, Repair::Finetune, 20)
+    );
 }
 
 #[test]
@@ -140,7 +150,10 @@ fn default_defend_drops_the_poisoned_samples_and_is_deterministic() {
 fn the_paper_filter_only_returns_suspects() {
     let _torch = testing::torch_lock();
     let (data, _) = poisoned_blocks();
-    let kept = harden(small_run(json!({"paper_with_targets": "unswept", "paper_filter": "none"})), &data);
+    let kept = harden(
+        small_run(json!({"paper_with_targets": "unswept", "paper_filter": "none"})),
+        &data,
+    );
     let judged = harden(small_run(json!({"paper_with_targets": "unswept"})), &data);
     assert!(judged.dropped.iter().all(|i| kept.dropped.binary_search(i).is_ok()));
     let groups = judged.report["rounds"][0]["paper_groups"].as_array().unwrap();
@@ -156,7 +169,10 @@ fn paper_preset_has_no_class_split() {
     let _torch = testing::torch_lock();
     let (data, _) = poisoned_blocks();
     let h = harden(json!({"preset": "paper", "E1": 2, "E2": 1, "batch_size": 32}), &data);
-    assert_eq!((&h.report["suspects"], &h.report["repair"]), (&json!("paper"), &json!("finetune")));
+    assert_eq!(
+        (&h.report["suspects"], &h.report["repair"]),
+        (&json!("paper"), &json!("finetune"))
+    );
     let r = &h.report["rounds"][0];
     assert!(r["class_split"].is_null() && r["paper_groups"].as_array().unwrap().is_empty());
     assert_eq!(r["n_suspects"].as_u64().unwrap() as usize, h.dropped.len());
@@ -171,7 +187,12 @@ fn bad_input_is_invalid_and_cancellation_is_reported() {
     assert!(e.message.contains("training set"), "{}", e.message);
     let data = testing::blocks(40, 1);
     let e = NoneDefense
-        .defend(&call(json!({"lamda_h": 0.2, "lamda_l": 0.3}), 0), &model, Some(&data.dataset()), None)
+        .defend(
+            &call(json!({"lamda_h": 0.2, "lamda_l": 0.3}), 0),
+            &model,
+            Some(&data.dataset()),
+            None,
+        )
         .unwrap_err();
     assert_eq!(e.status, Status::InvalidInput);
     assert!(e.message.contains("lamda_l"), "{}", e.message);
