@@ -82,7 +82,7 @@ fn schema_is_valid_and_defaults_parse() {
             Suspects::Both,
             Repair::Retrain,
             PaperWithTargets::None,
-            PaperFilter::Novel,
+            PaperFilter::None,
             Layers::All
         )
     );
@@ -154,7 +154,10 @@ fn the_paper_filter_only_returns_suspects() {
         small_run(json!({"paper_with_targets": "unswept", "paper_filter": "none"})),
         &data,
     );
-    let judged = harden(small_run(json!({"paper_with_targets": "unswept"})), &data);
+    let judged = harden(
+        small_run(json!({"paper_with_targets": "unswept", "paper_filter": "novel"})),
+        &data,
+    );
     assert!(judged.dropped.iter().all(|i| kept.dropped.binary_search(i).is_ok()));
     let groups = judged.report["rounds"][0]["paper_groups"].as_array().unwrap();
     for g in groups {
