@@ -432,6 +432,33 @@ pub fn enum_variants<'de, T: Deserialize<'de>>() -> Option<&'static [&'static st
     }
 }
 
+/// For a plugin's tests: a value of enum parameter `name` outside the schema's `enum`, given
+/// straight to the plugin's parameter struct `P` (as a host that skipped the schema would), is an
+/// `InvalidInput` error naming the parameter and the unknown variant, never a silent fallback.
+pub fn check_refused<P: serde::de::DeserializeOwned>(schema: &str, name: &str) -> Result<(), String> {
+    let mut given = crate::Params(Map::new())
+        .resolve(schema)
+        .map_err(|e| format!("the defaults do not resolve: {}", e.message))?;
+    let bad = "not-a-listed-value";
+    given.0.insert(name.into(), Value::from(bad));
+    match given.parse::<P>() {
+        Ok(_) => Err(format!("parameter `{name}`: {bad:?} was accepted")),
+        Err(e) if e.status != crate::Status::InvalidInput => {
+            Err(format!("parameter `{name}`: status {:?}, not InvalidInput", e.status))
+        }
+        Err(e)
+            if !(e.message.contains(&format!("parameter `{name}`"))
+                && e.message.contains(&format!("unknown variant `{bad}`"))) =>
+        {
+            Err(format!(
+                "parameter `{name}`: the error does not name it and the value: {}",
+                e.message
+            ))
+        }
+        Err(_) => Ok(()),
+    }
+}
+
 /// Checks that the `enum` of the string parameter `name` in `schema` and the Rust enum `T` that
 /// the plugin deserializes it into name the same values, so no schema value is refused by the
 /// plugin and no variant is unreachable. For plugins' unit tests.
@@ -755,5 +782,24 @@ mod tests {
         assert!(check_enum::<Mode>(SCHEMA, "colour")
             .unwrap_err()
             .contains("no parameter"));
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Typed {
+        #[allow(dead_code)]
+        mode: Mode,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Stringly {
+        #[allow(dead_code)]
+        mode: String,
+    }
+
+    #[test]
+    fn unlisted_values_are_refused_by_typed_parameters_only() {
+        check_refused::<Typed>(SCHEMA, "mode").unwrap();
+        let e = check_refused::<Stringly>(SCHEMA, "mode").unwrap_err();
+        assert!(e.contains("was accepted"), "{e}");
     }
 }
