@@ -353,6 +353,15 @@ impl ClassProbe {
             pred: without_class(logits, class).argmax(-1, false),
         }
     }
+
+    /// Which members the probe sends to one of `classes`. [n] bool
+    pub fn sent_to(&self, classes: &[i64], k: i64) -> Tensor {
+        let mut hit = Tensor::zeros([k], (Kind::Bool, self.pred.device()));
+        if !classes.is_empty() {
+            let _ = hit.index_fill_(0, &Tensor::from_slice(classes).to_device(self.pred.device()), 1);
+        }
+        hit.index_select(0, &self.pred)
+    }
 }
 
 /// The verdict on the paper's suspects of one class.
@@ -411,11 +420,7 @@ pub fn paper_groups_judged(paper: &Tensor, probes: &[ClassProbe], k: i64, t: Jud
         };
         let (novel_share, novel_spread) = novelty(&group, &novel, k);
         let stay = if swept {
-            let mut is_novel = Tensor::zeros([k], (Kind::Bool, p.pred.device()));
-            if !novel.is_empty() {
-                let _ = is_novel.index_fill_(0, &Tensor::from_slice(&novel).to_device(p.pred.device()), 1);
-            }
-            in_group.logical_and(&is_novel.index_select(0, &p.pred))
+            in_group.logical_and(&p.sent_to(&novel, k))
         } else if novel_share >= t.min_share && novel_spread >= t.min_spread {
             in_group.shallow_clone()
         } else {
@@ -454,12 +459,7 @@ pub fn paper_side(paper: &Tensor, h: &Tensor, probe: &ClassProbe, k: i64, rare: 
                 .to_device(audit_nn::tch::Device::Cpu),
         )
         .unwrap_or_default();
-        let novel = novel_classes(&all, probe.class, rare);
-        let mut is_novel = Tensor::zeros([k], (Kind::Bool, probe.pred.device()));
-        if !novel.is_empty() {
-            let _ = is_novel.index_fill_(0, &Tensor::from_slice(&novel).to_device(probe.pred.device()), 1);
-        }
-        in_group.logical_and(&is_novel.index_select(0, &probe.pred))
+        in_group.logical_and(&probe.sent_to(&novel_classes(&all, probe.class, rare), k))
     } else {
         in_group
     };
