@@ -226,6 +226,9 @@ pub struct SideVerdict {
     pub candidate: bool,
     /// For a candidate: the share of the side on whose label two independent probes agree.
     pub agreement: Option<f64>,
+    /// For a candidate: the Wilson lower confidence bound of `agreement` over the side's size
+    /// (what is compared with `min_agreement`: six of ten is not evidence of sixty percent).
+    pub agreement_low: Option<f64>,
     pub accepted: bool,
 }
 
@@ -239,8 +242,24 @@ pub struct Judge {
     pub min_share: f64,
     /// Least normalised entropy of the side's novel labels.
     pub min_spread: f64,
-    /// Least share of a candidate side on whose label two independent probes agree.
+    /// Least share of a candidate side on whose label two independent probes agree, as a lower
+    /// confidence bound at `agreement_z` (one-sided normal quantile; 0: the point estimate).
     pub min_agreement: f64,
+    pub agreement_z: f64,
+}
+
+/// Wilson score lower bound of a proportion `p` observed on `n` trials at the one-sided normal
+/// quantile `z` (z = 0: `p` itself). Small samples get a wide interval: 6 of 10 gives 0.35 at
+/// z = 1.645, 600 of 1,000 gives 0.57.
+pub fn wilson_lower(p: f64, n: i64, z: f64) -> f64 {
+    if n <= 0 {
+        return 0.0;
+    }
+    let n = n as f64;
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n);
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half) / (1.0 + z2 / n)).max(0.0)
 }
 
 /// Leave-class-out reclassification. `pred` is [n] int64: for every member of the class, the
@@ -293,6 +312,7 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
         confidence_rest,
         candidate: flagged > 0 && novel_share >= t.min_share && novel_spread >= t.min_spread,
         agreement: None,
+        agreement_low: None,
         accepted: false,
     }
 }
@@ -494,7 +514,8 @@ pub fn paper_side(paper: &Tensor, h: &Tensor, probe: &ClassProbe, k: i64, rare: 
 
 /// Confirms a candidate side with a second, independent leave-class-out probe (`second` is its
 /// [n, K] logits for the class's members; `first` the first probe's): accepted when the two name
-/// the same class for at least `t.min_agreement` of the side.
+/// the same class for at least `t.min_agreement` of the side, as a Wilson lower bound over the
+/// side's size at `t.agreement_z` (a side of a dozen images agreeing by chance is not confirmed).
 pub fn confirm_side(v: &mut SideVerdict, s: &ClassSide, first: &Tensor, second: &Tensor, t: Judge) {
     let label = |l: &Tensor| without_class(l, s.class).argmax(-1, false).masked_select(&s.in_side);
     let (a, b) = (label(first), label(second));
@@ -506,8 +527,10 @@ pub fn confirm_side(v: &mut SideVerdict, s: &ClassSide, first: &Tensor, second: 
     } else {
         0.0
     };
+    let low = wilson_lower(agreement, a.size()[0], t.agreement_z);
     v.agreement = Some(agreement);
-    v.accepted = v.candidate && agreement >= t.min_agreement;
+    v.agreement_low = Some(low);
+    v.accepted = v.candidate && low >= t.min_agreement;
 }
 
 /// The training set of an accepted class's trigger detector: the side as positives; as negatives,
@@ -697,6 +720,7 @@ mod tests {
             min_share: 0.5,
             min_spread: 0.5,
             min_agreement: 0.6,
+            agreement_z: 1.645,
         };
         // Logits naming `labels`, sure where `scale` is large; the judged class always gets the
         // largest logit, which judge_side must ignore.
@@ -809,6 +833,7 @@ mod tests {
             min_share: 0.5,
             min_spread: 0.5,
             min_agreement: 0.6,
+            agreement_z: 1.645,
         };
         let (kept, groups) = paper_groups_judged(&paper, &[p0, p1, p2, p3, p4], k, t);
         let count = |class: i64| kept.logical_and(&labels.eq(class)).sum(Kind::Int64).int64_value(&[]);
@@ -831,6 +856,49 @@ mod tests {
         // A class without a probe keeps its suspects.
         let (all, none) = paper_groups_judged(&paper, &[], k, t);
         assert!(all.equal(&paper) && none.is_empty());
+    }
+
+    /// The agreement test is a lower confidence bound: a handful of images agreeing by chance
+    /// is not confirmed, a large side at the same share is; z = 0 is the point estimate.
+    #[test]
+    fn agreement_is_judged_by_its_lower_bound() {
+        assert!((wilson_lower(0.6, 10, 1.645) - 0.352).abs() < 0.005);
+        assert!((wilson_lower(0.6, 1000, 1.645) - 0.574).abs() < 0.005);
+        assert!((wilson_lower(0.85, 159, 1.645) - 0.795).abs() < 0.005);
+        assert_eq!(wilson_lower(0.6, 10, 0.0), 0.6);
+        assert_eq!(wilson_lower(1.0, 0, 1.645), 0.0);
+        let lower = |n| wilson_lower(0.7, n, 1.645);
+        assert!(lower(10) < lower(100) && lower(100) < lower(10_000) && lower(10_000) < 0.7);
+        // confirm_side on a candidate of 10 members, 7 of which the two probes agree on.
+        let k = 3i64;
+        let in_side = Tensor::arange(20, (Kind::Int64, Device::Cpu)).lt(10);
+        let side = ClassSide {
+            class: 0,
+            n: 20,
+            members: Tensor::arange(20, (Kind::Int64, Device::Cpu)),
+            side: in_side.nonzero().flatten(0, -1),
+            in_side: in_side.shallow_clone(),
+            depth: Tensor::zeros([20], (Kind::Double, Device::Cpu)),
+            separation: 1.0,
+        };
+        let first = Tensor::zeros([20, k], (Kind::Float, Device::Cpu));
+        let _ = first.narrow(1, 1, 1).fill_(1.0);
+        let second = first.copy();
+        let _ = second.narrow(0, 0, 3).narrow(1, 2, 1).fill_(2.0);
+        let judge = |z| Judge {
+            rare: 0.05,
+            min_share: 0.5,
+            min_spread: 0.5,
+            min_agreement: 0.6,
+            agreement_z: z,
+        };
+        let mut v = judge_side(&side, &first, k, judge(1.645));
+        v.candidate = true;
+        confirm_side(&mut v, &side, &first, &second, judge(1.645));
+        assert_eq!(v.agreement, Some(0.7));
+        assert!(!v.accepted && v.agreement_low.unwrap() < 0.6, "{v:?}");
+        confirm_side(&mut v, &side, &first, &second, judge(0.0));
+        assert!(v.accepted, "{v:?}");
     }
 
     /// The paper's side of a class: its suspects, or of a swept class those sent where the class

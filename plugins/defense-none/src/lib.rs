@@ -34,12 +34,13 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "class_rare":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"suspects=class|both: a class is a look-alike of the judged class when the leave-class-out probe gives it at least this share of the class's samples off the side; the other classes are novel"},
 "class_novel":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe sends at least this share of it to novel classes (an all-to-one poisoning's sources come from every class; the class's clean images go to its look-alikes)"},
 "class_spread":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over them with at least this normalised entropy (a clean sub-population that resembles another class goes to that one class)"},
-"class_agreement":{"type":"number","default":0.6,"minimum":0,"maximum":1,"description":"suspects=class|both: a candidate side (both thresholds above reached) is accepted when a second leave-class-out probe (another initialisation, other images) names the same class as the first for at least this share of it (poisoned images are genuine images of the other classes; a clean class the probes scatter by guessing gets different guesses)"},
+"class_agreement":{"type":"number","default":0.6,"minimum":0,"maximum":1,"description":"suspects=class|both: a candidate side (both thresholds above reached) is accepted when a second leave-class-out probe (another initialisation, other images) names the same class as the first for at least this share of it (poisoned images are genuine images of the other classes; a clean class the probes scatter by guessing gets different guesses); compared as a lower confidence bound, see class_agreement_z"},
+"class_agreement_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_agreement is compared with the Wilson lower bound of the agreement over the side's size at this one-sided normal quantile (1.645: 95%), so a side of a few images that agree by chance is not confirmed (6 of 10 gives 0.35); 0: the point estimate (the previous release)"},
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
 "paper_with_targets":{"type":"string","default":"none","enum":["none","targets","unswept"],"description":"suspects=both, when the class-wise split detected a target class: which of the paper's suspects are dropped as well: none (the class-wise suspects replace them: in a target class the paper's split also takes many clean images, elsewhere only clean ones), targets (those in the target classes), unswept (all except in non-target classes its split swept, the previous default)"},
-"paper_filter":{"type":"string","default":"none","enum":["novel","none"],"description":"suspects=both (experimental, off by default: on two Blend models it accepted a clean class, see the README): novel makes each class's share of the paper's suspects (of a class the split swept, at least half of it, only the members the class's leave-class-out probe sends to classes the whole class goes to less than class_rare) a second candidate side, judged, confirmed and extended by the trigger detector like the split's side; with no detected class, a class's share stays dropped only when it passes the side's novelty tests (class_novel, class_spread; of a swept class only its novel-labelled members): the clean images the global split takes go where their class goes and return to the training; none keeps the paper's suspects as paper_with_targets says"},
+"paper_filter":{"type":"string","default":"novel","enum":["novel","none"],"description":"suspects=both: novel makes each class's share of the paper's suspects (of a class the split swept, at least half of it, only the members the class's leave-class-out probe sends to classes the whole class goes to less than class_rare) a second candidate side, judged, confirmed and extended by the trigger detector like the split's side; with no detected class, a class's share stays dropped only when it passes the side's novelty tests (class_novel, class_spread; of a swept class only its novel-labelled members): the clean images the global split takes go where their class goes and return to the training; none keeps the paper's suspects as paper_with_targets says"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -113,6 +114,7 @@ struct Params {
     class_novel: f64,
     class_spread: f64,
     class_agreement: f64,
+    class_agreement_z: f64,
     trigger_epochs: usize,
     trigger_negatives: i64,
     trigger_threshold: f64,
@@ -149,6 +151,7 @@ impl Params {
             min_share: self.class_novel,
             min_spread: self.class_spread,
             min_agreement: self.class_agreement,
+            agreement_z: self.class_agreement_z,
         }
     }
 
@@ -390,7 +393,7 @@ fn class_split(
                 "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
                 "novel_share": v.novel_share, "novel_spread": v.novel_spread,
                 "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
-                "candidate": v.candidate, "agreement": v.agreement, "accepted": v.accepted,
+                "candidate": v.candidate, "agreement": v.agreement, "agreement_low": v.agreement_low, "accepted": v.accepted,
                 "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
             })
         };

@@ -82,10 +82,11 @@ fn schema_is_valid_and_defaults_parse() {
             Suspects::Both,
             Repair::Retrain,
             PaperWithTargets::None,
-            PaperFilter::None,
+            PaperFilter::Novel,
             Layers::All
         )
     );
+    assert_eq!((p.class_agreement, p.class_agreement_z), (0.6, 1.645));
     let e = p.effective();
     assert_eq!(e.e2, 6, "E2 = 0: retrain's own default");
     let paper: Params = testing::params(SCHEMA, json!({"preset": "paper"})).parse().unwrap();
