@@ -99,7 +99,7 @@ pub fn default_out(model: &Path) -> PathBuf {
 }
 
 /// Adds or replaces metadata entries in ONNX bytes.
-fn with_metadata(bytes: &[u8], entries: &[(String, String)]) -> Result<Vec<u8>> {
+pub(crate) fn with_metadata(bytes: &[u8], entries: &[(String, String)]) -> Result<Vec<u8>> {
     use audit_nn::prost::Message;
     let mut proto = audit_nn::model::parse(bytes)?;
     for (k, v) in entries {

@@ -8,6 +8,7 @@ mod harden;
 mod inspect;
 mod plugins;
 mod report;
+mod scan;
 mod templates;
 mod zoo;
 
@@ -48,6 +49,8 @@ pub enum Command {
     Harden(harden::HardenArgs),
     /// Run several defenses on the same model and data; compare them in a table and a report.
     Compare(compare::CompareArgs),
+    /// Scan a model with detector plugins: is it backdoored, towards which class (exit 3 when flagged).
+    Scan(scan::ScanArgs),
     /// Re-render a JSON report (from compare or harden) as a table, Markdown or HTML.
     Report(report::ReportArgs),
     /// Clean accuracy, attack success rate and robust accuracy of an ONNX model (onnxruntime).
@@ -80,6 +83,7 @@ pub fn main() -> i32 {
         Command::Attack(args) => attack::run(args, &cli.global),
         Command::Harden(args) => harden::run(args, &cli.global),
         Command::Compare(args) => compare::run(args, &cli.global),
+        Command::Scan(args) => scan::run(args, &cli.global),
         Command::Report(args) => report::run(args),
         Command::Zoo(args) => zoo::run(args),
     };

@@ -6,6 +6,7 @@
 //! `defense_report`.
 
 mod html;
+pub mod scan;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,0 +1,72 @@
+//! `audit scan` through the binary and the real MM-BD plugin: verdict and exit code agree, the
+//! reports are written in every format, bad input is refused with exit 2 naming the flag or
+//! parameter, and nothing existing is overwritten without --force. (Whether MM-BD is right on
+//! trained models is measured in the README's Results, not asserted here.)
+
+use audit_tests::{audit_in, zoo_small_cnn};
+
+#[test]
+fn scan_gives_a_verdict_its_exit_code_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = zoo_small_cnn(dir.path());
+    let m = model.to_str().unwrap();
+    let run = audit_in(
+        dir.path(),
+        &[
+            "scan", m, "--param", "steps=20", "--param", "images=4", "--json", "--report", "r.html", "--report",
+            "r.md", "--report", "r.json",
+        ],
+    );
+    assert!(run.code == 0 || run.code == 3, "exit {}: {}", run.code, run.stderr);
+    let doc = run.json();
+    assert_eq!(doc["command"], "scan");
+    assert_eq!(
+        doc["flagged"].as_bool().unwrap(),
+        run.code == 3,
+        "exit code follows the verdict"
+    );
+    let f = &doc["findings"][0];
+    assert_eq!(
+        (f["detector"].as_str(), f["status"].as_str(), f["level"].as_str()),
+        (Some("mmbd"), Some("ok"), Some("model"))
+    );
+    assert_eq!(f["report"]["statistics"].as_array().unwrap().len(), 10);
+    let p = f["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "p-value {p}");
+    assert_eq!(f["params"]["steps"], 20, "the parameter reached the plugin");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
+    assert_eq!(saved, doc);
+    let html = std::fs::read_to_string(dir.path().join("r.html")).unwrap();
+    assert!(html.contains("audit scan report") && html.contains("mmbd") && !html.contains("<script"));
+    let md = std::fs::read_to_string(dir.path().join("r.md")).unwrap();
+    assert!(md.contains("| mmbd | model |"), "{md}");
+
+    // An existing report is not replaced without --force, and the scan does not start.
+    let before = std::fs::read(dir.path().join("r.md")).unwrap();
+    let again = audit_in(dir.path(), &["scan", m, "--report", "r.md"]).expect_code(2);
+    assert!(again.stderr.contains("r.md"), "{}", again.stderr);
+    assert_eq!(std::fs::read(dir.path().join("r.md")).unwrap(), before);
+}
+
+#[test]
+fn scan_refuses_bad_input_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = zoo_small_cnn(dir.path());
+    let m = model.to_str().unwrap();
+    for (args, says) in [
+        (vec!["--detector", "nope"], "no plugin named `nope`"),
+        (vec!["--detector", "none"], "is a defense plugin, not a detector"),
+        (vec!["--param", "other:steps=3"], "no detector `other`"),
+        (vec!["--param", "steps=-1"], "steps"),
+        (vec!["--param", "input=1x28"], "parameter `input`"),
+        (vec!["--report", "x.pdf"], "x.pdf"),
+    ] {
+        let mut a = vec!["scan", m];
+        a.extend(&args);
+        let r = audit_in(dir.path(), &a).expect_code(2);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    let r = audit_in(dir.path(), &["scan", "missing.onnx"]).expect_code(2);
+    assert!(r.stderr.contains("missing.onnx"), "{}", r.stderr);
+}
