@@ -172,13 +172,13 @@ fn max_margins(
 /// Maximum-likelihood gamma fit (shape, scale) of positive values with location 0: the shape
 /// solves `ln a - digamma(a) = ln(mean) - mean(ln x)` (decreasing in a; bisection on ln a).
 pub fn fit_gamma(x: &[f64]) -> Option<(f64, f64)> {
-    if x.len() < 2 || x.iter().any(|&v| !(v > 0.0) || !v.is_finite()) {
+    if x.len() < 2 || x.iter().any(|&v| !v.is_finite() || v <= 0.0) {
         return None;
     }
     let n = x.len() as f64;
     let mean = x.iter().sum::<f64>() / n;
     let s = mean.ln() - x.iter().map(|v| v.ln()).sum::<f64>() / n;
-    if !(s > 0.0) {
+    if s.is_nan() || s <= 0.0 {
         // All equal: a degenerate (infinitely narrow) gamma.
         return None;
     }
