@@ -11,10 +11,5 @@ fn main() {
         .compile_protos(&["proto/onnx.proto"], &["proto"])
         .expect("compiling proto/onnx.proto");
 
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(libtorch) = std::env::var("LIBTORCH") {
-        let lib = std::path::Path::new(&libtorch).join("lib");
-        let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    }
+    audit_build::libtorch_rpath();
 }

@@ -61,9 +61,11 @@
 
 use std::cell::RefCell;
 
-use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err};
-use audit_nn::train::{self, Augment, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{self, Augment, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
+use audit_plugin_common::{
+    augment, check_fit, device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes,
+};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -263,15 +265,7 @@ fn run_phase(
         objective,
         stop,
     } = phase;
-    let host = call.host;
-    let mut log = Vec::with_capacity(epochs);
-    for e in 0..epochs {
-        host.check_cancelled()?;
-        let label = format!("{phase} epoch {}/{epochs}", e + 1);
-        let mut hooks = Hooks {
-            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
-            cancelled: Box::new(|| host.is_cancelled()),
-        };
+    run_epochs(call, phase, epochs, |_, hooks| {
         // Summed on the device; read once per epoch.
         let ce_sum = RefCell::new(Tensor::zeros([], (Kind::Double, data.x.device())));
         let loss = |logits: &Tensor, y: &Tensor| -> Tensor {
@@ -280,35 +274,19 @@ fn run_phase(
             *sum += ce.detach().sum(Kind::Double);
             objective.per_sample(&ce)
         };
-        let stats = trainer
-            .epoch_with(model, data, pre, &loss, &mut hooks)
-            .map_err(nn_err)?;
+        let stats = trainer.epoch_with(model, data, pre, &loss, hooks).map_err(nn_err)?;
         let ce = ce_sum.borrow().double_value(&[]) / stats.samples.max(1) as f64;
-        host.info(&format!(
-            "{label}: objective {:.4}, cross-entropy {ce:.4}, train accuracy {:.4} ({:.1}s)",
-            stats.loss, stats.accuracy, stats.seconds
-        ));
-        log.push(json!({
-            "epoch": e + 1,
-            "loss": stats.loss,
-            "cross_entropy": ce,
-            "train_accuracy": stats.accuracy,
-            "seconds": stats.seconds,
-        }));
-        if !(stats.loss.is_finite() && ce.is_finite()) {
-            return Err(Error::failed(format!(
-                "{label}: the loss is no longer finite (training diverged); lower the learning rate or the number of epochs"
-            )));
-        }
-        if let Some(stop) = stop {
-            if stop()? {
-                host.info(&format!("{phase}: stopped early after epoch {}", e + 1));
-                break;
-            }
-        }
-    }
-    host.check_cancelled()?;
-    Ok(log)
+        let stop = match &stop {
+            Some(stop) if stats.loss.is_finite() && ce.is_finite() => stop()?,
+            _ => false,
+        };
+        let notes = EpochNotes {
+            text: format!(" (cross-entropy {ce:.4})"),
+            stop,
+            ..EpochNotes::fields(json!({ "cross_entropy": ce }))
+        };
+        Ok((stats, notes))
+    })
 }
 
 /// What the isolation step found.
@@ -520,12 +498,7 @@ impl Defense for Abl {
         ));
 
         let params = Value::Object(call.params.0.clone());
-        let out = model
-            .export(&[
-                ("audit.defense".to_string(), "abl".to_string()),
-                ("audit.defense_params".to_string(), params.to_string()),
-            ])
-            .map_err(nn_err)?;
+        let out = export_hardened(&model, "abl", call)?;
         let dropped = Vec::<i64>::try_from(&iso.isolated.to_device(tch::Device::Cpu))
             .map_err(|e| Error::failed(e.to_string()))?;
         let finite = |v: f64| if v.is_finite() { json!(v) } else { Value::Null };

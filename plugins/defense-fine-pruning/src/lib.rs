@@ -32,31 +32,29 @@
 
 use std::collections::HashSet;
 
-use audit_defense_common::{
-    augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs, Graph,
-};
 use audit_nn::neurons::{Layer, LayerKind, Slice};
-use audit_nn::train::{self, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{self, DeviceData, Preprocess, Trainer};
 use audit_nn::{tch, Model};
+use audit_plugin_common::{
+    check_fit, device, device_data, export_hardened, fine_tune_schema, load_model, nn_err, require_clean, train_epochs,
+    FineTune,
+};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
+const SCHEMA: &str = concat!(
+    r#"{"type":"object","additionalProperties":false,"properties":{
 "layer":{"type":"string","default":"last-conv","enum":["last-conv","penultimate"],"description":"what is pruned: the channels of the last conv layer (Liu et al.), or the features entering the final linear layer (BackdoorBench v2; also for models without convs)"},
 "activation":{"type":"string","default":"post","enum":["post","pre"],"description":"last-conv: rank channels on the output of the activation that follows the conv (post-ReLU, as BackdoorBench) or on the conv's own output"},
 "step":{"type":"number","default":0.01,"minimum":0.0001,"maximum":1,"description":"share of the layer's channels pruned per step (ceil(step * channels), at least 1)"},
 "acc_budget":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"pruning continues while the clean accuracy's relative drop from the unpruned model stays under this"},
-"epochs":{"type":"integer","default":10,"minimum":0,"maximum":10000,"description":"fine-tuning epochs on the clean subset after pruning"},
-"lr":{"type":"number","default":0.01,"minimum":0,"description":"fine-tuning learning rate"},
-"batch_size":{"type":"integer","default":128,"minimum":1,"description":"fine-tuning batch size"},
-"weight_decay":{"type":"number","default":0.0005,"minimum":0,"description":"fine-tuning L2 weight decay"},
-"momentum":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"SGD momentum of the fine-tuning"},
-"schedule":{"type":"string","default":"cosine","enum":["cosine","constant"],"description":"fine-tuning learning-rate schedule: cosine annealing to 0 (BackdoorBench) or constant"},
-"freeze_bn":{"type":"boolean","default":false,"description":"keep BatchNormalization running statistics fixed while fine-tuning"},
-"augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
-"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
+"#,
+    fine_tune_schema!(),
+    r#",
+"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#
+);
 
 /// `layer`: what is pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -78,31 +76,14 @@ enum Activation {
     Pre,
 }
 
-/// `schedule` of the fine-tuning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum LrSchedule {
-    /// Cosine annealing to 0 (BackdoorBench).
-    Cosine,
-    /// The base rate throughout.
-    Constant,
-}
-
-/// Parameters (see the schema for meaning).
+/// Parameters (see the schema for meaning), but for the fine-tuning block: a [`FineTune`],
+/// parsed from the same object.
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
     layer: LayerChoice,
     activation: Activation,
     step: f64,
     acc_budget: f64,
-    epochs: usize,
-    lr: f64,
-    batch_size: i64,
-    weight_decay: f64,
-    momentum: f64,
-    schedule: LrSchedule,
-    freeze_bn: bool,
-    augment: bool,
     seed: u64,
 }
 
@@ -194,25 +175,18 @@ struct Target {
 /// Chooses the layer to prune and precomputes every channel's parameter blocks.
 fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
     let layers = model.layers();
-    let graph = Graph::new(model);
+    let graph = model.graph();
     let shapes = model.value_shapes(sample).map_err(nn_err)?;
-    let value_id = |name: &str| {
-        model
-            .value_id(name)
-            .ok_or_else(|| Error::failed(format!("value `{name}` has no id")))
-    };
     let mut notes = Vec::new();
     if p.layer == LayerChoice::Penultimate {
         let out = layers.iter().rev().find(|l| l.is_output).ok_or_else(|| {
             Error::invalid("layer=penultimate: the model has no final linear layer (Gemm or MatMul with a weight)")
         })?;
-        let input = graph
-            .nodes
-            .iter()
-            .find(|n| n.0 == out.node)
-            .and_then(|n| n.2.first().cloned())
+        let id = graph
+            .node(out.node_id)
+            .input(0)
             .ok_or_else(|| Error::failed(format!("the final layer {} has no input", out.node)))?;
-        let id = value_id(&input)?;
+        let input = graph.value_name(id).to_string();
         let shape = shapes.get(&id).cloned().unwrap_or_default();
         if shape.len() != 2 {
             return Err(Error::invalid(format!(
@@ -260,14 +234,14 @@ fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
         });
     }
 
-    let layer_nodes: HashSet<&str> = layers.iter().map(|l| l.node.as_str()).collect();
+    let layer_nodes: HashSet<usize> = layers.iter().map(|l| l.node_id).collect();
     let convs: Vec<&Layer> = layers.iter().filter(|l| l.op_type == "Conv").collect();
     let Some(&last) = convs.last() else {
         return Err(Error::invalid(
             "the model has no Conv layer to prune; use --param layer=penultimate to prune the features entering the final linear layer",
         ));
     };
-    let conv = match convs.iter().rev().find(|l| graph.reaches(&l.value_name, &layer_nodes)) {
+    let conv = match convs.iter().rev().find(|l| graph.reaches(l.value, &layer_nodes)) {
         Some(&c) => {
             if c.node != last.node {
                 notes.push(format!(
@@ -284,11 +258,12 @@ fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
             )))
         }
     };
-    let (tap_name, post) = if p.activation == Activation::Post {
-        graph.activation_after(&conv.value_name)
+    let (tap_value, post) = if p.activation == Activation::Post {
+        graph.activation_after(conv.value)
     } else {
-        (conv.value_name.clone(), false)
+        (conv.value, false)
     };
+    let tap_name = graph.value_name(tap_value).to_string();
     if p.activation == Activation::Post && !post {
         notes.push(format!(
             "no activation follows `{}` directly; channels ranked on `{tap_name}` (pre-activation)",
@@ -296,7 +271,7 @@ fn target(model: &Model, p: &Params, sample: &Tensor) -> Result<Target> {
         ));
     }
     let mut tap = conv.clone();
-    tap.value = value_id(&tap_name)?;
+    tap.value = tap_value;
     tap.value_name = tap_name;
     let slices = (0..conv.channels)
         .map(|c| model.neuron_slices(conv, c, &shapes).map_err(nn_err))
@@ -374,27 +349,6 @@ fn mean_activations(
     Vec::<f64>::try_from(means.to_device(Device::Cpu)).map_err(|e| Error::failed(e.to_string()))
 }
 
-fn training_config(p: &Params, seed: u64) -> TrainConfig {
-    TrainConfig {
-        epochs: p.epochs,
-        batch_size: p.batch_size,
-        lr: p.lr,
-        weight_decay: p.weight_decay,
-        optimizer: Optimizer::Sgd {
-            momentum: p.momentum,
-            nesterov: false,
-        },
-        schedule: match p.schedule {
-            LrSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },
-            LrSchedule::Constant => Schedule::Constant,
-        },
-        freeze_bn: p.freeze_bn,
-        augment: augment(p.augment),
-        seed,
-        group_lr: vec![],
-    }
-}
-
 impl Defense for FinePruning {
     fn defend(
         &self,
@@ -404,6 +358,7 @@ impl Defense for FinePruning {
         clean: Option<&DatasetRef<'_>>,
     ) -> Result<Hardened> {
         let p: Params = call.params.parse()?;
+        let tune: FineTune = call.params.parse()?;
         if !(p.step > 0.0 && p.step <= 1.0) {
             return Err(Error::invalid(format!("parameter `step`: {} is not in (0, 1]", p.step)));
         }
@@ -473,11 +428,11 @@ impl Defense for FinePruning {
         ));
 
         // 3. Fine-tune with the pruned blocks held at zero.
-        let mut trainer = Trainer::new(&model, training_config(&p, seed)).map_err(nn_err)?;
+        let mut trainer = Trainer::new(&model, tune.config(seed)).map_err(nn_err)?;
         for (param, mask) in model.masks_for(&pruned_slices) {
             trainer.add_mask(param, mask);
         }
-        let epochs = train_epochs(call, &model, &mut trainer, &data, &pre, p.epochs)?;
+        let epochs = train_epochs(call, &model, &mut trainer, &data, &pre, tune.epochs)?;
         let after = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
         let residue = max_abs(&model, &pruned_slices);
         if residue != 0.0 {
@@ -487,15 +442,7 @@ impl Defense for FinePruning {
         }
         host.info(&format!("clean accuracy after fine-tuning: {after:.4}"));
 
-        let out = model
-            .export(&[
-                ("audit.defense".to_string(), "fine-pruning".to_string()),
-                (
-                    "audit.defense_params".to_string(),
-                    Value::Object(call.params.0.clone()).to_string(),
-                ),
-            ])
-            .map_err(nn_err)?;
+        let out = export_hardened(&model, "fine-pruning", call)?;
         let steps: Vec<Value> = steps
             .iter()
             .map(|s| {
@@ -536,6 +483,7 @@ impl Defense for FinePruning {
                 "clean_accuracy_pruned": acc_pruned,
                 "clean_accuracy_after": after,
                 "accuracy_measured_on": "the clean subset (also the ranking, pruning and fine-tuning data)",
+                "fine_tune": tune.report(),
                 "epochs": epochs,
                 "pruned_weights_max_abs": residue,
             }),

@@ -9,6 +9,8 @@ use audit_sdk::{Call, Status};
 use serde_json::json;
 
 use super::*;
+use audit_nn::train::TrainConfig;
+use audit_plugin_common::FineTuneSchedule;
 
 /// A zoo small CNN for 1x28x28 inputs and 10 classes, freshly initialised.
 fn small_cnn(seed: u64) -> Vec<u8> {
@@ -91,21 +93,22 @@ fn schema_is_valid_and_descriptor_matches() {
         abi::AUDIT_CAP_NEEDS_CLEAN_DATA | abi::AUDIT_CAP_NEEDS_MODEL
     );
     let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
+    let tune: FineTune = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
     assert_eq!(
         (
             p.layer,
             p.activation,
-            p.schedule,
+            tune.schedule,
             p.step,
             p.acc_budget,
-            p.epochs,
-            p.lr,
-            p.momentum
+            tune.epochs,
+            tune.lr,
+            tune.momentum
         ),
         (
             LayerChoice::LastConv,
             Activation::Post,
-            LrSchedule::Cosine,
+            FineTuneSchedule::Cosine,
             0.01,
             0.1,
             10,
@@ -119,11 +122,12 @@ fn schema_is_valid_and_descriptor_matches() {
 fn enum_parameters_match_the_schema_and_refuse_other_values() {
     check_enum::<LayerChoice>(SCHEMA, "layer").unwrap();
     check_enum::<Activation>(SCHEMA, "activation").unwrap();
-    check_enum::<LrSchedule>(SCHEMA, "schedule").unwrap();
+    check_enum::<FineTuneSchedule>(SCHEMA, "schedule").unwrap();
     // A value the host would have refused, given straight to the plugin: an error, not a fallback.
-    for key in ["layer", "activation", "schedule"] {
+    for key in ["layer", "activation"] {
         check_refused::<Params>(SCHEMA, key).unwrap();
     }
+    check_refused::<FineTune>(SCHEMA, "schedule").unwrap();
 }
 
 #[test]

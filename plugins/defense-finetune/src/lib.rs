@@ -10,58 +10,28 @@
 //! both measured in eval mode on the clean subset: that subset is also the fine-tuning data, so
 //! the host's own before/after evaluation (on the rest of the test split) is the one to quote.
 
-use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, train_epochs};
-use audit_nn::train::{self, Optimizer, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{self, Trainer};
 use audit_nn::{tch, Model};
+use audit_plugin_common::{
+    check_fit, device, device_data, export_hardened, fine_tune_schema, load_model, nn_err, require_clean, train_epochs,
+    FineTune,
+};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Hardened, Plugin, PluginInfo, Result};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::json;
 use tch::{Kind, Tensor};
 
-const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
-"epochs":{"type":"integer","default":10,"minimum":0,"maximum":10000,"description":"fine-tuning epochs on the clean subset"},
-"lr":{"type":"number","default":0.01,"minimum":0,"description":"learning rate"},
-"batch_size":{"type":"integer","default":128,"minimum":1,"description":"training batch size"},
-"weight_decay":{"type":"number","default":0.0005,"minimum":0,"description":"L2 weight decay"},
-"optimizer":{"type":"string","default":"sgd","enum":["sgd","adam"],"description":"sgd (with momentum) or adam (betas 0.9, 0.999)"},
-"momentum":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"SGD momentum (ignored by adam)"},
-"schedule":{"type":"string","default":"cosine","enum":["cosine","constant"],"description":"learning-rate schedule over the epochs: cosine annealing to 0 (BackdoorBench) or constant"},
-"freeze_bn":{"type":"boolean","default":false,"description":"keep BatchNormalization running statistics fixed (affine parameters still train)"},
-"augment":{"type":"boolean","default":false,"description":"random crop (padding 4) and horizontal flip while fine-tuning (CIFAR-style data)"},
-"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#;
+const SCHEMA: &str = concat!(
+    r#"{"type":"object","additionalProperties":false,"properties":{"#,
+    fine_tune_schema!(),
+    r#",
+"seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the defense (added to the host's seed)"}}}"#
+);
 
-/// `optimizer` (serialized as the schema spells it, for the report).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum OptimizerChoice {
-    /// SGD with `momentum`.
-    Sgd,
-    /// Adam, betas 0.9 and 0.999.
-    Adam,
-}
-
-/// `schedule` over the epochs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum LrSchedule {
-    /// Cosine annealing to 0 (BackdoorBench).
-    Cosine,
-    /// The base rate throughout.
-    Constant,
-}
-
-/// Parameters (see the schema for meaning).
+/// Parameters (see the schema for meaning), but for the fine-tuning block: a [`FineTune`],
+/// parsed from the same object.
 #[derive(Debug, Clone, Deserialize)]
 struct Params {
-    epochs: usize,
-    lr: f64,
-    batch_size: i64,
-    weight_decay: f64,
-    optimizer: OptimizerChoice,
-    momentum: f64,
-    schedule: LrSchedule,
-    freeze_bn: bool,
-    augment: bool,
     seed: u64,
 }
 
@@ -78,33 +48,6 @@ impl Plugin for Finetune {
             params_schema: SCHEMA,
             capabilities: abi::AUDIT_CAP_NEEDS_CLEAN_DATA | abi::AUDIT_CAP_NEEDS_MODEL,
         }
-    }
-}
-
-fn training_config(p: &Params, seed: u64) -> TrainConfig {
-    TrainConfig {
-        epochs: p.epochs,
-        batch_size: p.batch_size,
-        lr: p.lr,
-        weight_decay: p.weight_decay,
-        optimizer: match p.optimizer {
-            OptimizerChoice::Sgd => Optimizer::Sgd {
-                momentum: p.momentum,
-                nesterov: false,
-            },
-            OptimizerChoice::Adam => Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-            },
-        },
-        schedule: match p.schedule {
-            LrSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },
-            LrSchedule::Constant => Schedule::Constant,
-        },
-        freeze_bn: p.freeze_bn,
-        augment: augment(p.augment),
-        seed,
-        group_lr: vec![],
     }
 }
 
@@ -128,6 +71,7 @@ impl Defense for Finetune {
         clean: Option<&DatasetRef<'_>>,
     ) -> Result<Hardened> {
         let p: Params = call.params.parse()?;
+        let tune: FineTune = call.params.parse()?;
         let clean = require_clean("finetune", clean)?;
         let device = device(call)?;
         let seed = call.seed.wrapping_add(p.seed);
@@ -142,21 +86,13 @@ impl Defense for Finetune {
             data.len()
         ));
         let start: Vec<Tensor> = model.trainable().iter().map(|t| t.detach().copy()).collect();
-        let mut trainer = Trainer::new(&model, training_config(&p, seed)).map_err(nn_err)?;
-        let epochs = train_epochs(call, &model, &mut trainer, &data, &pre, p.epochs)?;
+        let mut trainer = Trainer::new(&model, tune.config(seed)).map_err(nn_err)?;
+        let epochs = train_epochs(call, &model, &mut trainer, &data, &pre, tune.epochs)?;
         let after = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
         host.info(&format!("clean accuracy after fine-tuning: {after:.4}"));
         let moved = distance(&start, &model);
 
-        let out = model
-            .export(&[
-                ("audit.defense".to_string(), "finetune".to_string()),
-                (
-                    "audit.defense_params".to_string(),
-                    Value::Object(call.params.0.clone()).to_string(),
-                ),
-            ])
-            .map_err(nn_err)?;
+        let out = export_hardened(&model, "finetune", call)?;
         Ok(Hardened {
             model: out,
             dropped: vec![],
@@ -165,11 +101,7 @@ impl Defense for Finetune {
                 "device": format!("{device:?}").to_lowercase(),
                 "n_clean": data.len(),
                 "classes": classes,
-                "optimizer": p.optimizer,
-                "schedule": p.schedule,
-                "lr": p.lr,
-                "batch_size": p.batch_size,
-                "freeze_bn": p.freeze_bn,
+                "fine_tune": tune.report(),
                 "epochs": epochs,
                 "clean_accuracy_before": before,
                 "clean_accuracy_after": after,

@@ -5,6 +5,7 @@ use audit_sdk::{Call, Status};
 use serde_json::{json, Value};
 
 use super::*;
+use audit_plugin_common::{FineTuneOptimizer, FineTuneSchedule};
 
 /// A zoo small CNN for 1x28x28 inputs and 10 classes.
 fn small_cnn(seed: u64) -> Vec<u8> {
@@ -31,30 +32,39 @@ fn schema_is_valid_and_descriptor_matches() {
         abi::AUDIT_CAP_NEEDS_CLEAN_DATA | abi::AUDIT_CAP_NEEDS_MODEL
     );
     let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
+    let tune: FineTune = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
     assert_eq!(
         (
-            p.epochs,
-            p.lr,
-            p.batch_size,
-            p.weight_decay,
-            p.optimizer,
-            p.schedule,
-            p.freeze_bn
+            tune.epochs,
+            tune.lr,
+            tune.batch_size,
+            tune.weight_decay,
+            tune.optimizer,
+            tune.schedule,
+            tune.freeze_bn
         ),
-        (10, 0.01, 128, 5e-4, OptimizerChoice::Sgd, LrSchedule::Cosine, false)
+        (
+            10,
+            0.01,
+            128,
+            5e-4,
+            FineTuneOptimizer::Sgd,
+            FineTuneSchedule::Cosine,
+            false
+        )
     );
 }
 
 #[test]
 fn enum_parameters_match_the_schema_and_refuse_other_values() {
-    check_enum::<OptimizerChoice>(SCHEMA, "optimizer").unwrap();
-    check_enum::<LrSchedule>(SCHEMA, "schedule").unwrap();
+    check_enum::<FineTuneOptimizer>(SCHEMA, "optimizer").unwrap();
+    check_enum::<FineTuneSchedule>(SCHEMA, "schedule").unwrap();
     // The report spells them as the schema does.
-    assert_eq!(json!(OptimizerChoice::Adam), json!("adam"));
-    assert_eq!(json!(LrSchedule::Constant), json!("constant"));
+    assert_eq!(json!(FineTuneOptimizer::Adam), json!("adam"));
+    assert_eq!(json!(FineTuneSchedule::Constant), json!("constant"));
     // A value the host would have refused, given straight to the plugin: an error, not a fallback.
     for key in ["optimizer", "schedule"] {
-        check_refused::<Params>(SCHEMA, key).unwrap();
+        check_refused::<FineTune>(SCHEMA, key).unwrap();
     }
 }
 
@@ -102,7 +112,7 @@ fn adam_frozen_bn_and_constant_schedule_run() {
     let h = Finetune
         .defend(&c, &model, None, Some(&clean.dataset()))
         .expect("defend");
-    assert_eq!(h.report["optimizer"], "adam");
+    assert_eq!(h.report["fine_tune"]["optimizer"], "adam");
     // Frozen BN: running statistics are unchanged.
     let stats = |bytes: &[u8]| -> Vec<Tensor> {
         let m = Model::load(bytes, None).unwrap();

@@ -40,9 +40,11 @@
 
 use std::collections::HashSet;
 
-use audit_defense_common::{augment, check_fit, device, device_data, load_model, nn_err, require_clean, Graph};
-use audit_nn::train::{self, DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{self, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Mode, Model};
+use audit_plugin_common::{
+    augment, check_fit, device, device_data, export_hardened, load_model, nn_err, require_clean, run_epochs, EpochNotes,
+};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -204,17 +206,15 @@ fn choose_layers(model: &Model, p: &Params, sample: &Tensor, notes: &mut Vec<Str
     let default_layers = given.is_empty();
     let mut chosen = Vec::new();
     if default_layers {
-        let graph = Graph::new(model);
+        let graph = model.graph();
         let mut convs = Vec::new();
         for l in model.layers().into_iter().filter(|l| l.op_type == "Conv") {
             if l.is_output {
                 notes.push(format!("conv `{}` produces the logits; not distilled", l.node));
                 continue;
             }
-            let (value, post) = graph.activation_after(&l.value_name);
-            let id = model
-                .value_id(&value)
-                .ok_or_else(|| Error::failed(format!("value `{value}` has no id")))?;
+            let (id, post) = graph.activation_after(l.value);
+            let value = graph.value_name(id).to_string();
             let shape = shapes.get(&id).cloned().unwrap_or_default();
             if shape.len() != 4 || shape[2] * shape[3] <= 1 {
                 notes.push(format!(
@@ -316,14 +316,6 @@ fn apply_schedule(trainer: &mut Trainer, schedule: LrSchedule, base: f64, e: usi
     Ok(())
 }
 
-fn hooks<'a>(call: &'a Call<'_>, label: &'a str) -> Hooks<'a> {
-    let host = call.host;
-    Hooks {
-        progress: Box::new(move |_, d, t| host.progress(label, d, t)),
-        cancelled: Box::new(move || host.is_cancelled()),
-    }
-}
-
 /// Fine-tunes the teacher with cross-entropy; one report entry per epoch.
 fn train_teacher(
     call: &Call<'_>,
@@ -333,31 +325,16 @@ fn train_teacher(
     pre: &Preprocess,
     seed: u64,
 ) -> Result<Vec<Value>> {
-    let host = call.host;
     let n = p.teacher_epochs;
     let mut trainer = Trainer::new(teacher, training_config(p, p.teacher_lr, n, seed)).map_err(nn_err)?;
-    let mut log = Vec::with_capacity(n);
-    for e in 0..n {
-        host.check_cancelled()?;
+    run_epochs(call, "teacher", n, |e, hooks| {
         apply_schedule(&mut trainer, p.schedule, p.teacher_lr, e)?;
-        let label = format!("teacher epoch {}/{n}", e + 1);
-        let s = trainer
-            .epoch(teacher, data, pre, &mut hooks(call, &label))
-            .map_err(nn_err)?;
-        host.info(&format!(
-            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
-            s.loss, s.accuracy, s.seconds
-        ));
-        log.push(json!({
-            "epoch": e + 1,
-            "lr": lr_at(p.schedule, p.teacher_lr, e, n),
-            "loss": s.loss,
-            "train_accuracy": s.accuracy,
-            "seconds": s.seconds,
-        }));
-    }
-    host.check_cancelled()?;
-    Ok(log)
+        let stats = trainer.epoch(teacher, data, pre, hooks).map_err(nn_err)?;
+        Ok((
+            stats,
+            EpochNotes::fields(json!({ "lr": lr_at(p.schedule, p.teacher_lr, e, n) })),
+        ))
+    })
 }
 
 /// The teacher's attention maps of a batch (eval mode, no gradient).
@@ -413,7 +390,6 @@ fn distil(
     data: &DeviceData,
     pre: &Preprocess,
 ) -> Result<Vec<Value>> {
-    let host = call.host;
     let n = p.epochs;
     let device = student.device;
     let ids: Vec<usize> = layers.iter().map(|l| l.id).collect();
@@ -422,11 +398,8 @@ fn distil(
     // The student's own seed stream (the teacher used the defense's seed).
     let seed = call.seed.wrapping_add(p.seed).wrapping_add(1);
     let mut trainer = Trainer::new(student, training_config(p, p.lr, n, seed)).map_err(nn_err)?;
-    let mut log = Vec::with_capacity(n);
-    for e in 0..n {
-        host.check_cancelled()?;
+    run_epochs(call, "NAD", n, |e, hooks| {
         apply_schedule(&mut trainer, p.schedule, p.lr, e)?;
-        let label = format!("NAD epoch {}/{n}", e + 1);
         let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
         let mut at_sum = Tensor::zeros([k], (Kind::Double, device));
         let mut step = |x: &Tensor, y: &Tensor, mode: Mode| -> audit_nn::Result<(Tensor, Tensor)> {
@@ -452,30 +425,24 @@ fn distil(
             Ok((total, logits))
         };
         let s = trainer
-            .epoch_custom(student, data, pre, &mut step, &mut hooks(call, &label))
+            .epoch_custom(student, data, pre, &mut step, hooks)
             .map_err(nn_err)?;
         let samples = s.samples as f64;
         let ce = ce_sum.double_value(&[]) / samples;
         let per_layer = Vec::<f64>::try_from((at_sum / samples).to_device(tch::Device::Cpu))
             .map_err(|e| Error::failed(e.to_string()))?;
         let at: f64 = per_layer.iter().sum();
-        host.info(&format!(
-            "{label}: loss {:.4} (CE {ce:.4}, attention {at:.4}), train accuracy {:.4} ({:.1}s)",
-            s.loss, s.accuracy, s.seconds
-        ));
-        log.push(json!({
-            "epoch": e + 1,
-            "lr": lr_at(p.schedule, p.lr, e, n),
-            "loss": s.loss,
-            "ce_loss": ce,
-            "attention_loss": at,
-            "attention_loss_per_layer": per_layer,
-            "train_accuracy": s.accuracy,
-            "seconds": s.seconds,
-        }));
-    }
-    host.check_cancelled()?;
-    Ok(log)
+        let notes = EpochNotes {
+            text: format!(" (CE {ce:.4}, attention {at:.4})"),
+            ..EpochNotes::fields(json!({
+                "lr": lr_at(p.schedule, p.lr, e, n),
+                "ce_loss": ce,
+                "attention_loss": at,
+                "attention_loss_per_layer": per_layer,
+            }))
+        };
+        Ok((s, notes))
+    })
 }
 
 impl Defense for Nad {
@@ -535,15 +502,7 @@ impl Defense for Nad {
         let after = train::accuracy(&model, &data, &pre, 512).map_err(nn_err)?;
         host.info(&format!("clean accuracy after NAD: {after:.4}"));
 
-        let out = model
-            .export(&[
-                ("audit.defense".to_string(), "nad".to_string()),
-                (
-                    "audit.defense_params".to_string(),
-                    Value::Object(call.params.0.clone()).to_string(),
-                ),
-            ])
-            .map_err(nn_err)?;
+        let out = export_hardened(&model, "nad", call)?;
         Ok(Hardened {
             model: out,
             dropped: vec![],

@@ -23,12 +23,9 @@ fn weights(bytes: &[u8]) -> Vec<Tensor> {
 
 /// The output value of the node named `node`.
 fn output_of(model: &Model, node: &str) -> String {
-    model
-        .node_summaries()
-        .into_iter()
-        .find(|n| n.0 == node)
-        .map(|n| n.3[0].clone())
-        .unwrap_or_else(|| panic!("no node {node}"))
+    let graph = model.graph();
+    let n = graph.node_named(node).unwrap_or_else(|| panic!("no node {node}"));
+    graph.value_name(n.outputs[0]).to_string()
 }
 
 fn close(a: f64, b: f64) -> bool {

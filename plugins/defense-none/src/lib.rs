@@ -13,9 +13,9 @@
 
 mod analysis;
 
-use audit_defense_common::{augment, device, device_data, load_model, nn_err};
-use audit_nn::train::{DeviceData, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
+use audit_plugin_common::{augment, device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -231,22 +231,13 @@ fn train(
         extra,
         class_weights,
     } = stretch;
-    let host = call.host;
-    let mut log = Vec::new();
-    for e in 0..epochs {
-        let label = format!("{phase} epoch {}/{epochs}", e + 1);
-        let mut hooks = Hooks {
-            progress: Box::new(|_, d, t| host.progress(&label, d, t)),
-            cancelled: Box::new(|| host.is_cancelled()),
-        };
+    run_epochs(call, phase, epochs, |_, hooks| {
         let stats = match (extra, class_weights) {
-            (None, None) => trainer.epoch(model, data, pre, &mut hooks).map_err(nn_err)?,
+            (None, None) => trainer.epoch(model, data, pre, hooks).map_err(nn_err)?,
             (None, Some(w)) => {
                 let loss =
                     |logits: &Tensor, y: &Tensor| audit_nn::train::cross_entropy(logits, y) * w.index_select(0, y);
-                trainer
-                    .epoch_with(model, data, pre, &loss, &mut hooks)
-                    .map_err(nn_err)?
+                trainer.epoch_with(model, data, pre, &loss, hooks).map_err(nn_err)?
             }
             (Some((suspects, weight, kind)), _) => {
                 // Every clean batch also takes a batch of the extra samples.
@@ -280,18 +271,11 @@ fn train(
                         Err(_) => clean,
                     }
                 };
-                trainer
-                    .epoch_with(model, data, pre, &loss, &mut hooks)
-                    .map_err(nn_err)?
+                trainer.epoch_with(model, data, pre, &loss, hooks).map_err(nn_err)?
             }
         };
-        host.info(&format!(
-            "{label}: loss {:.4}, train accuracy {:.4} ({:.1}s)",
-            stats.loss, stats.accuracy, stats.seconds
-        ));
-        log.push(json!({"phase": phase, "epoch": e + 1, "loss": stats.loss, "train_accuracy": stats.accuracy, "seconds": stats.seconds}));
-    }
-    Ok(log)
+        Ok((stats, EpochNotes::fields(json!({ "phase": phase }))))
+    })
 }
 
 /// What the class-wise split found in one round.
@@ -751,15 +735,7 @@ impl Defense for NoneDefense {
                 "repair": p.repair,
             }));
         }
-        let out = model
-            .export(&[
-                ("audit.defense".to_string(), "none".to_string()),
-                (
-                    "audit.defense_params".to_string(),
-                    serde_json::Value::Object(call.params.0.clone()).to_string(),
-                ),
-            ])
-            .map_err(nn_err)?;
+        let out = export_hardened(&model, "none", call)?;
         Ok(Hardened {
             model: out,
             dropped: all_suspects,

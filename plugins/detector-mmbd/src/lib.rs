@@ -22,9 +22,9 @@
 //! One target class is assumed: an all-to-all backdoor raises every class's margin alike and is
 //! out of the method's reach.
 
-use audit_defense_common::{device, load_model, nn_err};
 use audit_nn::ops::Mode;
 use audit_nn::tch::{self, Kind, Tensor};
+use audit_plugin_common::{device, load_model, nn_err};
 use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
 use serde_json::json;

@@ -9,6 +9,7 @@
 mod device;
 pub mod error;
 pub mod export;
+pub mod graph;
 mod init;
 pub mod limits;
 pub mod model;
@@ -21,6 +22,7 @@ pub mod zoo;
 
 pub use device::{libtorch_dir, resolve_device, DeviceError, DeviceRequest};
 pub use error::{NnError, Result};
+pub use graph::{Graph, NodeView, OpClass};
 pub use model::{IoInfo, Model, Param, ParamRole, UnsupportedNode};
 pub use ops::Mode;
 /// The protobuf runtime of [`proto`].

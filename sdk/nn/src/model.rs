@@ -603,25 +603,6 @@ impl Model {
         let (mut outs, _) = self.forward_with_taps(&[input], mode, &[])?;
         Ok(outs.swap_remove(0))
     }
-
-    /// Nodes in execution order: (name, op type, input names, output names).
-    pub fn node_summaries(&self) -> Vec<(String, String, Vec<String>, Vec<String>)> {
-        let name = |i: &usize| self.value_names[*i].clone();
-        self.nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.name.clone(),
-                    n.op_type.clone(),
-                    n.inputs
-                        .iter()
-                        .map(|i| i.as_ref().map(name).unwrap_or_default())
-                        .collect(),
-                    n.outputs.iter().map(name).collect(),
-                )
-            })
-            .collect()
-    }
 }
 
 /// Execution order: ONNX requires topological order, but we sort anyway (Kahn) and reject cycles.

@@ -9,31 +9,9 @@ use std::collections::{HashMap, HashSet};
 use tch::{no_grad, Kind, Tensor};
 
 use crate::error::{NnError, Result};
+use crate::graph::OpClass;
 use crate::model::{Model, ParamRole};
 use crate::ops::Mode;
-
-/// Ops that act on each channel separately, so a channel keeps its index through them.
-const PER_CHANNEL: &[&str] = &[
-    "Relu",
-    "LeakyRelu",
-    "PRelu",
-    "Elu",
-    "Selu",
-    "Sigmoid",
-    "Tanh",
-    "Clip",
-    "HardSigmoid",
-    "HardSwish",
-    "Softplus",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "BatchNormalization",
-    "Dropout",
-    "Identity",
-    "InstanceNormalization",
-];
 
 /// What kind of layer produces the neurons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +29,8 @@ pub enum LayerKind {
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub node: String,
+    /// Id of the node in [`Model::graph`].
+    pub node_id: usize,
     pub op_type: String,
     pub kind: LayerKind,
     /// Value id of the layer's output (pre-normalization, pre-activation).
@@ -90,18 +70,6 @@ impl Model {
             .map(|a| a.i())
     }
 
-    fn consumers(&self) -> HashMap<usize, Vec<(usize, usize)>> {
-        let mut m: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
-        for (ni, n) in self.nodes.iter().enumerate() {
-            for (slot, v) in n.inputs.iter().enumerate() {
-                if let Some(v) = v {
-                    m.entry(*v).or_default().push((ni, slot));
-                }
-            }
-        }
-        m
-    }
-
     /// Every layer with neurons, in execution order. The layer whose output reaches the graph
     /// output without passing another such layer is marked `is_output`.
     pub fn layers(&self) -> Vec<Layer> {
@@ -139,6 +107,7 @@ impl Model {
             let input = n.inputs.first().copied().flatten();
             out.push(Layer {
                 node: n.name.clone(),
+                node_id: ni,
                 op_type: n.op_type.clone(),
                 kind,
                 value,
@@ -151,27 +120,12 @@ impl Model {
             });
         }
         // The output layer: the last layer from which no other layer is reachable.
-        let cons = self.consumers();
-        let layer_nodes: HashSet<String> = out.iter().map(|l| l.node.clone()).collect();
+        // A Conv can be the output layer too: NiN-style models end with a conv that produces the
+        // class maps (then a global pooling). Such a conv is never a neuron layer.
+        let graph = self.graph();
+        let layer_nodes: HashSet<usize> = out.iter().map(|l| l.node_id).collect();
         for l in &mut out {
-            let mut stack = vec![l.value];
-            let mut seen = HashSet::new();
-            let mut reaches_layer = false;
-            while let Some(v) = stack.pop() {
-                if !seen.insert(v) {
-                    continue;
-                }
-                for &(ni, _) in cons.get(&v).map(Vec::as_slice).unwrap_or(&[]) {
-                    if layer_nodes.contains(&self.nodes[ni].name) {
-                        reaches_layer = true;
-                    } else {
-                        stack.extend(self.nodes[ni].outputs.iter().copied());
-                    }
-                }
-            }
-            // A Conv can be the output layer too: NiN-style models end with a conv that produces
-            // the class maps (then a global pooling). Such a conv is never a neuron layer.
-            l.is_output = !reaches_layer;
+            l.is_output = !graph.reaches(l.value, &layer_nodes);
         }
         out
     }
@@ -217,14 +171,14 @@ impl Model {
         // whether a residual Add was crossed: the channel then continues into the next block (its
         // first conv's input slice is zeroed, as NONE's reference does), and the walk stops at
         // the following residual Add, where the skip path of the next block joins.
-        let cons = self.consumers();
+        let graph = self.graph();
         let mut stack: Vec<(usize, Option<i64>, bool)> = vec![(layer.value, None, false)];
         let mut seen = HashSet::new();
         while let Some((v, block, crossed)) = stack.pop() {
             if !seen.insert(v) {
                 continue;
             }
-            for &(ni, slot) in cons.get(&v).map(Vec::as_slice).unwrap_or(&[]) {
+            for &(ni, slot) in graph.consumers(v) {
                 let n = &self.nodes[ni];
                 let input_param = |s: usize| n.inputs.get(s).copied().flatten().and_then(|v| self.param_index(v));
                 match (n.op_type.as_str(), block) {
@@ -239,7 +193,9 @@ impl Model {
                         }
                         stack.push((n.outputs[0], None, crossed));
                     }
-                    (op, None) if PER_CHANNEL.contains(&op) && slot == 0 => stack.push((n.outputs[0], None, crossed)),
+                    (op, None) if OpClass::of(op).keeps_channel() && slot == 0 => {
+                        stack.push((n.outputs[0], None, crossed))
+                    }
                     ("Add", None) => {
                         // MatMul + Add(bias) pattern: a 1-D bias parameter of this width.
                         let other = 1 - slot.min(1);

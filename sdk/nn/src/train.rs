@@ -253,8 +253,21 @@ pub fn check_labels(logits: &Tensor, y: &Tensor) -> Result<()> {
     if y.numel() == 0 || logits.dim() != 2 {
         return Ok(());
     }
-    let classes = logits.size()[1];
-    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    check_label_range(label_range(y), logits.size()[1])
+}
+
+/// The smallest and largest label of `y` (one read from the device).
+pub fn label_range(y: &Tensor) -> (i64, i64) {
+    if y.numel() == 0 {
+        return (0, 0);
+    }
+    let ends = Tensor::stack(&[y.min(), y.max()], 0).to_device(tch::Device::Cpu);
+    (ends.int64_value(&[0]), ends.int64_value(&[1]))
+}
+
+/// [`check_labels`] for labels whose range is known (see [`label_range`]) against `classes`
+/// outputs: no device read, so a training loop can check every batch for free.
+pub fn check_label_range((lo, hi): (i64, i64), classes: i64) -> Result<()> {
     if lo < 0 || hi >= classes {
         return Err(crate::error::NnError::tensor(
             "labels",
@@ -397,13 +410,18 @@ impl Trainer {
         loss: LossFn<'_>,
         hooks: &mut Hooks<'_>,
     ) -> Result<EpochStats> {
+        // The labels' range is read from the device once per epoch, not once per batch: each
+        // batch's logits are checked against it by shape alone, before the loss indexes them.
+        let range = label_range(&data.y);
         self.epoch_custom(
             model,
             data,
             pre,
             &mut |xb: &Tensor, yb: &Tensor, mode: Mode| {
                 let logits = model.forward(xb, mode)?;
-                check_labels(&logits, yb)?;
+                if logits.dim() == 2 {
+                    check_label_range(range, logits.size()[1])?;
+                }
                 Ok((loss(&logits, yb), logits))
             },
             hooks,
@@ -606,6 +624,24 @@ mod tests {
         // The same steps: bit-identical weights.
         for (x, y) in a.trainable().iter().zip(b.trainable()) {
             assert!(x.equal(y));
+        }
+    }
+
+    #[test]
+    fn an_epoch_refuses_labels_beyond_the_logits_before_any_step() {
+        let model = small_cnn(1);
+        let before: Vec<Tensor> = model.trainable().iter().map(|t| t.detach().copy()).collect();
+        let mut data = data();
+        data.y = data.y.where_scalarother(&data.y.ne(2), 5);
+        assert_eq!(label_range(&data.y), (0, 5));
+        let mut t = Trainer::new(&model, config(false)).unwrap();
+        let e = t
+            .epoch(&model, &data, &Preprocess::default(), &mut Hooks::none())
+            .unwrap_err();
+        assert!(e.to_string().contains("label 5 is outside the model's 3"), "{e}");
+        // Refused at the first batch, before an optimiser step.
+        for (a, b) in before.iter().zip(model.trainable()) {
+            assert!(a.equal(b));
         }
     }
 

@@ -10,7 +10,7 @@ use audit_nn::Model;
 use clap::Args;
 use serde_json::json;
 
-use super::eval::DataArgs;
+use super::args::DataArgs;
 use super::GlobalArgs;
 use crate::data::{self, LabeledSet, NpzArray, Pixels};
 use crate::engine::{export_checked, read_model};
@@ -221,7 +221,7 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
             message: e.to_string(),
         })?;
     crate::signals::phase("attack:load");
-    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
+    let ds = args.data.load(args.seed)?;
     let train = match args.limit {
         Some(k) => ds.train.head(k),
         None => ds.train.clone(),
@@ -242,7 +242,7 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
         .with_context(|| format!("loading {source}"))?;
     crate::evaluate::check_model_fits_data(&model_bytes, &source, &ds)?;
     let meta = |k: &str| model.metadata(k).map(str::to_string);
-    let norm = Normalization::resolve(args.data.mean.as_deref(), args.data.std.as_deref(), &meta)?;
+    let norm = args.data.options.normalization(&meta)?;
 
     crate::signals::phase("attack:train");
     eprintln!("poisoning {} training samples with `{}`", train.len(), plugin.name);

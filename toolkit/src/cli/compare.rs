@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
 
-use super::eval::DataArgs;
+use super::args::DataArgs;
 use super::harden::{row_from_doc, RunArgs};
 use super::GlobalArgs;
 use crate::data;
@@ -291,7 +291,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     // The undefended model, measured on the evaluation set every row shares.
     crate::signals::phase("compare:load");
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
-    let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
+    let ds = args.data.load(args.run.seed)?;
     crate::evaluate::check_model_fits_data(&original, &args.model.display().to_string(), &ds)?;
     let n_test = ds.test.len();
     if args.run.clean_size == 0 || args.run.clean_size >= n_test {
@@ -351,17 +351,8 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         args.model.display().to_string(),
         "--data".into(),
         args.data.data.clone(),
-        "--data-format".into(),
-        args.data
-            .data_format
-            .to_possible_value()
-            .map_or("auto".to_string(), |v| v.get_name().to_string()),
     ]);
-    for (flag, v) in [("--mean", &args.data.mean), ("--std", &args.data.std)] {
-        if let Some(v) = v {
-            common.extend([flag.to_string(), v.clone()]);
-        }
-    }
+    common.extend(args.data.options.to_args());
     common.extend([
         "--device".into(),
         device_name.into(),

@@ -2,53 +2,18 @@
 //! and with an attack, attack success rate and robust accuracy, measured on the ONNX file
 //! through onnxruntime or tract (`--runtime`; by default onnxruntime, tract when it cannot load).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 
+use super::args::DataArgs;
 use super::GlobalArgs;
-use crate::data::{self, DataFormat};
-use crate::engine::read_model;
 use crate::error::{input_error, EXIT_OK};
-use crate::evaluate::{evaluate_with, AttackSpec, Normalization};
+use crate::evaluate::{evaluate_with, AttackSpec};
 use crate::infer::{load_runtime, RuntimeChoice};
 use crate::plugin::PluginError;
-
-/// Options shared by commands that read a dataset.
-#[derive(Debug, Args, Clone)]
-pub struct DataArgs {
-    /// Dataset: a folder of IDX files, CIFAR-10/100 binary batches or an image folder (train/ and test/ with a folder per class), an NPZ file, `fashion-mnist`, or `synthetic`.
-    #[arg(long)]
-    pub data: String,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub data_format: DataFormat,
-    /// Per-channel mean (comma-separated) of the preprocessing; default: the model's audit.mean, else 0.
-    #[arg(long)]
-    pub mean: Option<String>,
-    /// Per-channel std; default: the model's audit.std, else 1.
-    #[arg(long)]
-    pub std: Option<String>,
-}
-
-impl DataArgs {
-    /// The model file's bytes and its preprocessing: `--mean`/`--std`, else the model's
-    /// `audit.mean`/`audit.std` metadata, else 0 and 1.
-    pub fn model_and_normalization(&self, path: &Path) -> Result<(Vec<u8>, Normalization)> {
-        let bytes = read_model(path)?;
-        let proto = audit_nn::model::parse(&bytes).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
-        let meta = |k: &str| {
-            proto
-                .metadata_props
-                .iter()
-                .find(|e| e.key() == k)
-                .map(|e| e.value().to_string())
-        };
-        let norm = Normalization::resolve(self.mean.as_deref(), self.std.as_deref(), &meta)?;
-        Ok((bytes, norm))
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -76,7 +41,7 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs, global: &GlobalArgs) -> Result<i32> {
     let (bytes, norm) = args.data.model_and_normalization(&args.model)?;
-    let ds = data::load(&args.data.data, args.data.data_format, args.seed)?;
+    let ds = args.data.load(args.seed)?;
     let test = match args.limit {
         Some(k) => ds.test.head(k),
         None => ds.test.clone(),

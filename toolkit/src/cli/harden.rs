@@ -10,7 +10,7 @@ use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::{json, Map, Value};
 
-use super::eval::DataArgs;
+use super::args::DataArgs;
 use super::GlobalArgs;
 use crate::data;
 use crate::engine::{input_chw, parity, random_batch, PARITY_TOLERANCE};
@@ -229,7 +229,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     crate::signals::phase("harden:load");
     let (original, norm) = args.data.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
-    let ds = data::load(&args.data.data, args.data.data_format, args.run.seed)?;
+    let ds = args.data.load(args.run.seed)?;
     crate::evaluate::check_model_fits_data(&original, &args.model.display().to_string(), &ds)?;
     let train = match args.run.limit {
         Some(k) => ds.train.head(k),

@@ -1,5 +1,6 @@
 //! The command line: clap types here, one module per command family.
 
+mod args;
 mod attack;
 mod compare;
 mod doctor;

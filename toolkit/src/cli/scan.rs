@@ -10,12 +10,11 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::{Map, Value};
 
+use super::args::DataOptions;
 use super::harden::with_metadata;
 use super::GlobalArgs;
-use crate::data::{self, DataFormat};
-use crate::engine::read_model;
+use crate::data;
 use crate::error::{input_error, input_error_hint, EXIT_FLAGGED, EXIT_OK};
-use crate::evaluate::Normalization;
 use crate::output::Outputs;
 use crate::plugin::{self, CallInput, Kind, LoadedPlugin, Op, PluginError};
 use crate::report::scan::{Finding, ScanReport};
@@ -28,14 +27,8 @@ pub struct ScanArgs {
     /// data-free detectors run.
     #[arg(long)]
     pub data: Option<String>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub data_format: DataFormat,
-    /// Per-channel mean (comma-separated) of the preprocessing; default: the model's audit.mean, else 0.
-    #[arg(long)]
-    pub mean: Option<String>,
-    /// Per-channel std; default: the model's audit.std, else 1.
-    #[arg(long)]
-    pub std: Option<String>,
+    #[command(flatten)]
+    pub data_options: DataOptions,
     /// Detector plugin (repeatable); default: every installed detector that can run on what was given.
     #[arg(long = "detector", value_name = "NAME")]
     pub detectors: Vec<String>,
@@ -181,20 +174,11 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
         outputs.plan("--report", r)?;
     }
     crate::signals::phase("scan:load");
-    let original = read_model(&args.model)?;
-    let proto = audit_nn::model::parse(&original).map_err(|e| input_error(format!("{}: {e}", args.model.display())))?;
-    let meta = |k: &str| {
-        proto
-            .metadata_props
-            .iter()
-            .find(|e| e.key() == k)
-            .map(|e| e.value().to_string())
-    };
-    let norm = Normalization::resolve(args.mean.as_deref(), args.std.as_deref(), &meta)?;
+    let (original, norm) = args.data_options.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
     let ds = match &args.data {
         Some(d) => {
-            let ds = data::load(d, args.data_format, args.seed)?;
+            let ds = data::load(d, args.data_options.data_format, args.seed)?;
             crate::evaluate::check_model_fits_data(&original, &args.model.display().to_string(), &ds)?;
             Some(ds)
         }

@@ -1,0 +1,86 @@
+//! Clap argument groups that several commands share (flattened into their own argument types),
+//! with the one place that turns them into settings: how a dataset is read and normalised.
+
+use std::path::Path;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use crate::data::{self, DataFormat, Dataset};
+use crate::engine::read_model;
+use crate::error::input_error;
+use crate::evaluate::Normalization;
+
+/// How a dataset is read and normalised (`--data-format`, `--mean`, `--std`).
+#[derive(Debug, Args, Clone)]
+pub struct DataOptions {
+    #[arg(long, value_enum, default_value = "auto")]
+    pub data_format: DataFormat,
+    /// Per-channel mean (comma-separated) of the preprocessing; default: the model's audit.mean, else 0.
+    #[arg(long)]
+    pub mean: Option<String>,
+    /// Per-channel std; default: the model's audit.std, else 1.
+    #[arg(long)]
+    pub std: Option<String>,
+}
+
+impl DataOptions {
+    /// The preprocessing: `--mean`/`--std`, else the model's `audit.mean`/`audit.std` metadata
+    /// (`metadata` looks a key up), else 0 and 1.
+    pub fn normalization(&self, metadata: &dyn Fn(&str) -> Option<String>) -> Result<Normalization> {
+        Normalization::resolve(self.mean.as_deref(), self.std.as_deref(), metadata)
+    }
+
+    /// The model file's bytes and its preprocessing ([`DataOptions::normalization`] on the
+    /// file's metadata).
+    pub fn model_and_normalization(&self, path: &Path) -> Result<(Vec<u8>, Normalization)> {
+        let bytes = read_model(path)?;
+        let proto = audit_nn::model::parse(&bytes).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
+        let meta = |k: &str| {
+            proto
+                .metadata_props
+                .iter()
+                .find(|e| e.key() == k)
+                .map(|e| e.value().to_string())
+        };
+        let norm = self.normalization(&meta)?;
+        Ok((bytes, norm))
+    }
+
+    /// The same options as command-line arguments (for a child `audit` process).
+    pub fn to_args(&self) -> Vec<String> {
+        let format = self
+            .data_format
+            .to_possible_value()
+            .map_or("auto".to_string(), |v| v.get_name().to_string());
+        let mut out = vec!["--data-format".to_string(), format];
+        for (flag, v) in [("--mean", &self.mean), ("--std", &self.std)] {
+            if let Some(v) = v {
+                out.extend([flag.to_string(), v.clone()]);
+            }
+        }
+        out
+    }
+}
+
+/// A dataset the command needs (`--data`) and how to read it.
+#[derive(Debug, Args, Clone)]
+pub struct DataArgs {
+    /// Dataset: a folder of IDX files, CIFAR-10/100 binary batches or an image folder (train/ and test/ with a folder per class), an NPZ file, `fashion-mnist`, or `synthetic`.
+    #[arg(long)]
+    pub data: String,
+    #[command(flatten)]
+    pub options: DataOptions,
+}
+
+impl DataArgs {
+    /// See [`DataOptions::model_and_normalization`].
+    pub fn model_and_normalization(&self, path: &Path) -> Result<(Vec<u8>, Normalization)> {
+        self.options.model_and_normalization(path)
+    }
+
+    /// Loads the dataset (`seed` orders what is shuffled, such as a synthetic set).
+    pub fn load(&self, seed: u64) -> Result<Dataset> {
+        Ok(data::load(&self.data, self.options.data_format, seed)?)
+    }
+}
