@@ -33,6 +33,7 @@ fn schema_is_valid_and_descriptor_matches() {
     );
     let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
     let tune: FineTune = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
+    assert_eq!(p.seed, 0);
     assert_eq!(
         (
             tune.epochs,
