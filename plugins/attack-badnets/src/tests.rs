@@ -1,7 +1,7 @@
 use super::*;
-use audit_attack_common::testing::{call, f32_pixels, params, u8_pixels, TestData};
 use audit_attack_common::Mode;
 use audit_sdk::schema::{check_enum, Schema};
+use audit_sdk::testing::{call, f32_pixels, params, u8_pixels, TestData};
 use audit_sdk::Status;
 use serde_json::json;
 
@@ -196,7 +196,7 @@ fn invalid_target_patch_and_data_are_rejected() {
 
 #[test]
 fn abi_round_trip_poisons_and_reports_errors() {
-    use audit_attack_common::testing::run_through_abi;
+    use audit_sdk::testing::run_through_abi;
     let data = TestData::random_u8([200, 3, 8, 8], 10, 1);
     let out = run_through_abi(
         audit_plugin_negotiate,

@@ -1,6 +1,6 @@
 //! Shared pieces of the bundled attack plugins (`badnets`, `blend`, `sig`, `wanet`).
 //!
-//! * [`Rng`]: a tiny seeded PRNG (SplitMix64) with independent streams, so every random choice is
+//! * [`Rng`] (the SDK's SplitMix64) and the attacks' named [`stream`]s, so every random choice is
 //!   reproducible from the call seed (or from a trigger's own seed).
 //! * [`CommonParams`]: `target`, `mode`, `poison_rate`, `adaptive`, shared by every attack, and
 //!   [`common_schema_properties!`] for their JSON Schema.
@@ -10,14 +10,13 @@
 //! * [`plan_poison`]: which samples to poison (partial Fisher–Yates without replacement).
 //! * [`Pixel`], [`Stamp`], [`stamp_in_place`]: triggers written once for u8 (0..255) and f32 (0..1).
 //! * [`poison_with`], [`trigger_with`]: the whole `poison`/`trigger` flow around a [`Stamp`].
-//! * [`testing`]: builders of datasets and calls for unit tests.
+//! * Tests use the SDK's test kit (`audit_sdk::testing`, feature `testing`).
 
 mod driver;
 mod image;
 mod params;
 mod rng;
 mod select;
-pub mod testing;
 
 pub use driver::{poison_with, trigger_with, Setup};
 pub use image::{stamp_in_place, Dims, Pixel, Position, Stamp};

@@ -1,7 +1,7 @@
 use super::*;
-use audit_attack_common::testing::{call, f32_pixels, params, run_through_abi, u8_pixels, TestData};
 use audit_attack_common::Mode;
 use audit_sdk::schema::{check_enum, Schema};
+use audit_sdk::testing::{call, f32_pixels, params, run_through_abi, u8_pixels, TestData};
 use audit_sdk::Status;
 use serde_json::json;
 

@@ -1,7 +1,7 @@
-use audit_attack_common::testing::{self, TestData};
-use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
+use audit_sdk::rng::Rng;
 use audit_sdk::schema::{check_enum, check_refused, Schema};
+use audit_sdk::testing::{self, TestData};
 use audit_sdk::{Call, Status};
 use serde_json::{json, Value};
 

@@ -1,10 +1,10 @@
 use audit_nn::train::Hooks;
 use std::sync::OnceLock;
 
-use audit_attack_common::testing::{self, TestData};
-use audit_attack_common::Rng;
 use audit_nn::zoo::{self, Arch};
+use audit_sdk::rng::Rng;
 use audit_sdk::schema::{check_enum, check_refused, Schema};
+use audit_sdk::testing::{self, TestData};
 use audit_sdk::{Call, Status};
 use serde_json::json;
 

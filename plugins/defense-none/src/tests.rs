@@ -1,8 +1,8 @@
 //! Plugin-level tests of `defend`: a zoo small CNN trained inside the defense (`E1`) on a
 //! patch-poisoned set of block images, then hardened with the default and with the paper's preset.
-use audit_attack_common::testing::{self, TestData};
 use audit_nn::zoo::{self, Arch};
 use audit_sdk::schema::{check_enum, check_refused, Schema};
+use audit_sdk::testing::{self, TestData};
 use audit_sdk::{Call, Hardened, Status};
 use serde_json::{json, Value};
 

@@ -10,7 +10,7 @@ fn log_likelihood(x: &[f64], shape: f64, scale: f64) -> f64 {
 #[test]
 fn schema_is_valid_and_defaults_parse() {
     Schema::parse(SCHEMA).expect("valid schema");
-    let p: Params = audit_attack_common::testing::params(SCHEMA, json!({}))
+    let p: Params = audit_sdk::testing::params(SCHEMA, json!({}))
         .parse()
         .expect("defaults parse");
     assert_eq!((p.images, p.steps, p.lr, p.alpha), (30, 300, 0.01, 0.05));
@@ -72,8 +72,8 @@ fn margin_is_own_logit_minus_the_best_other() {
 }
 
 fn scan(model: &[u8], overrides: serde_json::Value) -> Verdict {
-    let params = audit_attack_common::testing::params(SCHEMA, overrides);
-    MmBd.scan(&audit_attack_common::testing::call(params, 0), model, None)
+    let params = audit_sdk::testing::params(SCHEMA, overrides);
+    MmBd.scan(&audit_sdk::testing::call(params, 0), model, None)
         .unwrap_or_else(|e| panic!("scan failed: {e:?}"))
 }
 
@@ -81,7 +81,7 @@ fn scan(model: &[u8], overrides: serde_json::Value) -> Verdict {
 /// trigger is) is flagged with target 3; without the bonus class 3 is not singled out.
 #[test]
 fn a_class_reachable_from_everywhere_is_flagged() {
-    let _g = audit_attack_common::testing::torch_lock();
+    let _g = audit_sdk::testing::torch_lock();
     let bytes =
         audit_nn::zoo::to_bytes(&audit_nn::zoo::build(audit_nn::zoo::Arch::SmallCnn, [1, 28, 28], 10, 3).unwrap());
     let quick = json!({"images": 6, "steps": 40});
@@ -115,22 +115,22 @@ fn a_class_reachable_from_everywhere_is_flagged() {
 fn bad_input_names_the_parameter_and_cancellation_is_reported() {
     let bytes =
         audit_nn::zoo::to_bytes(&audit_nn::zoo::build(audit_nn::zoo::Arch::SmallCnn, [1, 28, 28], 10, 3).unwrap());
-    let params = audit_attack_common::testing::params(SCHEMA, json!({"input": "1x28"}));
+    let params = audit_sdk::testing::params(SCHEMA, json!({"input": "1x28"}));
     let e = MmBd
-        .scan(&audit_attack_common::testing::call(params, 0), &bytes, None)
+        .scan(&audit_sdk::testing::call(params, 0), &bytes, None)
         .unwrap_err();
     assert!(e.to_string().contains("parameter `input`"), "{e}");
     let e = MmBd
         .scan(
-            &audit_attack_common::testing::call(audit_attack_common::testing::params(SCHEMA, json!({})), 0),
+            &audit_sdk::testing::call(audit_sdk::testing::params(SCHEMA, json!({})), 0),
             b"not onnx",
             None,
         )
         .unwrap_err();
     assert_eq!(e.status, audit_sdk::Status::InvalidInput, "{e}");
-    let params = audit_attack_common::testing::params(SCHEMA, json!({}));
+    let params = audit_sdk::testing::params(SCHEMA, json!({}));
     let e = MmBd
-        .scan(&audit_attack_common::testing::cancelled_call(params), &bytes, None)
+        .scan(&audit_sdk::testing::cancelled_call(params), &bytes, None)
         .unwrap_err();
     assert_eq!(e.status, audit_sdk::Status::Cancelled, "{e}");
 }

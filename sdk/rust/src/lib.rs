@@ -20,8 +20,11 @@ mod data;
 mod host;
 mod params;
 #[doc(hidden)]
+pub mod rng;
 pub mod runtime;
 pub mod schema;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use audit_abi as abi;
 pub use data::{DatasetRef, Dtype, Tensor, TensorData, TensorRef};

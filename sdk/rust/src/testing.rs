@@ -1,11 +1,14 @@
-//! Builders for unit tests: owned datasets lent as [`DatasetRef`] exactly as the host lends them
-//! (through the ABI views), and calls with parameters resolved from a schema.
+//! The test kit of plugin authors (cargo feature `testing`; bundled plugins take it as a
+//! dev-dependency): owned datasets lent as [`DatasetRef`] exactly as the host lends them (through
+//! the ABI views), calls with parameters resolved from a schema, a call the host has cancelled,
+//! a lock for tests that draw from libtorch's global generator, and a run through a plugin's
+//! exported C entry point, the way the host makes it.
 
-use audit_sdk::abi::{self, AuditDataset, AuditTensor};
-use audit_sdk::serde_json::Value;
-use audit_sdk::{Call, DatasetRef, Host, Params, Tensor, TensorData, TensorRef};
+use serde_json::Value;
 
+use crate::abi::{self, AuditDataset, AuditTensor};
 use crate::rng::Rng;
+use crate::{Call, DatasetRef, Host, Params, Tensor, TensorData, TensorRef};
 
 /// An owned labelled image set (NCHW) that lends itself as a [`DatasetRef`].
 #[derive(Debug)]
@@ -328,7 +331,7 @@ pub fn run_through_abi(
         report: if report.is_empty() {
             Value::Null
         } else {
-            audit_sdk::serde_json::from_str(&report).expect("report JSON")
+            serde_json::from_str(&report).expect("report JSON")
         },
         image_shape: resp.images.shape[..resp.images.ndim as usize].to_vec(),
         image_bytes,
