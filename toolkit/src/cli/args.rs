@@ -1,7 +1,7 @@
 //! Clap argument groups that several commands share (flattened into their own argument types),
 //! with the one place that turns them into settings: how a dataset is read and normalised.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
@@ -83,4 +83,65 @@ impl DataArgs {
     pub fn load(&self, seed: u64) -> Result<Dataset> {
         Ok(data::load(&self.data, self.options.data_format, seed)?)
     }
+}
+
+/// `--device`: where the engine trains and analyses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when it is available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The device this resolves to on this machine, and its name as plugins are told it
+    /// (`cpu` or `cuda`); `cuda` without a usable GPU is an input error saying why.
+    pub fn resolve(self) -> Result<(audit_nn::tch::Device, &'static str)> {
+        let req = match self {
+            DeviceArg::Auto => audit_nn::DeviceRequest::Auto,
+            DeviceArg::Cpu => audit_nn::DeviceRequest::Cpu,
+            DeviceArg::Cuda => audit_nn::DeviceRequest::Cuda,
+        };
+        let device = audit_nn::resolve_device(req).map_err(|e| input_error(e.to_string()))?;
+        Ok((device, if device.is_cuda() { "cuda" } else { "cpu" }))
+    }
+}
+
+/// `--optimizer` of a training the host runs (`audit attack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// SGD, momentum 0.9.
+    Sgd,
+    /// Adam, betas 0.9 and 0.999.
+    Adam,
+}
+
+/// What `harden` and `compare` share: device, evaluation attack, reports, data splits, seed.
+#[derive(Debug, Args, Clone)]
+pub struct DefenseRunArgs {
+    /// auto (CUDA when available), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Attack whose trigger measures ASR and robust accuracy before and after.
+    #[arg(long)]
+    pub eval_attack: Option<String>,
+    /// Parameter of the evaluation attack KEY=VALUE (repeatable).
+    #[arg(long = "attack-param", value_name = "KEY=VALUE")]
+    pub attack_params: Vec<String>,
+    /// Also write a report: .json, .md or .html (self-contained, with charts); repeatable.
+    #[arg(long = "report", value_name = "FILE")]
+    pub reports: Vec<PathBuf>,
+    /// Use the first N training samples only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Measure on the first N test samples only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// For defenses that need trusted clean data: the last N test images are lent to the defense
+    /// as its clean subset and left out of the evaluation.
+    #[arg(long, default_value_t = 1000)]
+    pub clean_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

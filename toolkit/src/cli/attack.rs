@@ -10,7 +10,7 @@ use audit_nn::Model;
 use clap::Args;
 use serde_json::json;
 
-use super::args::DataArgs;
+use super::args::{DataArgs, DeviceArg, OptimizerArg};
 use super::GlobalArgs;
 use crate::data::{self, LabeledSet, NpzArray, Pixels};
 use crate::engine::{export_checked, read_model};
@@ -31,14 +31,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
     /// sgd (momentum 0.9) or adam.
-    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adam"])]
-    pub optimizer: String,
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: OptimizerArg,
     /// Random crop padding and horizontal flip (off by default; CIFAR-style data wants `--augment`).
     #[arg(long)]
     pub augment: bool,
     /// auto (CUDA when available), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    pub device: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
 }
 
 impl TrainArgs {
@@ -49,16 +49,15 @@ impl TrainArgs {
             batch_size: self.batch_size,
             lr: self.lr,
             weight_decay: self.weight_decay,
-            optimizer: if self.optimizer == "adam" {
-                Optimizer::Adam {
+            optimizer: match self.optimizer {
+                OptimizerArg::Adam => Optimizer::Adam {
                     beta1: 0.9,
                     beta2: 0.999,
-                }
-            } else {
-                Optimizer::Sgd {
+                },
+                OptimizerArg::Sgd => Optimizer::Sgd {
                     momentum: 0.9,
                     nesterov: false,
-                }
+                },
             },
             schedule: Schedule::Cosine { min_lr: 0.0 },
             freeze_bn: false,
@@ -77,8 +76,7 @@ impl TrainArgs {
 
     /// The tch device.
     pub fn device(&self) -> Result<audit_nn::tch::Device> {
-        let req: audit_nn::DeviceRequest = self.device.parse()?;
-        audit_nn::resolve_device(req).map_err(|e| input_error(e.to_string()))
+        Ok(self.device.resolve()?.0)
     }
 }
 

@@ -19,7 +19,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
 
 use super::args::DataArgs;
-use super::harden::{row_from_doc, RunArgs};
+use super::args::DefenseRunArgs;
+use super::harden::HardenOutcome;
 use super::GlobalArgs;
 use crate::data;
 use crate::error::{input_error, input_error_hint, EXIT_FAILURE, EXIT_OK};
@@ -46,7 +47,7 @@ pub struct CompareArgs {
     #[arg(long = "param", value_name = "NAME.KEY=VALUE")]
     pub params: Vec<String>,
     #[command(flatten)]
-    pub run: RunArgs,
+    pub run: DefenseRunArgs,
     /// Keep the hardened models in this folder (DEFENSE.onnx); by default they are discarded.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -103,7 +104,7 @@ fn is_chatter(line: &str) -> bool {
     plugin_info || repeated || line.starts_with("hardening ") || line.trim().is_empty()
 }
 
-/// What a child run left: its JSON document or its error.
+/// What a child run left: its outcome (`harden --json`) or its error.
 fn run_child(
     exe: &Path,
     args: &[String],
@@ -111,7 +112,7 @@ fn run_child(
     verbose: bool,
     bars: &MultiProgress,
     bar: &ProgressBar,
-) -> std::result::Result<Value, String> {
+) -> std::result::Result<HardenOutcome, String> {
     let mut child = Command::new(exe)
         .args(args)
         .env(LINES_ENV, "1")
@@ -159,7 +160,7 @@ fn run_child(
     let status = status.map_err(|e| format!("waiting for the defense run: {e}"))?;
     let stdout = reader.join().unwrap_or_default();
     if status.success() {
-        return serde_json::from_str(&stdout).map_err(|e| format!("the defense run printed no report ({e})"));
+        return serde_json::from_str(&stdout).map_err(|e| format!("the defense run printed no outcome document ({e})"));
     }
     let how = match status.code() {
         Some(c) => format!("exit code {c}"),
@@ -313,9 +314,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         .poison_idx
         .as_ref()
         .map(|ix| ix.iter().filter(|&&i| (i as usize) < train_len).count());
-    let device_req: audit_nn::DeviceRequest = args.run.device.parse()?;
-    let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
-    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let (_, device_name) = args.run.device.resolve()?;
     let spec = attack
         .as_ref()
         .zip(attack_params.as_ref())
@@ -409,8 +408,8 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         }
         let started = std::time::Instant::now();
         let row = match run_child(&exe, &child_args, &p.name, args.verbose, &bars, &bar) {
-            Ok(doc) => {
-                let mut row = row_from_doc(&doc);
+            Ok(outcome) => {
+                let mut row = outcome.row();
                 row.output = None;
                 if let Some(d) = &keep_dir {
                     let kept = d.join(format!("{}.onnx", p.name));

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::args::DataArgs;
+use super::args::{DataArgs, DefenseRunArgs};
 use super::GlobalArgs;
 use crate::data;
 use crate::engine::{input_chw, parity, random_batch, PARITY_TOLERANCE};
@@ -35,41 +36,12 @@ pub struct HardenArgs {
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
     #[command(flatten)]
-    pub run: RunArgs,
+    pub run: DefenseRunArgs,
     /// Replace an existing output.
     #[arg(long)]
     pub force: bool,
     #[arg(long)]
     pub json: bool,
-}
-
-/// What `harden` and `compare` share: device, evaluation attack, reports, data splits, seed.
-#[derive(Debug, Args, Clone)]
-pub struct RunArgs {
-    /// auto (CUDA when available), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    pub device: String,
-    /// Attack whose trigger measures ASR and robust accuracy before and after.
-    #[arg(long)]
-    pub eval_attack: Option<String>,
-    /// Parameter of the evaluation attack KEY=VALUE (repeatable).
-    #[arg(long = "attack-param", value_name = "KEY=VALUE")]
-    pub attack_params: Vec<String>,
-    /// Also write a report: .json, .md or .html (self-contained, with charts); repeatable.
-    #[arg(long = "report", value_name = "FILE")]
-    pub reports: Vec<PathBuf>,
-    /// Use the first N training samples only.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Measure on the first N test samples only.
-    #[arg(long)]
-    pub test_limit: Option<usize>,
-    /// For defenses that need trusted clean data: the last N test images are lent to the defense
-    /// as its clean subset and left out of the evaluation.
-    #[arg(long, default_value_t = 1000)]
-    pub clean_size: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
 }
 
 /// Splits off the last `n` samples: (the rest, the last n).
@@ -153,14 +125,88 @@ fn summarise_report(report: &mut Map<String, Value>, truth: Option<&HashSet<i64>
     }
 }
 
-fn metrics_json(m: &Metrics) -> Value {
-    json!({
-        "clean_accuracy": m.clean_accuracy,
-        "attack_success_rate": m.attack_success_rate,
-        "robust_accuracy": m.robust_accuracy,
-        "per_class_accuracy": m.per_class_accuracy,
-        "per_class_attack_success_rate": m.per_class_asr,
-    })
+/// The metrics of one model in a [`HardenOutcome`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeasuredMetrics {
+    pub clean_accuracy: f64,
+    pub attack_success_rate: Option<f64>,
+    pub robust_accuracy: Option<f64>,
+    pub per_class_accuracy: Vec<Option<f64>>,
+    pub per_class_attack_success_rate: Option<Vec<Option<f64>>>,
+}
+
+impl From<&Metrics> for MeasuredMetrics {
+    fn from(m: &Metrics) -> MeasuredMetrics {
+        MeasuredMetrics {
+            clean_accuracy: m.clean_accuracy,
+            attack_success_rate: m.attack_success_rate,
+            robust_accuracy: m.robust_accuracy,
+            per_class_accuracy: m.per_class_accuracy.clone(),
+            per_class_attack_success_rate: m.per_class_asr.clone(),
+        }
+    }
+}
+
+/// The outcome of one `audit harden` run, typed: `--json` prints it, `audit compare` reads it
+/// back from each of its `harden` children, and [`HardenOutcome::row`] makes the run's report row
+/// (was a `json!` document that harden parsed back into its own row).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HardenOutcome {
+    pub schema_version: u32,
+    pub defense: String,
+    pub defense_version: String,
+    pub defense_library: String,
+    pub defense_sha256: String,
+    pub params: Value,
+    pub model: report::ModelInfo,
+    pub output: String,
+    pub output_sha256: String,
+    pub data: String,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub n_clean: Option<usize>,
+    pub seconds: f64,
+    pub device: String,
+    pub seed: u64,
+    pub parity_max_rel_diff: Option<f64>,
+    pub eval_attack: Option<String>,
+    pub before: MeasuredMetrics,
+    pub after: MeasuredMetrics,
+    pub peak_rss_bytes: Option<u64>,
+    pub data_fingerprint: String,
+    /// The plugin's report, with the host's summary (`dropped_vs_poison_idx` when the data has
+    /// `poison_idx`).
+    pub defense_report: Value,
+}
+
+impl HardenOutcome {
+    /// The report row of this run (`audit compare` makes its rows from its children's outcomes).
+    pub fn row(&self) -> Row {
+        let dropped = &self.defense_report["dropped_vs_poison_idx"];
+        Row {
+            defense: self.defense.clone(),
+            version: Some(self.defense_version.clone()),
+            params: self.params.clone(),
+            status: "ok".into(),
+            error: None,
+            clean_accuracy: Some(self.after.clean_accuracy).filter(|v| v.is_finite()),
+            attack_success_rate: self.after.attack_success_rate,
+            robust_accuracy: self.after.robust_accuracy,
+            der: None,
+            seconds: Some(self.seconds),
+            peak_rss_bytes: self.peak_rss_bytes,
+            precision: dropped["precision"].as_f64(),
+            recall: dropped["recall"].as_f64(),
+            n_dropped: dropped["found"].as_u64().map(|n| n as usize),
+            per_class_accuracy: self.after.per_class_accuracy.clone(),
+            per_class_asr: self.after.per_class_attack_success_rate.clone().unwrap_or_default(),
+            output: Some(self.output.clone()),
+            output_sha256: Some(self.output_sha256.clone()),
+            defense_report: self.defense_report.clone(),
+            library: Some(self.defense_library.clone()),
+            library_sha256: Some(self.defense_sha256.clone()),
+        }
+    }
 }
 
 pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
@@ -265,9 +311,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         .poison_idx
         .as_ref()
         .map(|ix| ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect());
-    let device_req: audit_nn::DeviceRequest = args.run.device.parse()?;
-    let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
-    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let (_, device_name) = args.run.device.resolve()?;
 
     let spec = attack
         .as_ref()
@@ -339,44 +383,44 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let fingerprint = data::fingerprint(&[&ds.train, &ds.test]);
-    let doc = json!({
-        "schema_version": 1,
-        "defense": defense.name,
-        "defense_version": defense.version,
-        "defense_library": defense.path.display().to_string(),
-        "defense_sha256": defense.sha256,
-        "params": params,
-        "model": {"path": args.model.display().to_string(), "sha256": audit_nn::export::sha256_hex(&original)},
-        "output": out.display().to_string(),
-        "output_sha256": audit_nn::export::sha256_hex(&hardened),
-        "data": ds.source,
-        "n_train": train.len(),
-        "n_test": test.len(),
-        "n_clean": clean.as_ref().map(data::LabeledSet::len),
-        "seconds": seconds,
-        "device": device_name,
-        "seed": args.run.seed,
-        "parity_max_rel_diff": diff,
-        "eval_attack": args.run.eval_attack,
-        "before": metrics_json(&before),
-        "after": metrics_json(&after),
-        "peak_rss_bytes": crate::runtime::peak_rss_bytes(),
-        "data_fingerprint": fingerprint,
-        "defense_report": report,
-    });
+    let outcome = HardenOutcome {
+        schema_version: 1,
+        defense: defense.name.clone(),
+        defense_version: defense.version.clone(),
+        defense_library: defense.path.display().to_string(),
+        defense_sha256: defense.sha256.clone(),
+        params: Value::Object(params.clone()),
+        model: report::ModelInfo {
+            path: args.model.display().to_string(),
+            sha256: audit_nn::export::sha256_hex(&original),
+        },
+        output: out.display().to_string(),
+        output_sha256: audit_nn::export::sha256_hex(&hardened),
+        data: ds.source.clone(),
+        n_train: train.len(),
+        n_test: test.len(),
+        n_clean: clean.as_ref().map(data::LabeledSet::len),
+        seconds,
+        device: device_name.to_string(),
+        seed: args.run.seed,
+        parity_max_rel_diff: Some(diff).filter(|d| d.is_finite()),
+        eval_attack: args.run.eval_attack.clone(),
+        before: (&before).into(),
+        after: (&after).into(),
+        peak_rss_bytes: crate::runtime::peak_rss_bytes(),
+        data_fingerprint: fingerprint,
+        defense_report: Value::Object(report),
+    };
     if !args.run.reports.is_empty() {
         let mut r = Report {
             schema_version: report::SCHEMA_VERSION,
             command: "harden".into(),
             toolkit_version: env!("CARGO_PKG_VERSION").into(),
             created: report::now_rfc3339(),
-            model: report::ModelInfo {
-                path: args.model.display().to_string(),
-                sha256: audit_nn::export::sha256_hex(&original),
-            },
+            model: outcome.model.clone(),
             data: report::DataInfo {
                 source: ds.source.clone(),
-                fingerprint: doc["data_fingerprint"].as_str().unwrap_or_default().to_string(),
+                fingerprint: outcome.data_fingerprint.clone(),
                 num_classes: ds.num_classes,
                 n_train: train.len(),
                 n_eval: test.len(),
@@ -396,7 +440,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             seed: args.run.seed,
             device: device_name.to_string(),
             baseline: Row::measured("undefended", &before),
-            rows: vec![row_from_doc(&doc)],
+            rows: vec![outcome.row()],
             best: Default::default(),
         };
         r.finish();
@@ -408,7 +452,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     crate::signals::phase("harden:commit");
     outputs.commit()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(EXIT_OK);
     }
     println!(
@@ -436,7 +480,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         ]);
         println!("{t}");
     }
-    if let Some(pr) = doc["defense_report"].get("dropped_vs_poison_idx") {
+    if let Some(pr) = outcome.defense_report.get("dropped_vs_poison_idx") {
         println!(
             "suspects dropped: {} (precision {}, recall {} against the data's poison_idx)",
             pr["found"], pr["precision"], pr["recall"]
@@ -445,37 +489,70 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-/// The report row of a defense run from `harden --json`'s document (`audit compare` reads its
-/// children's documents with this too).
-pub(crate) fn row_from_doc(doc: &Value) -> Row {
-    let after = &doc["after"];
-    let floats = |v: &Value| -> Vec<Option<f64>> {
-        v.as_array()
-            .map(|a| a.iter().map(Value::as_f64).collect())
-            .unwrap_or_default()
-    };
-    let dropped = &doc["defense_report"]["dropped_vs_poison_idx"];
-    Row {
-        defense: doc["defense"].as_str().unwrap_or_default().to_string(),
-        version: doc["defense_version"].as_str().map(str::to_string),
-        params: doc["params"].clone(),
-        status: "ok".into(),
-        error: None,
-        clean_accuracy: after["clean_accuracy"].as_f64(),
-        attack_success_rate: after["attack_success_rate"].as_f64(),
-        robust_accuracy: after["robust_accuracy"].as_f64(),
-        der: None,
-        seconds: doc["seconds"].as_f64(),
-        peak_rss_bytes: doc["peak_rss_bytes"].as_u64(),
-        precision: dropped["precision"].as_f64(),
-        recall: dropped["recall"].as_f64(),
-        n_dropped: dropped["found"].as_u64().map(|n| n as usize),
-        per_class_accuracy: floats(&after["per_class_accuracy"]),
-        per_class_asr: floats(&after["per_class_attack_success_rate"]),
-        output: doc["output"].as_str().map(str::to_string),
-        output_sha256: doc["output_sha256"].as_str().map(str::to_string),
-        defense_report: doc["defense_report"].clone(),
-        library: doc["defense_library"].as_str().map(str::to_string),
-        library_sha256: doc["defense_sha256"].as_str().map(str::to_string),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> HardenOutcome {
+        let metrics = |acc: f64, asr: Option<f64>| MeasuredMetrics {
+            clean_accuracy: acc,
+            attack_success_rate: asr,
+            robust_accuracy: asr.map(|a| 1.0 - a),
+            per_class_accuracy: vec![Some(acc), None],
+            per_class_attack_success_rate: asr.map(|a| vec![None, Some(a)]),
+        };
+        HardenOutcome {
+            schema_version: 1,
+            defense: "none".into(),
+            defense_version: "0.1.0".into(),
+            defense_library: "/p/libnone.so".into(),
+            defense_sha256: "ab".into(),
+            params: json!({"R": 1}),
+            model: report::ModelInfo {
+                path: "m.onnx".into(),
+                sha256: "cd".into(),
+            },
+            output: "m.hardened.onnx".into(),
+            output_sha256: "ef".into(),
+            data: "d.npz".into(),
+            n_train: 10,
+            n_test: 5,
+            n_clean: None,
+            seconds: 1.5,
+            device: "cpu".into(),
+            seed: 3,
+            parity_max_rel_diff: None,
+            eval_attack: Some("badnets".into()),
+            before: metrics(0.9, Some(0.99)),
+            after: metrics(0.88, Some(0.01)),
+            peak_rss_bytes: Some(1 << 20),
+            data_fingerprint: "01".into(),
+            defense_report: json!({"dropped_vs_poison_idx": {"found": 4, "precision": 0.75, "recall": 1.0}}),
+        }
+    }
+
+    #[test]
+    fn the_outcome_compare_reads_back_is_the_one_harden_printed() {
+        let o = outcome();
+        let text = serde_json::to_string_pretty(&o).unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        // The document's field names stay those `harden --json` has always printed.
+        assert_eq!(doc["after"]["per_class_attack_success_rate"], json!([null, 0.01]));
+        assert_eq!(doc["model"]["sha256"], "cd");
+        assert!(doc["parity_max_rel_diff"].is_null());
+        let back: HardenOutcome = serde_json::from_str(&text).unwrap();
+        let (a, b) = (o.row(), back.row());
+        assert_eq!(a, b);
+        assert_eq!((a.precision, a.recall, a.n_dropped), (Some(0.75), Some(1.0), Some(4)));
+        assert_eq!((a.clean_accuracy, a.attack_success_rate), (Some(0.88), Some(0.01)));
+        assert_eq!(a.per_class_asr, vec![None, Some(0.01)]);
+    }
+
+    #[test]
+    fn a_document_that_is_not_an_outcome_is_refused() {
+        let mut doc = serde_json::to_value(outcome()).unwrap();
+        doc.as_object_mut().unwrap().remove("after");
+        let e = serde_json::from_value::<HardenOutcome>(doc).unwrap_err().to_string();
+        assert!(e.contains("after"), "{e}");
     }
 }

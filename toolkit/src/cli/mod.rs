@@ -1,4 +1,6 @@
-//! The command line: clap types here, one module per command family.
+//! The command line: one module per command family; the argument groups several commands share
+//! (data, preprocessing, device, the defense-run options of harden and compare) and their
+//! resolution into settings live in `args`.
 
 mod args;
 mod attack;

@@ -46,13 +46,13 @@ pub enum PluginsCommand {
         force: bool,
     },
     /// Run one plugin operation on a dataset (poison, trigger, scan or defend).
-    Run(RunArgs),
+    Run(PluginRunArgs),
     /// Write a new plugin project from the templates.
     New(super::templates::NewArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub struct PluginRunArgs {
     /// Plugin name.
     pub name: String,
     /// Operation (default: trigger for attacks, scan for detectors, defend for defenses).
@@ -345,7 +345,7 @@ fn count_changed(before: &LabeledSet, after: &crate::data::Images) -> usize {
         .count()
 }
 
-fn run_plugin(dirs: &[(PathBuf, &'static str)], args: RunArgs) -> Result<i32> {
+fn run_plugin(dirs: &[(PathBuf, &'static str)], args: PluginRunArgs) -> Result<i32> {
     let p = find(dirs, &args.name)?;
     let op = args.op.unwrap_or(match p.kind {
         Kind::Attack => Op::Trigger,

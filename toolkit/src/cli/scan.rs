@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::args::DataOptions;
+use super::args::{DataOptions, DeviceArg};
 use super::harden::with_metadata;
 use super::GlobalArgs;
 use crate::data;
@@ -39,8 +39,8 @@ pub struct ScanArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// auto (CUDA when available), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    pub device: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
     /// Also write a report: .json, .md or .html (self-contained); repeatable.
     #[arg(long = "report", value_name = "FILE")]
     pub reports: Vec<PathBuf>,
@@ -194,9 +194,7 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
         .map(|d| d.num_classes)
         .or_else(|| output_classes(&original))
         .unwrap_or(0);
-    let device_req: audit_nn::DeviceRequest = args.device.parse()?;
-    let device = audit_nn::resolve_device(device_req).map_err(|e| input_error(e.to_string()))?;
-    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let (_, device_name) = args.device.resolve()?;
 
     crate::signals::phase("scan:run");
     let mut findings = Vec::new();

@@ -106,13 +106,10 @@ pub fn render(name: &str, kind: Kind, lang: Lang, sdk: &str) -> Vec<(&'static st
         .collect()
 }
 
+/// A new plugin's name: the host's rule ([`crate::plugin::valid_name`]), starting with a letter,
+/// because it also names the generated crate and the C symbols' prefix.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && name.as_bytes()[0].is_ascii_lowercase()
+    crate::plugin::valid_name(name) && name.as_bytes()[0].is_ascii_lowercase()
 }
 
 pub fn new(args: NewArgs) -> Result<i32> {

@@ -48,7 +48,8 @@ unsafe fn desc_str(s: &abi::AuditStr, what: &str, max: usize) -> Result<String, 
     String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
 }
 
-fn valid_name(name: &str) -> bool {
+/// The rule for a plugin's name: 1-64 characters of a-z, 0-9 and `-`.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

@@ -16,7 +16,7 @@ mod stdio;
 use std::path::PathBuf;
 
 pub use call::{CallInput, CallOutput, OwnedTensor};
-pub use loader::{load, LoadedPlugin};
+pub use loader::{load, valid_name, LoadedPlugin};
 pub use manifest::{
     discover, install, search_dirs, shadowing, unmanaged_libraries, unmanaged_note, Discovered, Manifest,
     MANIFEST_SUFFIX,

@@ -1,5 +1,6 @@
-//! Element-wise ops: arithmetic (Sub, Mul, Div, Pow, ...), activations (LeakyRelu, PRelu, Clip,
-//! Sigmoid, Elu, HardSwish, ...), variadic Sum/Max/Min/Mean, comparisons and Where, Dropout.
+//! Element-wise ops: arithmetic (Add, Sub, Mul, Div, Pow, ...), activations (Relu, LeakyRelu, PRelu,
+//! Clip, Sigmoid, Elu, HardSwish, ...), variadic Sum/Max/Min/Mean, comparisons and Where, Dropout,
+//! Identity.
 //!
 //! Float math goes through differentiable tch ops only; integer inputs keep their kind (ONNX
 //! integer Div truncates toward zero).
@@ -14,6 +15,9 @@ use super::{BuildCtx, Builder, Mode, Op, RunCtx};
 type TchResult = Result<Tensor, TchError>;
 
 pub(super) fn register(m: &mut HashMap<&'static str, Builder>) {
+    m.insert("Relu", |_| Ok(Box::new(Relu)));
+    m.insert("Add", |_| Ok(Box::new(Add)));
+    m.insert("Identity", |_| Ok(Box::new(Identity)));
     // Binary arithmetic (numpy broadcasting).
     m.insert("Sub", |_| Ok(binary("Sub", |a, b| a.f_sub(b))));
     m.insert("Mul", |_| Ok(binary("Mul", |a, b| a.f_mul(b))));
@@ -428,6 +432,36 @@ impl Op for Dropout {
                 .map_err(tch_err)?
         };
         Ok(if self.mask { vec![y, keep] } else { vec![y] })
+    }
+}
+
+#[derive(Debug)]
+struct Relu;
+
+impl Op for Relu {
+    fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        one(input(inputs, 0)?.relu())
+    }
+}
+
+#[derive(Debug)]
+struct Add;
+
+impl Op for Add {
+    fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        input(inputs, 0)?
+            .f_add(input(inputs, 1)?)
+            .map(|t| vec![t])
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug)]
+struct Identity;
+
+impl Op for Identity {
+    fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        one(input(inputs, 0)?.shallow_clone())
     }
 }
 

@@ -9,7 +9,7 @@ use tch::Tensor;
 
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 
-mod basic;
+mod conv;
 mod elementwise;
 mod linear;
 mod misc;
@@ -123,7 +123,7 @@ pub fn registry() -> &'static HashMap<&'static str, Builder> {
     static REG: OnceLock<HashMap<&'static str, Builder>> = OnceLock::new();
     REG.get_or_init(|| {
         let mut m: HashMap<&'static str, Builder> = HashMap::new();
-        basic::register(&mut m);
+        conv::register(&mut m);
         elementwise::register(&mut m);
         linear::register(&mut m);
         misc::register(&mut m);

@@ -1,4 +1,4 @@
-//! Normalisations: Softmax and LogSoftmax (with the opset < 13 2-D coercion), InstanceNormalization,
+//! Normalisations: BatchNormalization (training, frozen and eval modes), Softmax and LogSoftmax (with the opset < 13 2-D coercion), InstanceNormalization,
 //! LayerNormalization, LRN.
 
 use std::collections::HashMap;
@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 use super::util::{axis, input, one, one_tch, opt, same_device, tch_err};
-use super::{BuildCtx, Builder, Op, RunCtx};
+use super::{BuildCtx, Builder, Mode, Op, RunCtx};
 
 pub(super) fn register(m: &mut HashMap<&'static str, Builder>) {
+    m.insert("BatchNormalization", build_bn);
     m.insert("Softmax", |b| build_softmax(b, false));
     m.insert("LogSoftmax", |b| build_softmax(b, true));
     m.insert("InstanceNormalization", build_instance_norm);
@@ -17,6 +18,62 @@ pub(super) fn register(m: &mut HashMap<&'static str, Builder>) {
     m.insert("Hardmax", build_hardmax);
     m.insert("GroupNormalization", build_group_norm);
     m.insert("LpNormalization", build_lp_norm);
+}
+
+#[derive(Debug)]
+struct BatchNorm {
+    epsilon: f64,
+    momentum: f64,
+}
+
+fn build_bn(b: &BuildCtx<'_>) -> Result<Box<dyn Op>, String> {
+    if b.node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return Err("BatchNormalization with training outputs (running mean/var) is not supported".into());
+    }
+    Ok(Box::new(BatchNorm {
+        epsilon: b.float_or("epsilon", 1e-5)? as f64,
+        momentum: b.float_or("momentum", 0.9)? as f64,
+    }))
+}
+
+impl Op for BatchNorm {
+    fn run(&self, ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        let x = input(inputs, 0)?;
+        let (scale, bias, mean, var) = (
+            input(inputs, 1)?,
+            input(inputs, 2)?,
+            input(inputs, 3)?,
+            input(inputs, 4)?,
+        );
+        if ctx.mode == Mode::TrainFrozenBn {
+            // Frozen statistics with trainable affine parameters: an explicit per-channel affine map
+            // (libtorch's eval-mode batch_norm backward is several times slower on CPU).
+            let c = scale.size()[0];
+            let mut shape = vec![1i64; x.dim()];
+            if shape.len() < 2 {
+                return Err(format!("input of rank {} has no channel dim", x.dim()));
+            }
+            shape[1] = c;
+            let inv = (var.detach() + self.epsilon).rsqrt();
+            let a = (scale * &inv).view(shape.as_slice());
+            let b = (bias - mean.detach() * scale * &inv).view(shape.as_slice());
+            return one(x * a + b);
+        }
+        let training = ctx.mode == Mode::Train;
+        // ONNX: running = running * momentum + batch * (1 - momentum); torch's momentum is the other weight.
+        x.f_batch_norm(
+            Some(scale),
+            Some(bias),
+            Some(mean),
+            Some(var),
+            training,
+            1.0 - self.momentum,
+            self.epsilon,
+            true,
+        )
+        .map(|t| vec![t])
+        .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug)]

@@ -1,16 +1,82 @@
-//! AveragePool (pads, auto_pad, ceil_mode, count_include_pad) and GlobalMaxPool.
+//! Pooling: MaxPool (pads, auto_pad, dilations, ceil_mode), AveragePool (pads, auto_pad, ceil_mode,
+//! count_include_pad), GlobalAveragePool and GlobalMaxPool.
 
 use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
-use super::basic::Padding;
-use super::util::{input, one_tch, tch_err};
+use super::conv::{apply_padding, Padding};
+use super::util::{input, one, one_tch, tch_err};
 use super::{BuildCtx, Builder, Op, RunCtx};
 
 pub(super) fn register(m: &mut HashMap<&'static str, Builder>) {
+    m.insert("MaxPool", build_maxpool);
     m.insert("AveragePool", build_avgpool);
+    m.insert("GlobalAveragePool", |_| Ok(Box::new(GlobalAveragePool)));
     m.insert("GlobalMaxPool", |_| Ok(Box::new(GlobalMaxPool)));
+}
+
+#[derive(Debug)]
+struct MaxPool {
+    kernel: Vec<i64>,
+    strides: Option<Vec<i64>>,
+    dilations: Option<Vec<i64>>,
+    ceil: bool,
+    padding: Padding,
+}
+
+fn build_maxpool(b: &BuildCtx<'_>) -> Result<Box<dyn Op>, String> {
+    if b.node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return Err("MaxPool with an Indices output is not supported".into());
+    }
+    let kernel = b.ints("kernel_shape")?.ok_or("kernel_shape is required")?;
+    if b.int_or("storage_order", 0)? != 0 {
+        return Err("storage_order=1 is not supported".into());
+    }
+    Ok(Box::new(MaxPool {
+        padding: Padding::from_attrs(b, Some(kernel.len()))?,
+        kernel,
+        strides: b.ints("strides")?,
+        dilations: b.ints("dilations")?,
+        ceil: b.int_or("ceil_mode", 0)? != 0,
+    }))
+}
+
+impl Op for MaxPool {
+    fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        let x = input(inputs, 0)?;
+        let n = self.kernel.len();
+        let xs = x.size();
+        if xs.len() != n + 2 {
+            return Err(format!("input of rank {} for a {n}-D kernel", xs.len()));
+        }
+        let strides = self.strides.clone().unwrap_or_else(|| vec![1; n]);
+        let dil = self.dilations.clone().unwrap_or_else(|| vec![1; n]);
+        let (begin, end) = self.padding.resolve(&xs[2..], &self.kernel, &strides, &dil)?;
+        // torch pads at most half the (dilated) kernel itself; ONNX allows more: pad explicitly then.
+        let within_half = (0..n).all(|i| 2 * begin[i].max(end[i]) <= dil[i] * (self.kernel[i] - 1) + 1);
+        let (x, pad) = if within_half {
+            apply_padding(x, &begin, &end, f64::NEG_INFINITY)?
+        } else {
+            let mut p = Vec::with_capacity(2 * n);
+            for i in (0..n).rev() {
+                p.push(begin[i]);
+                p.push(end[i]);
+            }
+            (
+                x.f_pad(&p[..], "constant", Some(f64::NEG_INFINITY))
+                    .map_err(|e| e.to_string())?,
+                vec![0; n],
+            )
+        };
+        let y = match n {
+            1 => x.f_max_pool1d(&self.kernel, &strides, &pad, &dil, self.ceil),
+            2 => x.f_max_pool2d(&self.kernel, &strides, &pad, &dil, self.ceil),
+            3 => x.f_max_pool3d(&self.kernel, &strides, &pad, &dil, self.ceil),
+            _ => return Err(format!("{n}-D MaxPool is not supported")),
+        };
+        y.map(|t| vec![t]).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug)]
@@ -137,6 +203,20 @@ impl Op for AvgPool {
             }
         }
         one_tch(if n == 1 { y.f_squeeze_dim(2) } else { Ok(y) })
+    }
+}
+
+#[derive(Debug)]
+struct GlobalAveragePool;
+
+impl Op for GlobalAveragePool {
+    fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        let x = input(inputs, 0)?;
+        if x.dim() < 3 {
+            return Err(format!("input of rank {} has no spatial dims", x.dim()));
+        }
+        let dims: Vec<i64> = (2..x.dim() as i64).collect();
+        one(x.mean_dim(&dims[..], true, x.kind()))
     }
 }
 

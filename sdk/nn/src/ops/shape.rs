@@ -1,4 +1,4 @@
-//! Shape and data-movement ops: Reshape, Transpose, Squeeze, Unsqueeze, Concat, Split, Slice,
+//! Shape and data-movement ops: Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Concat, Split, Slice,
 //! Gather, GatherElements, Shape, Size, Constant, ConstantOfShape, Cast, CastLike, Pad, Tile,
 //! Expand, Range, DepthToSpace, SpaceToDepth.
 //!
@@ -15,6 +15,7 @@ use super::{BuildCtx, Builder, Op, RunCtx};
 use crate::tensor::{kind_of, tensor_from_proto};
 
 pub(super) fn register(m: &mut HashMap<&'static str, Builder>) {
+    m.insert("Flatten", build_flatten);
     m.insert("Reshape", build_reshape);
     m.insert("Transpose", build_transpose);
     m.insert("Squeeze", build_squeeze);
@@ -891,6 +892,32 @@ impl Op for SpaceToDepth {
                 })
                 .and_then(|t| t.f_reshape([n, c * bs * bs, h, w])),
         )
+    }
+}
+
+#[derive(Debug)]
+struct Flatten {
+    axis: i64,
+}
+
+fn build_flatten(b: &BuildCtx<'_>) -> Result<Box<dyn Op>, String> {
+    Ok(Box::new(Flatten {
+        axis: b.int_or("axis", 1)?,
+    }))
+}
+
+impl Op for Flatten {
+    fn run(&self, _ctx: &RunCtx, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+        let x = input(inputs, 0)?;
+        let s = x.size();
+        let a = if self.axis == s.len() as i64 {
+            s.len() as i64
+        } else {
+            axis(self.axis, s.len() as i64)?
+        } as usize;
+        let outer: i64 = s[..a].iter().product();
+        let inner: i64 = s[a..].iter().product();
+        one(x.reshape([outer, inner]))
     }
 }
 
