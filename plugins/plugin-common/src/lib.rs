@@ -51,14 +51,7 @@ pub fn require_clean<'a, 'b>(name: &str, clean: Option<&'b DatasetRef<'a>>) -> R
 
 /// Random crop (padding 4) and horizontal flip when `on` (CIFAR-style data), else none.
 pub fn augment(on: bool) -> Augment {
-    if on {
-        Augment {
-            crop_padding: 4,
-            flip: true,
-        }
-    } else {
-        Augment::default()
-    }
+    Augment::crop_flip(on)
 }
 
 /// The dataset on the device.
@@ -268,14 +261,8 @@ impl FineTune {
             lr: self.lr,
             weight_decay: self.weight_decay,
             optimizer: match self.optimizer {
-                FineTuneOptimizer::Sgd => Optimizer::Sgd {
-                    momentum: self.momentum,
-                    nesterov: false,
-                },
-                FineTuneOptimizer::Adam => Optimizer::Adam {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                },
+                FineTuneOptimizer::Sgd => Optimizer::sgd(self.momentum),
+                FineTuneOptimizer::Adam => Optimizer::adam(),
             },
             schedule: match self.schedule {
                 FineTuneSchedule::Cosine => Schedule::Cosine { min_lr: 0.0 },

@@ -143,6 +143,24 @@ pub enum Optimizer {
     Adam { beta1: f64, beta2: f64 },
 }
 
+impl Optimizer {
+    /// SGD with `momentum`, not Nesterov (the fine-tunings' and the host's training).
+    pub fn sgd(momentum: f64) -> Optimizer {
+        Optimizer::Sgd {
+            momentum,
+            nesterov: false,
+        }
+    }
+
+    /// Adam with PyTorch's default betas (0.9, 0.999).
+    pub fn adam() -> Optimizer {
+        Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+        }
+    }
+}
+
 /// Learning-rate schedule over epochs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Schedule {
@@ -165,6 +183,21 @@ pub struct Augment {
     pub crop_padding: i64,
     /// Random horizontal flip.
     pub flip: bool,
+}
+
+impl Augment {
+    /// CIFAR-style augmentation (random crop with padding 4 and horizontal flip) when `on`, else
+    /// none.
+    pub fn crop_flip(on: bool) -> Augment {
+        if on {
+            Augment {
+                crop_padding: 4,
+                flip: true,
+            }
+        } else {
+            Augment::default()
+        }
+    }
 }
 
 /// How to train.

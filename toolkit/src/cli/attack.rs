@@ -50,25 +50,12 @@ impl TrainArgs {
             lr: self.lr,
             weight_decay: self.weight_decay,
             optimizer: match self.optimizer {
-                OptimizerArg::Adam => Optimizer::Adam {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                },
-                OptimizerArg::Sgd => Optimizer::Sgd {
-                    momentum: 0.9,
-                    nesterov: false,
-                },
+                OptimizerArg::Adam => Optimizer::adam(),
+                OptimizerArg::Sgd => Optimizer::sgd(0.9),
             },
             schedule: Schedule::Cosine { min_lr: 0.0 },
             freeze_bn: false,
-            augment: if self.augment {
-                Augment {
-                    crop_padding: 4,
-                    flip: true,
-                }
-            } else {
-                Augment::default()
-            },
+            augment: Augment::crop_flip(self.augment),
             seed,
             group_lr: vec![],
         }
