@@ -64,7 +64,7 @@ use std::cell::RefCell;
 use audit_nn::train::{self, Augment, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
 use audit_plugin_common::{
-    augment, check_fit, device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes,
+    check_fit, device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes,
 };
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::Deserialize;
@@ -196,7 +196,7 @@ fn config(p: &Params, epochs: usize, lr: f64, schedule: Schedule, crop_flip: boo
         },
         schedule,
         freeze_bn: false,
-        augment: augment(crop_flip),
+        augment: Augment::crop_flip(crop_flip),
         seed,
         group_lr: vec![],
     }

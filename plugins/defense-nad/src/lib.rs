@@ -40,10 +40,10 @@
 
 use std::collections::HashSet;
 
-use audit_nn::train::{self, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{self, Augment, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Mode, Model};
 use audit_plugin_common::{
-    augment, check_fit, device, device_data, export_hardened, load_model, nn_err, require_clean, run_epochs, EpochNotes,
+    check_fit, device, device_data, export_hardened, load_model, nn_err, require_clean, run_epochs, EpochNotes,
 };
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::{Deserialize, Serialize};
@@ -293,7 +293,7 @@ fn training_config(p: &Params, lr: f64, epochs: usize, seed: u64) -> TrainConfig
             LrSchedule::Nad | LrSchedule::Constant => Schedule::Constant,
         },
         freeze_bn: false,
-        augment: augment(p.augment),
+        augment: Augment::crop_flip(p.augment),
         seed,
         group_lr: vec![],
     }

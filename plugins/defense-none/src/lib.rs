@@ -13,9 +13,9 @@
 
 mod analysis;
 
-use audit_nn::train::{DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
+use audit_nn::train::{Augment, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
-use audit_plugin_common::{augment, device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes};
+use audit_plugin_common::{device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -482,7 +482,7 @@ impl Defense for NoneDefense {
             },
             schedule: Schedule::Constant,
             freeze_bn,
-            augment: augment(p.augment),
+            augment: Augment::crop_flip(p.augment),
             seed,
             group_lr: vec![],
         };

@@ -49,11 +49,6 @@ pub fn require_clean<'a, 'b>(name: &str, clean: Option<&'b DatasetRef<'a>>) -> R
     })
 }
 
-/// Random crop (padding 4) and horizontal flip when `on` (CIFAR-style data), else none.
-pub fn augment(on: bool) -> Augment {
-    Augment::crop_flip(on)
-}
-
 /// The dataset on the device.
 pub fn device_data(d: &DatasetRef<'_>, device: Device) -> Result<DeviceData> {
     let s = d.images.shape;
@@ -104,7 +99,7 @@ pub fn host_hooks<'a>(call: &'a Call<'_>, label: &'a str) -> Hooks<'a> {
 /// What one epoch of [`run_epochs`] reports beyond the trainer's statistics.
 #[derive(Debug, Default)]
 pub struct EpochNotes {
-    /// More fields of the epoch's report entry (finite numbers are checked like the loss).
+    /// More fields of the epoch's report entry.
     pub fields: Map<String, Value>,
     /// Text after the loss in the epoch's log line, such as ` (CE 0.31, attention 0.02)`.
     pub text: String,
@@ -126,8 +121,8 @@ impl EpochNotes {
 /// `"{phase} epoch e/E"`, each one `epoch(e, hooks)` (a [`Trainer`] epoch of any kind, given
 /// [`host_hooks`]), with the host's cancellation checked between epochs and batches, one log line
 /// and one report entry per epoch (`epoch`, `loss`, `train_accuracy`, `seconds` and the epoch's
-/// own fields). A loss or reported number that is no longer finite is an error (the training
-/// diverged), so a diverged model is never exported.
+/// own fields). A loss that is no longer finite is an error (the training diverged), so a
+/// diverged model is never exported.
 pub fn run_epochs<F>(call: &Call<'_>, phase: &str, epochs: usize, mut epoch: F) -> Result<Vec<Value>>
 where
     F: FnMut(usize, &mut Hooks<'_>) -> Result<(EpochStats, EpochNotes)>,
@@ -142,11 +137,7 @@ where
             "{label}: loss {:.4}{}, train accuracy {:.4} ({:.1}s)",
             stats.loss, notes.text, stats.accuracy, stats.seconds
         ));
-        let diverged = !stats.loss.is_finite()
-            || notes
-                .fields
-                .values()
-                .any(|v| v.is_f64() && !v.as_f64().is_some_and(f64::is_finite));
+        let diverged = !stats.loss.is_finite();
         let mut entry = Map::new();
         entry.insert("epoch".into(), json!(e + 1));
         entry.insert("loss".into(), json!(stats.loss));
@@ -269,7 +260,7 @@ impl FineTune {
                 FineTuneSchedule::Constant => Schedule::Constant,
             },
             freeze_bn: self.freeze_bn,
-            augment: augment(self.augment),
+            augment: Augment::crop_flip(self.augment),
             seed,
             group_lr: vec![],
         }
