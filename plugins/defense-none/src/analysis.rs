@@ -216,6 +216,8 @@ pub struct SideVerdict {
     pub novel_classes: Vec<i64>,
     /// Share of the side the probe gives a novel class.
     pub novel_share: f64,
+    /// Its Wilson lower confidence bound over the side's size (what is compared with `min_share`).
+    pub novel_share_low: f64,
     /// Normalised entropy (0..1, over the K - 1 other classes) of the side's novel labels.
     pub novel_spread: f64,
     /// The probe's mean top probability (over the classes other than this one) on the side and
@@ -238,7 +240,9 @@ pub struct Judge {
     /// A class is a look-alike of the judged class when the probe gives it at least this share of
     /// the rest; the others are novel.
     pub rare: f64,
-    /// Least share of the side in novel classes.
+    /// Least share of the side in novel classes, as a lower confidence bound at `novel_z` in
+    /// [`judge_side`]; [`paper_groups_judged`] compares the point estimate (keeping a few of the
+    /// paper's suspects out of the training costs little, accepting a class costs its images).
     pub min_share: f64,
     /// Least normalised entropy of the side's novel labels.
     pub min_spread: f64,
@@ -246,6 +250,8 @@ pub struct Judge {
     /// confidence bound at `agreement_z` (one-sided normal quantile; 0: the point estimate).
     pub min_agreement: f64,
     pub agreement_z: f64,
+    /// One-sided normal quantile of the novel share's bound (0: the point estimate).
+    pub novel_z: f64,
 }
 
 /// Wilson score lower bound of a proportion `p` observed on `n` trials at the one-sided normal
@@ -298,6 +304,7 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
     let (side, rest) = (counts(&s.in_side), counts(&s.in_side.logical_not()));
     let novel = novel_classes(&rest, s.class, t.rare);
     let (novel_share, novel_spread) = novelty(&side, &novel, k);
+    let novel_share_low = wilson_lower(novel_share, flagged, t.novel_z);
     SideVerdict {
         class: s.class,
         n: s.n,
@@ -307,10 +314,11 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
         labels_rest: rest,
         novel_classes: novel,
         novel_share,
+        novel_share_low,
         novel_spread,
         confidence_side,
         confidence_rest,
-        candidate: flagged > 0 && novel_share >= t.min_share && novel_spread >= t.min_spread,
+        candidate: flagged > 0 && novel_share_low >= t.min_share && novel_spread >= t.min_spread,
         agreement: None,
         agreement_low: None,
         accepted: false,
@@ -352,6 +360,17 @@ fn novelty(set: &[i64], novel: &[i64], k: i64) -> (f64, f64) {
         0.0
     };
     (share, spread)
+}
+
+/// What the probe makes of some of a class's members (`which`, [n] bool over the probe's
+/// members): their label counts ([K]), the share of them in the `novel` classes and that part's
+/// spread (as [`judge_side`] computes them for a side).
+pub fn probe_novelty(probe: &ClassProbe, which: &Tensor, novel: &[i64], k: i64) -> (Vec<i64>, f64, f64) {
+    let labels = probe.pred.masked_select(which);
+    let counts = Vec::<i64>::try_from(labels.bincount::<Tensor>(None, k).to_device(audit_nn::tch::Device::Cpu))
+        .unwrap_or_default();
+    let (share, spread) = novelty(&counts, novel, k);
+    (counts, share, spread)
 }
 
 /// One class's leave-class-out probe: its label for every member of the class.
@@ -533,14 +552,31 @@ pub fn confirm_side(v: &mut SideVerdict, s: &ClassSide, first: &Tensor, second: 
     v.accepted = v.candidate && low >= t.min_agreement;
 }
 
-/// The training set of an accepted class's trigger detector: the side as positives; as negatives,
-/// up to `n_other` samples of the other classes (the poisoned images' sources, without the
-/// trigger; `order` is a random permutation of the training set choosing them) and the members of
-/// the class farther from the side than the rest's median (its clean core). A classifier that
-/// separates these cannot use the images' content, which both sides share, only the trigger; it
-/// then finds the poisoned samples the split left with the clean ones. Returns (positives,
-/// negatives) as int64 index tensors.
-pub fn trigger_sets(s: &ClassSide, labels: &Tensor, order: &Tensor, n_other: i64) -> (Tensor, Tensor) {
+/// What an accepted class's trigger detector trains on, and the part of the class held out to check it.
+pub struct TriggerSets {
+    /// Positives: the side, as indices into the training set. int64
+    pub side: Tensor,
+    /// Images of the other classes, as indices into the training set. int64
+    pub other: Tensor,
+    /// The core's half the detector trains on, as indices into the training set. int64
+    pub core: Tensor,
+    /// The core's other half, as positions in the side's `members`. int64
+    pub held_out: Tensor,
+}
+
+/// The training set of an accepted class's trigger detector, three labelled groups: the side
+/// (label 1); up to `n_other` samples of the other classes (label 0: the poisoned images' sources,
+/// without the trigger; `order` is a random permutation of the training set choosing them); and
+/// every second member of the class farther from the side than the rest's median (label 2: its
+/// clean core), the other half held out to check the detector. A classifier that separates these
+/// cannot use the images' content, which the side shares with one of the other groups, only the
+/// trigger; it then finds the poisoned samples the split left with the clean ones. The core is a
+/// group of its own so that it weighs as much as the side and the other classes: a detector that
+/// calls the whole class positive then pays for it (with the core among the other classes'
+/// negatives it cost a few percent of the loss, and on a clean PyTorch model a side of 45
+/// trousers grew to 1,796).
+pub fn trigger_sets(s: &ClassSide, labels: &Tensor, order: &Tensor, n_other: i64) -> TriggerSets {
+    let device = labels.device();
     let other = labels.index_select(0, order).ne(s.class);
     let other = order.masked_select(&other);
     let other = other.narrow(0, 0, n_other.min(other.size()[0]));
@@ -548,11 +584,18 @@ pub fn trigger_sets(s: &ClassSide, labels: &Tensor, order: &Tensor, n_other: i64
     let depth_rest = s.depth.masked_select(&rest);
     let core = if depth_rest.size()[0] > 0 {
         let median = depth_rest.median().double_value(&[]);
-        s.members.masked_select(&rest.logical_and(&s.depth.gt(median)))
+        rest.logical_and(&s.depth.gt(median)).nonzero().squeeze_dim(1)
     } else {
-        Tensor::zeros([0], (Kind::Int64, labels.device()))
+        Tensor::zeros([0], (Kind::Int64, device))
     };
-    (s.side.shallow_clone(), Tensor::cat(&[other, core], 0))
+    let nc = core.size()[0];
+    let every = |start: i64| core.index_select(0, &Tensor::arange_start_step(start, nc, 2, (Kind::Int64, device)));
+    TriggerSets {
+        side: s.side.shallow_clone(),
+        other,
+        core: s.members.index_select(0, &every(0)),
+        held_out: every(1),
+    }
 }
 
 /// Which of the paper's suspects stay dropped beside the class-wise split when a target class was
@@ -721,6 +764,7 @@ mod tests {
             min_spread: 0.5,
             min_agreement: 0.6,
             agreement_z: 1.645,
+            novel_z: 1.645,
         };
         // Logits naming `labels`, sure where `scale` is large; the judged class always gets the
         // largest logit, which judge_side must ignore.
@@ -780,11 +824,18 @@ mod tests {
         );
 
         let order = Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).flip([0]);
-        let (pos, neg) = trigger_sets(&sides[0], &labels, &order, 50);
-        assert_eq!(Vec::<i64>::try_from(&pos).unwrap(), s0);
-        let neg = Vec::<i64>::try_from(&neg).unwrap();
-        let (other, core): (Vec<i64>, Vec<i64>) = neg.iter().partition(|&&i| i >= per);
+        let sets = trigger_sets(&sides[0], &labels, &order, 50);
+        assert_eq!(Vec::<i64>::try_from(&sets.side).unwrap(), s0);
+        let other = Vec::<i64>::try_from(&sets.other).unwrap();
+        assert!(other.iter().all(|&i| i >= per), "other classes only: {other:?}");
         assert_eq!(other.len(), 50, "the first 50 of the order outside class 0");
+        // Members are 0..per in order, so positions and indices coincide.
+        let mut core = Vec::<i64>::try_from(&sets.core).unwrap();
+        let held = Vec::<i64>::try_from(&sets.held_out).unwrap();
+        assert_eq!(core.len(), 11, "every second of the core trains");
+        assert_eq!(held.len(), 11, "the other half is held out");
+        assert!(core.iter().all(|i| !held.contains(i)), "{core:?} {held:?}");
+        core.extend(held);
         assert_eq!(other[0], per * k - 1);
         assert!(
             core.iter().all(|&i| (15..per).contains(&i)),
@@ -834,6 +885,7 @@ mod tests {
             min_spread: 0.5,
             min_agreement: 0.6,
             agreement_z: 1.645,
+            novel_z: 1.645,
         };
         let (kept, groups) = paper_groups_judged(&paper, &[p0, p1, p2, p3, p4], k, t);
         let count = |class: i64| kept.logical_and(&labels.eq(class)).sum(Kind::Int64).int64_value(&[]);
@@ -891,6 +943,7 @@ mod tests {
             min_spread: 0.5,
             min_agreement: 0.6,
             agreement_z: z,
+            novel_z: 0.0,
         };
         let mut v = judge_side(&side, &first, k, judge(1.645));
         v.candidate = true;
@@ -899,6 +952,56 @@ mod tests {
         assert!(!v.accepted && v.agreement_low.unwrap() < 0.6, "{v:?}");
         confirm_side(&mut v, &side, &first, &second, judge(0.0));
         assert!(v.accepted, "{v:?}");
+    }
+
+    /// A side of 45 whose novel share (24 of 45, 0.53) passes `class_novel` as a point estimate
+    /// but not as a lower bound (0.41): the clean PyTorch model's trousers that look like
+    /// pullovers and coats.
+    #[test]
+    fn novel_share_is_judged_by_its_lower_bound() {
+        let (k, n) = (10i64, 90i64);
+        let in_side = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(45);
+        let side = ClassSide {
+            class: 1,
+            n,
+            members: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+            side: in_side.nonzero().flatten(0, -1),
+            in_side: in_side.shallow_clone(),
+            depth: Tensor::zeros([n], (Kind::Double, Device::Cpu)),
+            separation: 1.0,
+        };
+        // The rest goes to class 3; the side's first 21 too, the other 24 to classes 2, 4, 5, 7.
+        let labels: Vec<i64> = (0..n)
+            .map(|i| {
+                if (21..45).contains(&i) {
+                    [2, 4, 5, 7][(i % 4) as usize]
+                } else {
+                    3
+                }
+            })
+            .collect();
+        let mut logits = Tensor::zeros([n, k], (Kind::Float, Device::Cpu));
+        let _ = logits.scatter_(
+            1,
+            &Tensor::from_slice(&labels).unsqueeze(1),
+            &Tensor::ones([n, 1], (Kind::Float, Device::Cpu)),
+        );
+        let judge = |z| Judge {
+            rare: 0.05,
+            min_share: 0.5,
+            min_spread: 0.5,
+            min_agreement: 0.6,
+            agreement_z: 1.645,
+            novel_z: z,
+        };
+        let point = judge_side(&side, &logits, k, judge(0.0));
+        assert!((point.novel_share - 24.0 / 45.0).abs() < 1e-9, "{point:?}");
+        assert!(point.novel_spread >= 0.5 && point.candidate, "{point:?}");
+        let bound = judge_side(&side, &logits, k, judge(1.645));
+        assert!(
+            !bound.candidate && (bound.novel_share_low - 0.413).abs() < 0.005,
+            "{bound:?}"
+        );
     }
 
     /// The paper's side of a class: its suspects, or of a swept class those sent where the class

@@ -23,7 +23,8 @@ use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
     class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_side, paper_suspects_kept,
-    select_neurons, trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup, PaperWithTargets, SideVerdict,
+    probe_novelty, select_neurons, trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup,
+    PaperWithTargets, SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
@@ -35,9 +36,10 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "class_novel":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a side is poisoned only if the probe sends at least this share of it to novel classes (an all-to-one poisoning's sources come from every class; the class's clean images go to its look-alikes)"},
 "class_spread":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: ... and spreads that part over them with at least this normalised entropy (a clean sub-population that resembles another class goes to that one class)"},
 "class_agreement":{"type":"number","default":0.6,"minimum":0,"maximum":1,"description":"suspects=class|both: a candidate side (both thresholds above reached) is accepted when a second leave-class-out probe (another initialisation, other images) names the same class as the first for at least this share of it (poisoned images are genuine images of the other classes; a clean class the probes scatter by guessing gets different guesses); compared as a lower confidence bound, see class_agreement_z"},
+"class_novel_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_novel is compared with the Wilson lower bound of the side's novel share over its size at this one-sided normal quantile (1.645: 95%), as the agreement is, so a side of a few dozen images is not a candidate on a share just above class_novel (24 of 45 gives 0.41); 0: the point estimate (the previous release)"},
 "class_agreement_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_agreement is compared with the Wilson lower bound of the agreement over the side's size at this one-sided normal quantile (1.645: 95%), so a side of a few images that agree by chance is not confirmed (6 of 10 gives 0.35); 0: the point estimate (the previous release)"},
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
-"trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (with the class's members beyond the median distance from the side)"},
+"trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (a second group of negatives, weighed as much, is every second member of the class beyond the median distance from the side; the other half is held out and the share of it the detector flags is reported)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
 "paper_with_targets":{"type":"string","default":"none","enum":["none","targets","unswept"],"description":"suspects=both, when the class-wise split detected a target class: which of the paper's suspects are dropped as well: none (the class-wise suspects replace them: in a target class the paper's split also takes many clean images, elsewhere only clean ones), targets (those in the target classes), unswept (all except in non-target classes its split swept, the previous default)"},
 "paper_filter":{"type":"string","default":"novel","enum":["novel","none"],"description":"suspects=both: novel makes each class's share of the paper's suspects (of a class the split swept, at least half of it, only the members the class's leave-class-out probe sends to classes the whole class goes to less than class_rare) a second candidate side, judged, confirmed and extended by the trigger detector like the split's side; with no detected class, a class's share stays dropped only when it passes the side's novelty tests (class_novel, class_spread; of a swept class only its novel-labelled members): the clean images the global split takes go where their class goes and return to the training; none keeps the paper's suspects as paper_with_targets says"},
@@ -115,6 +117,7 @@ struct Params {
     class_spread: f64,
     class_agreement: f64,
     class_agreement_z: f64,
+    class_novel_z: f64,
     trigger_epochs: usize,
     trigger_negatives: i64,
     trigger_threshold: f64,
@@ -152,6 +155,7 @@ impl Params {
             min_spread: self.class_spread,
             min_agreement: self.class_agreement,
             agreement_z: self.class_agreement_z,
+            novel_z: self.class_novel_z,
         }
     }
 
@@ -375,7 +379,7 @@ fn class_split(
         let entry_of = |v: &SideVerdict| {
             json!({
                 "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
-                "novel_share": v.novel_share, "novel_spread": v.novel_spread,
+                "novel_share": v.novel_share, "novel_share_low": v.novel_share_low, "novel_spread": v.novel_spread,
                 "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
                 "candidate": v.candidate, "agreement": v.agreement, "agreement_low": v.agreement_low, "accepted": v.accepted,
                 "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
@@ -394,23 +398,30 @@ fn class_split(
         entry["accepted_side"] = json!(verdicts.last().map(|(o, _)| *o));
         let mut hit = s.in_side.copy();
         if p.trigger_epochs > 0 {
-            let (pos, neg) = trigger_sets(s, &full.y, &order, p.trigger_negatives);
-            let (np, nn) = (pos.size()[0], neg.size()[0]);
+            let sets = trigger_sets(s, &full.y, &order, p.trigger_negatives);
+            // Three groups when the graph has three outputs (the core labelled 2), else the core
+            // joins the other classes; each group weighs the same share of the loss.
+            let groups = if k >= 3 { 3 } else { 2 };
+            let core_label = if groups == 3 { 2 } else { 0 };
+            let parts = [(&sets.other, 0i64), (&sets.side, 1), (&sets.core, core_label)];
+            let index = Tensor::cat(&parts.map(|(t, _)| t.shallow_clone()), 0);
+            let y = Tensor::cat(
+                &parts.map(|(t, l)| Tensor::full([t.size()[0]], l, (Kind::Int64, device))),
+                0,
+            );
             let set = DeviceData {
-                x: Tensor::cat(&[full.x.index_select(0, &pos), full.x.index_select(0, &neg)], 0),
-                y: Tensor::cat(
-                    &[
-                        Tensor::ones([np], (Kind::Int64, device)),
-                        Tensor::zeros([nn], (Kind::Int64, device)),
-                    ],
-                    0,
-                ),
+                x: full.x.index_select(0, &index),
+                y,
             };
-            // Each side weighs half of the loss.
-            let total = (np + nn) as f64;
+            let total = index.size()[0] as f64;
+            let mut counts = vec![0i64; groups as usize];
+            for (t, l) in parts {
+                counts[l as usize] += t.size()[0];
+            }
             let mut w = vec![0.0f32; k.max(2) as usize];
-            w[0] = (total / (2.0 * nn.max(1) as f64)) as f32;
-            w[1] = (total / (2.0 * np.max(1) as f64)) as f32;
+            for (g, &c) in counts.iter().enumerate() {
+                w[g] = (total / (groups as f64 * c.max(1) as f64)) as f32;
+            }
             let w = Tensor::from_slice(&w).to_device(device);
             let phase = format!("trigger detector for class {}", s.class);
             let stretch = Stretch {
@@ -420,9 +431,26 @@ fn class_split(
                 class_weights: Some(&w),
             };
             let l = fit(seed.wrapping_add(0x7419_0000 + s.class as u64), &set, stretch, &members)?;
-            let p1 = (l.select(1, 1) - l.select(1, 0)).sigmoid();
+            let p1 = l.narrow(1, 0, groups).softmax(-1, Kind::Float).select(1, 1);
+            let held = p1.index_select(0, &sets.held_out);
+            let held_flagged = if held.size()[0] > 0 {
+                held.ge(p.trigger_threshold)
+                    .to_kind(Kind::Double)
+                    .mean(Kind::Double)
+                    .double_value(&[])
+            } else {
+                0.0
+            };
+            entry["trigger_core_held_out"] = json!(held.size()[0]);
+            entry["trigger_core_held_out_flagged"] = json!(held_flagged);
             hit = hit.logical_or(&p1.ge(p.trigger_threshold));
         }
+        let probe_of_class = probes.last().expect("pushed above");
+        let added = hit.logical_and(&s.in_side.logical_not());
+        let (labels_added, added_share, added_spread) = probe_novelty(probe_of_class, &added, &v.novel_classes, k);
+        entry["probe_labels_added"] = json!(labels_added);
+        entry["added_novel_share"] = json!(added_share);
+        entry["added_novel_spread"] = json!(added_spread);
         let flagged = s.members.masked_select(&hit);
         let nf = flagged.size()[0];
         let _ = mask.index_fill_(0, &flagged, 1);
