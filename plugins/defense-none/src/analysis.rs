@@ -325,6 +325,35 @@ pub fn judge_side(s: &ClassSide, logits: &Tensor, k: i64, t: Judge) -> SideVerdi
     }
 }
 
+/// All-to-all poisoning: the class a side comes from, when the side is not a candidate only
+/// because its novel part is concentrated. Each class's poisoned images then come from one other
+/// class, so the probe sends the side, confidently novel (`novel_share_low` passing `min_share`),
+/// to one class (`novel_spread` below `min_spread`): the novel class holding most of the side.
+pub fn mapped_source(v: &SideVerdict, t: Judge) -> Option<i64> {
+    if v.candidate || v.flagged == 0 || v.novel_share_low < t.min_share || v.novel_spread >= t.min_spread {
+        return None;
+    }
+    v.novel_classes
+        .iter()
+        .copied()
+        .max_by_key(|&c| (v.labels_side[c as usize], -c))
+}
+
+impl ClassSide {
+    /// A second handle on the same tensors.
+    pub fn shallow_clone(&self) -> ClassSide {
+        ClassSide {
+            class: self.class,
+            n: self.n,
+            members: self.members.shallow_clone(),
+            in_side: self.in_side.shallow_clone(),
+            side: self.side.shallow_clone(),
+            depth: self.depth.shallow_clone(),
+            separation: self.separation,
+        }
+    }
+}
+
 /// [n, K] logits as float with column `class` at -inf: a leave-class-out probe's answer among the
 /// other classes.
 fn without_class(logits: &Tensor, class: i64) -> Tensor {
@@ -1002,6 +1031,52 @@ mod tests {
             !bound.candidate && (bound.novel_share_low - 0.413).abs() < 0.005,
             "{bound:?}"
         );
+    }
+
+    /// An all-to-all side: novel but concentrated on one class, which `mapped_source` names; a
+    /// spread (candidate) side or a side going where the class goes is not mapped.
+    #[test]
+    fn mapped_source_names_the_one_novel_class() {
+        let (k, n) = (10i64, 60i64);
+        let in_side = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(30);
+        let side = ClassSide {
+            class: 4,
+            n,
+            members: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+            side: in_side.nonzero().flatten(0, -1),
+            in_side: in_side.shallow_clone(),
+            depth: Tensor::zeros([n], (Kind::Double, Device::Cpu)),
+            separation: 1.0,
+        };
+        let t = Judge {
+            rare: 0.05,
+            min_share: 0.5,
+            min_spread: 0.5,
+            min_agreement: 0.6,
+            agreement_z: 1.645,
+            novel_z: 1.645,
+        };
+        let judged = |side_label: &dyn Fn(i64) -> i64| {
+            let labels: Vec<i64> = (0..n).map(|i| if i < 30 { side_label(i) } else { 2 }).collect();
+            let mut logits = Tensor::zeros([n, k], (Kind::Float, Device::Cpu));
+            let _ = logits.scatter_(
+                1,
+                &Tensor::from_slice(&labels).unsqueeze(1),
+                &Tensor::ones([n, 1], (Kind::Float, Device::Cpu)),
+            );
+            judge_side(&side, &logits, k, t)
+        };
+        // 27 of the side to class 3, 3 to class 2 (where the rest goes).
+        let v = judged(&|i| if i < 27 { 3 } else { 2 });
+        assert!(!v.candidate && v.novel_spread < 0.5, "{v:?}");
+        assert_eq!(mapped_source(&v, t), Some(3));
+        // Spread over five novel classes: a candidate, not mapped.
+        let v = judged(&|i| [0, 1, 3, 5, 6][(i % 5) as usize]);
+        assert!(v.candidate, "{v:?}");
+        assert_eq!(mapped_source(&v, t), None);
+        // Where the rest goes: not novel, not mapped.
+        let v = judged(&|_| 2);
+        assert_eq!(mapped_source(&v, t), None);
     }
 
     /// The paper's side of a class: its suspects, or of a swept class those sent where the class

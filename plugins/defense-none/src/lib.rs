@@ -22,9 +22,9 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, confirm_side, jenks_break, judge_side, paper_groups_judged, paper_side, paper_suspects_kept,
-    probe_novelty, select_neurons, trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter, PaperGroup,
-    PaperWithTargets, SideVerdict,
+    class_sides, confirm_side, jenks_break, judge_side, mapped_source, paper_groups_judged, paper_side,
+    paper_suspects_kept, probe_novelty, select_neurons, trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter,
+    PaperGroup, PaperWithTargets, SideVerdict,
 };
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
@@ -38,6 +38,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "class_agreement":{"type":"number","default":0.6,"minimum":0,"maximum":1,"description":"suspects=class|both: a candidate side (both thresholds above reached) is accepted when a second leave-class-out probe (another initialisation, other images) names the same class as the first for at least this share of it (poisoned images are genuine images of the other classes; a clean class the probes scatter by guessing gets different guesses); compared as a lower confidence bound, see class_agreement_z"},
 "class_novel_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_novel is compared with the Wilson lower bound of the side's novel share over its size at this one-sided normal quantile (1.645: 95%), as the agreement is, so a side of a few dozen images is not a candidate on a share just above class_novel (24 of 45 gives 0.41); 0: the point estimate (the previous release)"},
 "class_agreement_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_agreement is compared with the Wilson lower bound of the agreement over the side's size at this one-sided normal quantile (1.645: 95%), so a side of a few images that agree by chance is not confirmed (6 of 10 gives 0.35); 0: the point estimate (the previous release)"},
+"class_mapped_min":{"type":"integer","default":0,"minimum":0,"description":"suspects=class|both: all-to-all poisoning, opt-in (0: off, the default; measured: on our all-to-all model 3 removes most of the backdoor, on the PyTorch one it accepts clean sub-populations of shirts and coats and costs 11 points of accuracy). A class none of whose sides is a candidate, but one of whose sides the probe sends, concentrated (spread below class_spread), to one novel class with a novel share passing class_novel, is confirmed by the second probe as a candidate is (class_agreement); when at least this many classes have such a confirmed side from distinct source classes, they are all accepted and one trigger detector, trained on all their sides, scores every training sample"},
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (a second group of negatives, weighed as much, is every second member of the class beyond the median distance from the side; the other half is held out and the share of it the detector flags is reported)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
@@ -118,6 +119,7 @@ struct Params {
     class_agreement: f64,
     class_agreement_z: f64,
     class_novel_z: f64,
+    class_mapped_min: usize,
     trigger_epochs: usize,
     trigger_negatives: i64,
     trigger_threshold: f64,
@@ -292,6 +294,8 @@ struct ClassSplit {
     report: Vec<Value>,
     /// Per class: the first leave-class-out probe's labels for its members.
     probes: Vec<ClassProbe>,
+    /// The all-to-all detector's finds, when mapped sides were accepted (else null).
+    all_to_all: Value,
 }
 
 /// Judges every class's side with a leave-class-out probe (a fresh copy of the graph trained on
@@ -329,6 +333,10 @@ fn class_split(
         report_epochs.extend(train(call, &probe, &mut t, set, pre, stretch)?);
         audit_nn::train::predict(&probe, members, pre, 512).map_err(nn_err)
     };
+    // Sides accepted class by class, then (all-to-all) the mapped ones; each with the index of its
+    // class's report entry and probe.
+    let mut accepted: Vec<Pending> = Vec::new();
+    let mut mapped: Vec<Pending> = Vec::new();
     for split_side in sides {
         host.check_cancelled()?;
         let class = split_side.class;
@@ -348,132 +356,331 @@ fn class_split(
         let from_paper = paper.and_then(|(mask, h)| paper_side(mask, h, &class_probe, k, p.class_rare));
         probes.push(class_probe);
         let mut second: Option<Tensor> = None;
-        let mut verdicts = Vec::new();
-        let mut chosen: Option<(&ClassSide, SideVerdict)> = None;
-        for (origin, s) in [("split", Some(split_side)), ("paper", from_paper.as_ref())] {
+        let mut second_probe = |second: &mut Option<Tensor>| -> Result<()> {
+            if second.is_none() {
+                // A second probe, on the next images of the order, with another initialisation.
+                let end = (2 * p.class_probe_samples).min(others.size()[0]);
+                let start = (end - p.class_probe_samples).max(0);
+                let take2 = others.narrow(0, start, end - start);
+                let phase = format!("second probe without class {class}");
+                *second = Some(fit(
+                    seed.wrapping_add(0x2d00 + class as u64),
+                    &full.select(&take2),
+                    Stretch::plain(p.class_probe_epochs, &phase),
+                    &members,
+                )?);
+            }
+            Ok(())
+        };
+        let mut verdicts: Vec<(&'static str, SideVerdict)> = Vec::new();
+        let mut chosen: Option<(&'static str, ClassSide, SideVerdict)> = None;
+        let candidates = [("split", Some(split_side)), ("paper", from_paper.as_ref())];
+        for (origin, s) in candidates {
             let Some(s) = s else { continue };
             let mut v = judge_side(s, &logits, k, judge);
             if v.candidate {
-                if second.is_none() {
-                    // A second probe, on the next images of the order, with another initialisation.
-                    let end = (2 * p.class_probe_samples).min(others.size()[0]);
-                    let start = (end - p.class_probe_samples).max(0);
-                    let take2 = others.narrow(0, start, end - start);
-                    let phase = format!("second probe without class {class}");
-                    second = Some(fit(
-                        seed.wrapping_add(0x2d00 + class as u64),
-                        &full.select(&take2),
-                        Stretch::plain(p.class_probe_epochs, &phase),
-                        &members,
-                    )?);
-                }
+                second_probe(&mut second)?;
                 confirm_side(&mut v, s, &logits, second.as_ref().expect("trained above"), judge);
             }
-            let accepted = v.accepted;
             verdicts.push((origin, v.clone()));
-            if accepted {
-                chosen = Some((s, v));
+            if v.accepted {
+                chosen = Some((origin, s.shallow_clone(), v));
                 break;
             }
         }
-        let entry_of = |v: &SideVerdict| {
-            json!({
-                "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
-                "novel_share": v.novel_share, "novel_share_low": v.novel_share_low, "novel_spread": v.novel_spread,
-                "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
-                "candidate": v.candidate, "agreement": v.agreement, "agreement_low": v.agreement_low, "accepted": v.accepted,
-                "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
-            })
-        };
         // The class's entry is the split side's verdict; the paper side's, when judged, beside it.
-        let mut entry = entry_of(&verdicts[0].1);
+        let mut entry = verdict_entry(&verdicts[0].1);
         if let Some((_, v)) = verdicts.iter().find(|(o, _)| *o == "paper") {
-            entry["paper_side"] = entry_of(v);
+            entry["paper_side"] = verdict_entry(v);
         }
-        let Some((s, v)) = chosen else {
-            report.push(entry);
-            continue;
-        };
-        entry["accepted"] = json!(true);
-        entry["accepted_side"] = json!(verdicts.last().map(|(o, _)| *o));
-        let mut hit = s.in_side.copy();
-        if p.trigger_epochs > 0 {
-            let sets = trigger_sets(s, &full.y, &order, p.trigger_negatives);
-            // Three groups when the graph has three outputs (the core labelled 2), else the core
-            // joins the other classes; each group weighs the same share of the loss.
-            let groups = if k >= 3 { 3 } else { 2 };
-            let core_label = if groups == 3 { 2 } else { 0 };
-            let parts = [(&sets.other, 0i64), (&sets.side, 1), (&sets.core, core_label)];
-            let index = Tensor::cat(&parts.map(|(t, _)| t.shallow_clone()), 0);
-            let y = Tensor::cat(
-                &parts.map(|(t, l)| Tensor::full([t.size()[0]], l, (Kind::Int64, device))),
-                0,
-            );
-            let set = DeviceData {
-                x: full.x.index_select(0, &index),
-                y,
-            };
-            let total = index.size()[0] as f64;
-            let mut counts = vec![0i64; groups as usize];
-            for (t, l) in parts {
-                counts[l as usize] += t.size()[0];
+        let index = report.len();
+        if let Some((origin, side, verdict)) = chosen {
+            accepted.push(Pending {
+                origin,
+                side,
+                verdict,
+                index,
+                source: None,
+            });
+        } else if p.class_mapped_min > 0 {
+            // All-to-all: a side the probe sends, concentrated, to one novel class (its source).
+            for (origin, s) in candidates {
+                let Some(s) = s else { continue };
+                let Some((_, v)) = verdicts.iter().find(|(o, _)| *o == origin) else {
+                    continue;
+                };
+                let Some(source) = mapped_source(v, judge) else {
+                    continue;
+                };
+                second_probe(&mut second)?;
+                let mut v = v.clone();
+                v.candidate = true;
+                confirm_side(&mut v, s, &logits, second.as_ref().expect("trained above"), judge);
+                let judged = json!({
+                    "side": origin, "source": source, "n": v.flagged, "agreement": v.agreement,
+                    "agreement_low": v.agreement_low, "confirmed": v.accepted,
+                });
+                match entry.get_mut("mapped").and_then(Value::as_array_mut) {
+                    Some(list) => list.push(judged),
+                    None => entry["mapped"] = json!([judged]),
+                }
+                if v.accepted {
+                    mapped.push(Pending {
+                        origin: "mapped",
+                        side: s.shallow_clone(),
+                        verdict: v,
+                        index,
+                        source: Some(source),
+                    });
+                    break;
+                }
             }
-            let mut w = vec![0.0f32; k.max(2) as usize];
-            for (g, &c) in counts.iter().enumerate() {
-                w[g] = (total / (groups as f64 * c.max(1) as f64)) as f32;
-            }
-            let w = Tensor::from_slice(&w).to_device(device);
-            let phase = format!("trigger detector for class {}", s.class);
-            let stretch = Stretch {
-                epochs: p.trigger_epochs,
-                phase: &phase,
-                extra: None,
-                class_weights: Some(&w),
-            };
-            let l = fit(seed.wrapping_add(0x7419_0000 + s.class as u64), &set, stretch, &members)?;
-            let p1 = l.narrow(1, 0, groups).softmax(-1, Kind::Float).select(1, 1);
-            let held = p1.index_select(0, &sets.held_out);
-            let held_flagged = if held.size()[0] > 0 {
-                held.ge(p.trigger_threshold)
-                    .to_kind(Kind::Double)
-                    .mean(Kind::Double)
-                    .double_value(&[])
-            } else {
-                0.0
-            };
-            entry["trigger_core_held_out"] = json!(held.size()[0]);
-            entry["trigger_core_held_out_flagged"] = json!(held_flagged);
-            hit = hit.logical_or(&p1.ge(p.trigger_threshold));
         }
-        let probe_of_class = probes.last().expect("pushed above");
-        let added = hit.logical_and(&s.in_side.logical_not());
-        let (labels_added, added_share, added_spread) = probe_novelty(probe_of_class, &added, &v.novel_classes, k);
-        entry["probe_labels_added"] = json!(labels_added);
-        entry["added_novel_share"] = json!(added_share);
-        entry["added_novel_spread"] = json!(added_spread);
-        let flagged = s.members.masked_select(&hit);
-        let nf = flagged.size()[0];
-        let _ = mask.index_fill_(0, &flagged, 1);
-        host.info(&format!(
-            "class {}: {} of {} samples are suspects ({} on the {} side; the probe without the class sends {:.0}% of the side to classes the rest does not go to, spread {:.2})",
-            v.class,
-            nf,
-            v.n,
-            v.flagged,
-            if std::ptr::eq(s, split_side) { "split's" } else { "paper's split" },
-            v.novel_share * 100.0,
-            v.novel_spread
-        ));
-        entry["flagged"] = json!(nf);
-        entry["trigger_detector_added"] = json!(nf - v.flagged);
         report.push(entry);
-        targets.push(s.class);
     }
+    // The mapped sides are accepted together, when at least class_mapped_min of them come from
+    // distinct source classes (an all-to-all poisoning maps many classes; a clean class with a
+    // sub-population resembling one novel class is a single case).
+    let mut sources: Vec<i64> = mapped.iter().filter_map(|m| m.source).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    let mapped_ok = p.class_mapped_min > 0 && sources.len() >= p.class_mapped_min;
+    if !mapped.is_empty() {
+        host.info(&format!(
+            "{} class(es) have a confirmed side mapped from one other class ({} distinct sources; {} needed): {}",
+            mapped.len(),
+            sources.len(),
+            p.class_mapped_min,
+            if mapped_ok {
+                "accepted as an all-to-all poisoning"
+            } else {
+                "not accepted"
+            }
+        ));
+    }
+    // Detector groups: one per all-to-one class, one for all the mapped sides (they share the trigger).
+    let mut groups: Vec<Vec<Pending>> = accepted.into_iter().map(|a| vec![a]).collect();
+    if mapped_ok {
+        groups.push(mapped);
+    }
+    let mut all_to_all = Value::Null;
+    for group in groups {
+        host.check_cancelled()?;
+        let is_mapped = group.iter().any(|g| g.origin == "mapped");
+        let hits = if p.trigger_epochs > 0 {
+            let found = detect_trigger(&mut fit, full, &group, &order, k, p, seed, is_mapped)?;
+            for g in &group {
+                report[g.index]["trigger_core_held_out"] = json!(found.held_n);
+                report[g.index]["trigger_core_held_out_flagged"] = json!(found.held_flagged);
+            }
+            if let Some(all) = &found.all {
+                // The classes outside the group: their members the detector flags join the suspects.
+                let per_class = Vec::<i64>::try_from(
+                    full.y
+                        .masked_select(all)
+                        .bincount::<Tensor>(None, k)
+                        .to_device(Device::Cpu),
+                )
+                .unwrap_or_default();
+                host.info(&format!(
+                    "all-to-all trigger detector: {} training samples flagged, per class {per_class:?}",
+                    all.sum(Kind::Int64).int64_value(&[])
+                ));
+                all_to_all = json!({
+                    "classes": group.iter().map(|g| g.side.class).collect::<Vec<_>>(),
+                    "sources": group.iter().map(|g| g.source).collect::<Vec<_>>(),
+                    "flagged_per_class": per_class,
+                    "held_out_core_flagged": found.held_flagged,
+                });
+                let _ = mask.logical_or_(all);
+            }
+            found.hits
+        } else {
+            group.iter().map(|g| g.side.in_side.copy()).collect()
+        };
+        for (g, hit) in group.iter().zip(hits) {
+            let (s, v) = (&g.side, &g.verdict);
+            let probe_of_class = &probes[g.index];
+            let added = hit.logical_and(&s.in_side.logical_not());
+            let (labels_added, added_share, added_spread) = probe_novelty(probe_of_class, &added, &v.novel_classes, k);
+            let flagged = s.members.masked_select(&hit);
+            let nf = flagged.size()[0];
+            let _ = mask.index_fill_(0, &flagged, 1);
+            host.info(&format!(
+                "class {}: {} of {} samples are suspects ({} on the {} side; the probe without the class sends {:.0}% of the side to classes the rest does not go to, spread {:.2}{})",
+                v.class,
+                nf,
+                v.n,
+                v.flagged,
+                match g.origin { "split" => "split's", "paper" => "paper's split", _ => "mapped" },
+                v.novel_share * 100.0,
+                v.novel_spread,
+                g.source.map(|c| format!(", mostly to class {c}")).unwrap_or_default()
+            ));
+            let entry = &mut report[g.index];
+            entry["accepted"] = json!(true);
+            entry["accepted_side"] = json!(g.origin);
+            if let Some(c) = g.source {
+                entry["source"] = json!(c);
+            }
+            entry["probe_labels_added"] = json!(labels_added);
+            entry["added_novel_share"] = json!(added_share);
+            entry["added_novel_spread"] = json!(added_spread);
+            entry["flagged"] = json!(nf);
+            entry["trigger_detector_added"] = json!(nf - v.flagged);
+            targets.push(s.class);
+        }
+    }
+    targets.sort_unstable();
     Ok(ClassSplit {
         mask,
         targets,
         report,
         probes,
+        all_to_all,
+    })
+}
+
+/// An accepted side waiting for its trigger detector.
+struct Pending {
+    /// split, paper or mapped.
+    origin: &'static str,
+    side: ClassSide,
+    verdict: SideVerdict,
+    /// Its class's report entry and probe.
+    index: usize,
+    /// Mapped: the class the probe sends most of the side to.
+    source: Option<i64>,
+}
+
+/// A side's verdict as its report entry.
+fn verdict_entry(v: &SideVerdict) -> Value {
+    json!({
+        "class": v.class, "n": v.n, "side": v.flagged, "separation": v.separation,
+        "novel_share": v.novel_share, "novel_share_low": v.novel_share_low, "novel_spread": v.novel_spread,
+        "confidence_side": v.confidence_side, "confidence_rest": v.confidence_rest,
+        "candidate": v.candidate, "agreement": v.agreement, "agreement_low": v.agreement_low, "accepted": v.accepted,
+        "novel_classes": v.novel_classes, "probe_labels_side": v.labels_side, "probe_labels_rest": v.labels_rest,
+    })
+}
+
+/// What a trigger detector found.
+struct Detected {
+    /// Per side: its class's members on the side or scored at least `trigger_threshold`. [n] bool
+    hits: Vec<Tensor>,
+    /// The held-out core's size and the share of it flagged.
+    held_n: i64,
+    held_flagged: f64,
+    /// With `score_all`: every training sample scored at least `trigger_threshold`. [N] bool
+    all: Option<Tensor>,
+}
+
+/// Trains one trigger detector for a group of accepted sides (one all-to-one class, or every
+/// mapped side of an all-to-all poisoning, which share the trigger) and scores every member of
+/// their classes. Three labelled groups (the core labelled 2 when the graph has three outputs,
+/// else it joins the other classes), each weighing the same share of the loss: the sides (1), up
+/// to `trigger_negatives` images of classes outside the group (0), and each class's core half
+/// (2). Returns per side its members' hits ([n] bool: on the side, or scored at least
+/// `trigger_threshold`), the held-out core's size and share flagged, and (`score_all`) every
+/// training sample's hit.
+fn detect_trigger(
+    fit: &mut dyn FnMut(u64, &DeviceData, Stretch<'_>, &DeviceData) -> Result<Tensor>,
+    full: &DeviceData,
+    group: &[Pending],
+    order: &Tensor,
+    k: i64,
+    p: &Params,
+    seed: u64,
+    score_all: bool,
+) -> Result<Detected> {
+    let device = full.x.device();
+    let classes: Vec<i64> = group.iter().map(|g| g.side.class).collect();
+    let sets: Vec<_> = group.iter().map(|g| trigger_sets(&g.side, &full.y, order, 0)).collect();
+    let mut outside = Tensor::ones([order.size()[0]], (Kind::Bool, device));
+    let ordered_labels = full.y.index_select(0, order);
+    for &c in &classes {
+        outside = outside.logical_and(&ordered_labels.ne(c));
+    }
+    let other = order.masked_select(&outside);
+    let other = other.narrow(0, 0, p.trigger_negatives.min(other.size()[0]));
+    let side = Tensor::cat(&sets.iter().map(|t| t.side.shallow_clone()).collect::<Vec<_>>(), 0);
+    let core = Tensor::cat(&sets.iter().map(|t| t.core.shallow_clone()).collect::<Vec<_>>(), 0);
+    let labels = if k >= 3 { 3 } else { 2 };
+    let core_label = if labels == 3 { 2 } else { 0 };
+    let parts = [(&other, 0i64), (&side, 1), (&core, core_label)];
+    let index = Tensor::cat(&parts.map(|(t, _)| t.shallow_clone()), 0);
+    let y = Tensor::cat(
+        &parts.map(|(t, l)| Tensor::full([t.size()[0]], l, (Kind::Int64, device))),
+        0,
+    );
+    let set = DeviceData {
+        x: full.x.index_select(0, &index),
+        y,
+    };
+    let total = index.size()[0] as f64;
+    let mut counts = vec![0i64; labels as usize];
+    for (t, l) in parts {
+        counts[l as usize] += t.size()[0];
+    }
+    let present = counts.iter().filter(|&&c| c > 0).count().max(1) as f64;
+    let mut w = vec![0.0f32; k.max(2) as usize];
+    for (g, &c) in counts.iter().enumerate() {
+        w[g] = (total / (present * c.max(1) as f64)) as f32;
+    }
+    let w = Tensor::from_slice(&w).to_device(device);
+    let phase = if group.len() == 1 {
+        format!("trigger detector for class {}", classes[0])
+    } else {
+        format!("trigger detector for classes {classes:?}")
+    };
+    let stretch = Stretch {
+        epochs: p.trigger_epochs,
+        phase: &phase,
+        extra: None,
+        class_weights: Some(&w),
+    };
+    let init = if group.len() == 1 {
+        seed.wrapping_add(0x7419_0000 + classes[0] as u64)
+    } else {
+        seed.wrapping_add(0x7419_1000)
+    };
+    // A mapped group scores every training sample: each class of an all-to-all poisoning is a
+    // target, also those whose side the split did not isolate.
+    let members = if score_all {
+        Tensor::arange(full.len(), (Kind::Int64, device))
+    } else {
+        Tensor::cat(
+            &group.iter().map(|g| g.side.members.shallow_clone()).collect::<Vec<_>>(),
+            0,
+        )
+    };
+    let l = fit(init, &set, stretch, &full.select(&members))?;
+    let p1 = l.narrow(1, 0, labels).softmax(-1, Kind::Float).select(1, 1);
+    let all = score_all.then(|| p1.ge(p.trigger_threshold));
+    let (mut hits, mut held_hit, mut held_n, mut start) = (Vec::new(), 0i64, 0i64, 0i64);
+    for (g, t) in group.iter().zip(&sets) {
+        let n = g.side.members.size()[0];
+        let score = if score_all {
+            p1.index_select(0, &g.side.members)
+        } else {
+            p1.narrow(0, start, n)
+        };
+        start += n;
+        let held = score.index_select(0, &t.held_out);
+        held_n += held.size()[0];
+        held_hit += held.ge(p.trigger_threshold).sum(Kind::Int64).int64_value(&[]);
+        hits.push(g.side.in_side.logical_or(&score.ge(p.trigger_threshold)));
+    }
+    let held_flagged = if held_n > 0 {
+        held_hit as f64 / held_n as f64
+    } else {
+        0.0
+    };
+    Ok(Detected {
+        hits,
+        held_n,
+        held_flagged,
+        all,
     })
 }
 
@@ -580,6 +787,7 @@ impl Defense for NoneDefense {
             let break_value = jenks_break(&sel.h);
             let paper_mask = sel.h.ge(break_value);
             let mut class_report = Value::Null;
+            let mut all_to_all = Value::Null;
             let mut paper_groups: Vec<Value> = Vec::new();
             let mut accepted_sides: Option<Tensor> = None;
             let suspect_mask = match (&acts.features, p.suspects) {
@@ -606,6 +814,7 @@ impl Defense for NoneDefense {
                     )?;
                     let (class_mask, targets) = (split.mask, split.targets);
                     class_report = Value::Array(split.report);
+                    all_to_all = split.all_to_all;
                     accepted_sides = Some(class_mask.shallow_clone());
                     if mode == Suspects::Class {
                         class_mask
@@ -757,6 +966,7 @@ impl Defense for NoneDefense {
                 "n_suspects": suspects.len(),
                 "jenks_break": break_value,
                 "class_split": class_report,
+                "all_to_all": all_to_all,
                 "paper_groups": paper_groups,
                 "suspects": suspects,
                 "n_excluded": all_suspects.len(),
