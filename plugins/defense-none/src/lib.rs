@@ -466,9 +466,8 @@ fn class_split(
     let mut all_to_all = Value::Null;
     for group in groups {
         host.check_cancelled()?;
-        let is_mapped = group.iter().any(|g| g.origin == "mapped");
         let hits = if p.trigger_epochs > 0 {
-            let found = detect_trigger(&mut fit, full, &group, &order, k, p, seed, is_mapped)?;
+            let found = detect_trigger(&mut fit, full, &group, &order, k, p, seed)?;
             for g in &group {
                 report[g.index]["trigger_core_held_out"] = json!(found.held_n);
                 report[g.index]["trigger_core_held_out_flagged"] = json!(found.held_flagged);
@@ -571,7 +570,7 @@ struct Detected {
     /// The held-out core's size and the share of it flagged.
     held_n: i64,
     held_flagged: f64,
-    /// With `score_all`: every training sample scored at least `trigger_threshold`. [N] bool
+    /// A mapped group: every training sample scored at least `trigger_threshold`. [N] bool
     all: Option<Tensor>,
 }
 
@@ -581,7 +580,7 @@ struct Detected {
 /// else it joins the other classes), each weighing the same share of the loss: the sides (1), up
 /// to `trigger_negatives` images of classes outside the group (0), and each class's core half
 /// (2). Returns per side its members' hits ([n] bool: on the side, or scored at least
-/// `trigger_threshold`), the held-out core's size and share flagged, and (`score_all`) every
+/// `trigger_threshold`), the held-out core's size and share flagged, and (a mapped group) every
 /// training sample's hit.
 fn detect_trigger(
     fit: &mut dyn FnMut(u64, &DeviceData, Stretch<'_>, &DeviceData) -> Result<Tensor>,
@@ -591,9 +590,9 @@ fn detect_trigger(
     k: i64,
     p: &Params,
     seed: u64,
-    score_all: bool,
 ) -> Result<Detected> {
     let device = full.x.device();
+    let score_all = group.iter().any(|g| g.origin == "mapped");
     let classes: Vec<i64> = group.iter().map(|g| g.side.class).collect();
     let sets: Vec<_> = group.iter().map(|g| trigger_sets(&g.side, &full.y, order, 0)).collect();
     let mut outside = Tensor::ones([order.size()[0]], (Kind::Bool, device));
