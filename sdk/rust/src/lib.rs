@@ -205,6 +205,21 @@ pub trait Attack: Plugin {
 pub trait Detector: Plugin {
     /// Scans `model` (ONNX bytes) with `data`.
     fn scan(&self, call: &Call<'_>, model: &[u8], data: Option<&DatasetRef<'_>>) -> Result<Verdict>;
+
+    /// Scans with the clean subset too: the host lends `clean` (a trusted, held-out set) only to a
+    /// detector that declares `AUDIT_CAP_NEEDS_CLEAN_DATA`. The export macro calls this; the
+    /// default ignores `clean` and calls [`Detector::scan`], so a detector that needs no clean data
+    /// implements `scan` alone.
+    fn scan_with_clean(
+        &self,
+        call: &Call<'_>,
+        model: &[u8],
+        data: Option<&DatasetRef<'_>>,
+        clean: Option<&DatasetRef<'_>>,
+    ) -> Result<Verdict> {
+        let _ = clean;
+        self.scan(call, model, data)
+    }
 }
 
 /// A defense: returns a hardened model.

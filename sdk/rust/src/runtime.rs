@@ -232,7 +232,7 @@ pub fn dispatch_detector<T: Detector>(d: &Decoded<'_>) -> Result<Output> {
     if d.op != abi::AUDIT_OP_SCAN {
         return Err(wrong_op(d.op, "detector"));
     }
-    let v = T::default().scan(&d.call, d.model, d.data.as_ref())?;
+    let v = T::default().scan_with_clean(&d.call, d.model, d.data.as_ref(), d.clean.as_ref())?;
     let mut report = json!({
         "backdoored": v.backdoored,
         "target_classes": v.target_classes,

@@ -193,6 +193,7 @@ impl ScanReport {
             library_sha256: &'a str,
             params: String,
             report: String,
+            images: Vec<(String, String)>,
         }
         let details: Vec<Detail> = self
             .findings
@@ -205,6 +206,7 @@ impl ScanReport {
                 library_sha256: &f.library_sha256,
                 params: serde_json::to_string_pretty(&f.params).unwrap_or_default(),
                 report: serde_json::to_string_pretty(&f.report).unwrap_or_default(),
+                images: report_images(&f.report),
             })
             .collect();
         let mut env = Environment::new();
@@ -224,6 +226,30 @@ impl ScanReport {
             details => details,
         })?)
     }
+}
+
+/// The images a detector's report carries by the host's convention: `images`, an array of
+/// `{"caption": text, "png_base64": PNG in standard base64}` (Neural Cleanse's masks and
+/// triggers). Only entries whose data is base64 text that opens with the PNG signature are kept
+/// (the HTML page inlines them as `data:image/png` URIs; anything else is left to the JSON).
+pub fn report_images(report: &Value) -> Vec<(String, String)> {
+    const PNG_SIGNATURE_B64: &str = "iVBORw0KGgo";
+    let Some(list) = report.get("images").and_then(Value::as_array) else {
+        return vec![];
+    };
+    list.iter()
+        .filter_map(|im| {
+            let data = im.get("png_base64")?.as_str()?;
+            let base64 = data
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+            if !(base64 && data.starts_with(PNG_SIGNATURE_B64)) {
+                return None;
+            }
+            let caption = im.get("caption").and_then(Value::as_str).unwrap_or("").to_string();
+            Some((caption, data.to_string()))
+        })
+        .collect()
 }
 
 const HEADER: [&str; 6] = ["detector", "level", "verdict", "target classes", "score", "seconds"];
@@ -269,6 +295,7 @@ mod tests {
         assert!(r.flagged);
         let html = r.render(Path::new("x.html")).unwrap();
         assert!(html.contains("&lt;mmbd&gt;") && !html.contains("<mmbd>"), "escaped");
+        assert!(!html.contains("<img"), "no images in the report: none shown");
         assert!(html.contains("FLAGGED") && !html.contains("<script") && !html.contains("http"));
         let md = r.render(Path::new("x.md")).unwrap();
         assert!(
@@ -278,6 +305,20 @@ mod tests {
         let back: ScanReport = serde_json::from_str(&r.render(Path::new("x.json")).unwrap()).unwrap();
         assert_eq!(back, r);
         assert!(!sample("mmbd", false).flagged);
+        // Images by the `images` convention are inlined; anything not a base64 PNG is dropped.
+        let mut r = sample("nc", true);
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+        r.findings[0].report = serde_json::json!({"images": [
+            {"caption": "class 0: <mask>", "png_base64": png},
+            {"caption": "bad", "png_base64": "iVBORw0KGgo\" onerror=\"x"},
+            {"caption": "not png", "png_base64": "R0lGODlh"},
+        ]});
+        assert_eq!(report_images(&r.findings[0].report).len(), 1);
+        let html = r.render(Path::new("x.html")).unwrap();
+        assert_eq!(html.matches("<img").count(), 1, "{html}");
+        assert!(html.contains("data:image/png;base64,iVBORw0KGgo") && html.contains("class 0: &lt;mask&gt;"));
+        // The refused entry is only in the escaped report dump, never an attribute.
+        assert!(!html.contains("\" onerror"), "{html}");
         assert!(sample("mmbd", false).table().contains("not flagged"));
     }
 }
