@@ -585,8 +585,6 @@ pub fn confirm_side(v: &mut SideVerdict, s: &ClassSide, first: &Tensor, second: 
 pub struct TriggerSets {
     /// Positives: the side, as indices into the training set. int64
     pub side: Tensor,
-    /// Images of the other classes, as indices into the training set. int64
-    pub other: Tensor,
     /// The core's half the detector trains on, as indices into the training set. int64
     pub core: Tensor,
     /// The core's other half, as positions in the side's `members`. int64
@@ -594,21 +592,17 @@ pub struct TriggerSets {
 }
 
 /// The training set of an accepted class's trigger detector, three labelled groups: the side
-/// (label 1); up to `n_other` samples of the other classes (label 0: the poisoned images' sources,
-/// without the trigger; `order` is a random permutation of the training set choosing them); and
-/// every second member of the class farther from the side than the rest's median (label 2: its
-/// clean core), the other half held out to check the detector. A classifier that separates these
-/// cannot use the images' content, which the side shares with one of the other groups, only the
-/// trigger; it then finds the poisoned samples the split left with the clean ones. The core is a
-/// group of its own so that it weighs as much as the side and the other classes: a detector that
-/// calls the whole class positive then pays for it (with the core among the other classes'
-/// negatives it cost a few percent of the loss, and on a clean PyTorch model a side of 45
-/// trousers grew to 1,796).
-pub fn trigger_sets(s: &ClassSide, labels: &Tensor, order: &Tensor, n_other: i64) -> TriggerSets {
-    let device = labels.device();
-    let other = labels.index_select(0, order).ne(s.class);
-    let other = order.masked_select(&other);
-    let other = other.narrow(0, 0, n_other.min(other.size()[0]));
+/// (label 1); samples of the other classes ([`other_classes`], label 0: the poisoned images'
+/// sources, without the trigger); and every second member of the class farther from the side
+/// than the rest's median (label 2: its clean core), the other half held out to check the
+/// detector. A classifier that separates these cannot use the images' content, which the side
+/// shares with one of the other groups, only the trigger; it then finds the poisoned samples the
+/// split left with the clean ones. The core is a group of its own so that it weighs as much as
+/// the side and the other classes: a detector that calls the whole class positive then pays for
+/// it (with the core among the other classes' negatives it cost a few percent of the loss, and
+/// on a clean PyTorch model a side of 45 trousers grew to 1,796).
+pub fn trigger_sets(s: &ClassSide) -> TriggerSets {
+    let device = s.members.device();
     let rest = s.in_side.logical_not();
     let depth_rest = s.depth.masked_select(&rest);
     let core = if depth_rest.size()[0] > 0 {
@@ -621,10 +615,21 @@ pub fn trigger_sets(s: &ClassSide, labels: &Tensor, order: &Tensor, n_other: i64
     let every = |start: i64| core.index_select(0, &Tensor::arange_start_step(start, nc, 2, (Kind::Int64, device)));
     TriggerSets {
         side: s.side.shallow_clone(),
-        other,
         core: s.members.index_select(0, &every(0)),
         held_out: every(1),
     }
+}
+
+/// The first `n` samples of `order` (a random permutation of the training set) whose label is
+/// none of `classes`: a trigger detector's images of other classes. int64 indices
+pub fn other_classes(labels: &Tensor, order: &Tensor, classes: &[i64], n: i64) -> Tensor {
+    let ordered = labels.index_select(0, order);
+    let mut outside = ordered.ones_like().to_kind(Kind::Bool);
+    for &c in classes {
+        outside = outside.logical_and(&ordered.ne(c));
+    }
+    let other = order.masked_select(&outside);
+    other.narrow(0, 0, n.min(other.size()[0]))
 }
 
 /// Which of the paper's suspects stay dropped beside the class-wise split when a target class was
@@ -853,9 +858,9 @@ mod tests {
         );
 
         let order = Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).flip([0]);
-        let sets = trigger_sets(&sides[0], &labels, &order, 50);
+        let sets = trigger_sets(&sides[0]);
         assert_eq!(Vec::<i64>::try_from(&sets.side).unwrap(), s0);
-        let other = Vec::<i64>::try_from(&sets.other).unwrap();
+        let other = Vec::<i64>::try_from(&other_classes(&labels, &order, &[0], 50)).unwrap();
         assert!(other.iter().all(|&i| i >= per), "other classes only: {other:?}");
         assert_eq!(other.len(), 50, "the first 50 of the order outside class 0");
         // Members are 0..per in order, so positions and indices coincide.
@@ -983,22 +988,39 @@ mod tests {
         assert!(v.accepted, "{v:?}");
     }
 
+    /// A class `class` of `n` members (indices 0..n) whose first `side` are on the side.
+    fn first_side(class: i64, n: i64, side: i64) -> ClassSide {
+        let in_side = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(side);
+        ClassSide {
+            class,
+            n,
+            members: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+            side: in_side.nonzero().flatten(0, -1),
+            in_side,
+            depth: Tensor::zeros([n], (Kind::Double, Device::Cpu)),
+            separation: 1.0,
+        }
+    }
+
+    /// [n, k] logits naming `labels`.
+    fn naming(labels: &[i64], k: i64) -> Tensor {
+        let n = labels.len() as i64;
+        let mut logits = Tensor::zeros([n, k], (Kind::Float, Device::Cpu));
+        let _ = logits.scatter_(
+            1,
+            &Tensor::from_slice(labels).unsqueeze(1),
+            &Tensor::ones([n, 1], (Kind::Float, Device::Cpu)),
+        );
+        logits
+    }
+
     /// A side of 45 whose novel share (24 of 45, 0.53) passes `class_novel` as a point estimate
     /// but not as a lower bound (0.41): the clean PyTorch model's trousers that look like
     /// pullovers and coats.
     #[test]
     fn novel_share_is_judged_by_its_lower_bound() {
         let (k, n) = (10i64, 90i64);
-        let in_side = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(45);
-        let side = ClassSide {
-            class: 1,
-            n,
-            members: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
-            side: in_side.nonzero().flatten(0, -1),
-            in_side: in_side.shallow_clone(),
-            depth: Tensor::zeros([n], (Kind::Double, Device::Cpu)),
-            separation: 1.0,
-        };
+        let side = first_side(1, n, 45);
         // The rest goes to class 3; the side's first 21 too, the other 24 to classes 2, 4, 5, 7.
         let labels: Vec<i64> = (0..n)
             .map(|i| {
@@ -1009,12 +1031,7 @@ mod tests {
                 }
             })
             .collect();
-        let mut logits = Tensor::zeros([n, k], (Kind::Float, Device::Cpu));
-        let _ = logits.scatter_(
-            1,
-            &Tensor::from_slice(&labels).unsqueeze(1),
-            &Tensor::ones([n, 1], (Kind::Float, Device::Cpu)),
-        );
+        let logits = naming(&labels, k);
         let judge = |z| Judge {
             rare: 0.05,
             min_share: 0.5,
@@ -1038,16 +1055,7 @@ mod tests {
     #[test]
     fn mapped_source_names_the_one_novel_class() {
         let (k, n) = (10i64, 60i64);
-        let in_side = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(30);
-        let side = ClassSide {
-            class: 4,
-            n,
-            members: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
-            side: in_side.nonzero().flatten(0, -1),
-            in_side: in_side.shallow_clone(),
-            depth: Tensor::zeros([n], (Kind::Double, Device::Cpu)),
-            separation: 1.0,
-        };
+        let side = first_side(4, n, 30);
         let t = Judge {
             rare: 0.05,
             min_share: 0.5,
@@ -1058,13 +1066,7 @@ mod tests {
         };
         let judged = |side_label: &dyn Fn(i64) -> i64| {
             let labels: Vec<i64> = (0..n).map(|i| if i < 30 { side_label(i) } else { 2 }).collect();
-            let mut logits = Tensor::zeros([n, k], (Kind::Float, Device::Cpu));
-            let _ = logits.scatter_(
-                1,
-                &Tensor::from_slice(&labels).unsqueeze(1),
-                &Tensor::ones([n, 1], (Kind::Float, Device::Cpu)),
-            );
-            judge_side(&side, &logits, k, t)
+            judge_side(&side, &naming(&labels, k), k, t)
         };
         // 27 of the side to class 3, 3 to class 2 (where the rest goes).
         let v = judged(&|i| if i < 27 { 3 } else { 2 });

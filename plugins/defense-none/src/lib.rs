@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 pub use analysis::{
-    class_sides, confirm_side, jenks_break, judge_side, mapped_source, paper_groups_judged, paper_side,
+    class_sides, confirm_side, jenks_break, judge_side, mapped_source, other_classes, paper_groups_judged, paper_side,
     paper_suspects_kept, probe_novelty, select_neurons, trigger_sets, ClassProbe, ClassSide, Judge, PaperFilter,
     PaperGroup, PaperWithTargets, SideVerdict,
 };
@@ -594,14 +594,8 @@ fn detect_trigger(
     let device = full.x.device();
     let score_all = group.iter().any(|g| g.origin == "mapped");
     let classes: Vec<i64> = group.iter().map(|g| g.side.class).collect();
-    let sets: Vec<_> = group.iter().map(|g| trigger_sets(&g.side, &full.y, order, 0)).collect();
-    let mut outside = Tensor::ones([order.size()[0]], (Kind::Bool, device));
-    let ordered_labels = full.y.index_select(0, order);
-    for &c in &classes {
-        outside = outside.logical_and(&ordered_labels.ne(c));
-    }
-    let other = order.masked_select(&outside);
-    let other = other.narrow(0, 0, p.trigger_negatives.min(other.size()[0]));
+    let sets: Vec<_> = group.iter().map(|g| trigger_sets(&g.side)).collect();
+    let other = other_classes(&full.y, order, &classes, p.trigger_negatives);
     let side = Tensor::cat(&sets.iter().map(|t| t.side.shallow_clone()).collect::<Vec<_>>(), 0);
     let core = Tensor::cat(&sets.iter().map(|t| t.core.shallow_clone()).collect::<Vec<_>>(), 0);
     let labels = if k >= 3 { 3 } else { 2 };
