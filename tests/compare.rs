@@ -96,7 +96,135 @@ fn compare_runs_every_defense_and_writes_reports() {
     ])
     .expect_code(2);
     assert!(r.stderr.contains("`nad` needs a clean subset"), "{}", r.stderr);
+    // --verify's detectors are checked before anything runs: a defense is no detector, and a
+    // parameter needs a detector to go to.
+    for (extra, says) in [
+        (
+            vec!["--verify-detector", "finetune"],
+            "is a defense plugin, not a detector",
+        ),
+        (vec!["--verify-param", "steps=3"], "--verify-param needs --verify"),
+        (vec!["--verify", "--verify-param", "stepz=3"], "stepz"),
+    ] {
+        let (model, npz) = (p("bn.onnx"), p("bn.npz"));
+        let mut args = vec!["harden", &model, "--data", &npz, "--defense", "finetune"];
+        args.extend(&extra);
+        let r = audit(&args).expect_code(2);
+        assert!(r.stderr.contains(says), "{extra:?}: {}", r.stderr);
+    }
     assert!(!dir.path().join("bn.hardened.onnx").exists());
+
+    // Neural Cleanse's images as PNG files: one mask and one trigger per flagged class, the
+    // same images the report carries.
+    let r = audit(&[
+        "scan",
+        &p("bn.onnx"),
+        "--data",
+        &p("bn.npz"),
+        "--detector",
+        "nc",
+        "--param",
+        "steps=60",
+        "--images",
+        &p("masks"),
+        "--json",
+    ]);
+    assert!(r.code == 0 || r.code == 3, "exit {}: {}", r.code, r.stderr);
+    let finding = &r.json()["findings"][0];
+    let flagged = finding["target_classes"].as_array().unwrap();
+    assert_eq!(
+        finding["report"]["images"].as_array().unwrap().len(),
+        2 * flagged.len(),
+        "{finding}"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(p("masks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    let mut want: Vec<String> = flagged
+        .iter()
+        .flat_map(|t| {
+            [
+                format!("nc-class-{t}-mask.png"),
+                format!("nc-class-{t}-trigger-pattern-x-mask.png"),
+            ]
+        })
+        .collect();
+    want.sort();
+    assert_eq!(files, want, "{}", r.stderr);
+    for f in &files {
+        let bytes = std::fs::read(dir.path().join("masks").join(f)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{f} is a PNG");
+    }
+    if !files.is_empty() {
+        // A folder with files in it is refused before the scan starts.
+        let again = audit(&[
+            "scan",
+            &p("bn.onnx"),
+            "--data",
+            &p("bn.npz"),
+            "--detector",
+            "nc",
+            "--images",
+            &p("masks"),
+        ])
+        .expect_code(2);
+        assert!(again.stderr.contains("not empty"), "{}", again.stderr);
+    }
+
+    // harden --verify: the same detectors on the model before and on the hardened one after,
+    // Neural Cleanse lent clean test images; the exit code follows the verdict after.
+    let r = audit(&[
+        "harden",
+        &p("bn.onnx"),
+        "--data",
+        &p("bn.npz"),
+        "--defense",
+        "finetune",
+        "--param",
+        "epochs=1",
+        "--verify-detector",
+        "mmbd",
+        "--verify-detector",
+        "nc",
+        "--verify-param",
+        "mmbd:steps=20",
+        "--verify-param",
+        "mmbd:images=4",
+        "--verify-param",
+        "nc:steps=10",
+        "--report",
+        &p("h.md"),
+        "--json",
+    ]);
+    assert!(r.code == 0 || r.code == 3, "exit {}: {}", r.code, r.stderr);
+    let outcome = r.json();
+    for side in ["before", "after"] {
+        let found = outcome["verify"][side].as_array().unwrap();
+        let names: Vec<&str> = found.iter().map(|f| f["detector"].as_str().unwrap()).collect();
+        assert_eq!(names, ["mmbd", "nc"], "{side}");
+        assert!(found.iter().all(|f| f["status"] == "ok"), "{side}: {found:?}");
+        assert_eq!(found[0]["params"]["steps"], 20);
+        assert_eq!(found[1]["params"]["steps"], 10);
+    }
+    let flagged_after = outcome["verify"]["after"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["backdoored"] == true);
+    assert_eq!(
+        flagged_after,
+        r.code == 3,
+        "exit code follows the verdict after hardening"
+    );
+    assert!(r.stderr.contains("scan verdict before hardening: "), "{}", r.stderr);
+    let md = std::fs::read_to_string(p("h.md")).unwrap();
+    assert!(
+        md.contains("| scan verdict |") && md.contains("Scan verdict (--verify)"),
+        "{md}"
+    );
+    std::fs::remove_file(p("bn.hardened.onnx")).unwrap();
 
     // Every defense at a quick setting; NAD is pointed at a layer the model lacks, so it fails
     // and its row says why while the others still run.
@@ -135,6 +263,11 @@ fn compare_runs_every_defense_and_writes_reports() {
         &p("r.html"),
         "--out-dir",
         &p("models"),
+        "--verify",
+        "--verify-param",
+        "steps=20",
+        "--verify-param",
+        "images=4",
     ])
     .expect_code(1);
     eprintln!("{}", r.stdout);
@@ -150,6 +283,14 @@ fn compare_runs_every_defense_and_writes_reports() {
     assert_eq!(doc["eval_attack"]["name"], "badnets");
     let base = &doc["baseline"];
     assert!(f(&base["attack_success_rate"]) >= 0.8, "{base}");
+    // compare scanned the model the defenses start from once, itself.
+    assert_eq!(base["scan"]["detectors"][0]["status"], "ok", "{base}");
+    assert_eq!(
+        r.stderr.matches("with `mmbd`").count(),
+        5,
+        "the input once, and the 4 hardened models: {}",
+        r.stderr
+    );
     let rows = doc["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["defense"].as_str().unwrap()).collect();
     assert_eq!(names, ["none", "fine-pruning", "abl", "nad", "finetune"]);
@@ -184,6 +325,9 @@ fn compare_runs_every_defense_and_writes_reports() {
         );
         assert_eq!(row["per_class_asr"].as_array().unwrap().len(), 10);
         assert!(Path::new(row["output"].as_str().unwrap()).is_file(), "{row}");
+        // --verify: every hardened model got the data-free detector's verdict.
+        assert_eq!(row["scan"]["detectors"][0]["detector"], "mmbd", "{row}");
+        assert!(row["scan"]["flagged"].is_boolean(), "{row}");
         eprintln!(
             "{name}: ACC {:.4} ASR {:.4} DER {:.4} {:.1}s",
             f(&row["clean_accuracy"]),
@@ -215,6 +359,7 @@ fn compare_runs_every_defense_and_writes_reports() {
     );
     let md = std::fs::read_to_string(p("r.md")).unwrap();
     assert!(md.contains("| nad | FAILED:") && md.contains("**"), "{md}");
+    assert!(md.contains("| scan verdict |"), "{md}");
 
     // `audit report` re-renders the JSON identically.
     audit(&["report", &p("r.json"), "--out", &p("again.json")]).expect_code(0);

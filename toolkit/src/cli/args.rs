@@ -144,4 +144,35 @@ pub struct DefenseRunArgs {
     pub clean_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Scan the model before and the hardened model after with the model-level detectors
+    /// (default: every installed data-free one, today `mmbd`); both verdicts go in the report, and
+    /// `harden` exits 3 when the hardened model is still flagged.
+    #[arg(long)]
+    pub verify: bool,
+    /// A detector for --verify (repeatable; implies --verify), e.g. `nc`, which is lent the first
+    /// 1,000 test images as `audit scan` lends them.
+    #[arg(long = "verify-detector", value_name = "NAME")]
+    pub verify_detectors: Vec<String>,
+    /// Parameter of a --verify detector, [DETECTOR:]KEY=VALUE as in `audit scan --param` (repeatable).
+    #[arg(long = "verify-param", value_name = "[DETECTOR:]KEY=VALUE")]
+    pub verify_params: Vec<String>,
+}
+
+impl DefenseRunArgs {
+    /// The detectors `--verify` runs, or `None` without it (refusing --verify-param alone).
+    pub(crate) fn scanner(&self, dirs: &[(PathBuf, &'static str)]) -> Result<Option<super::scan::Scanner>> {
+        if !self.verify && self.verify_detectors.is_empty() {
+            if !self.verify_params.is_empty() {
+                return Err(input_error("--verify-param needs --verify or --verify-detector NAME"));
+            }
+            return Ok(None);
+        }
+        super::scan::Scanner::new(
+            dirs,
+            &self.verify_detectors,
+            &self.verify_params,
+            super::scan::Offer::verify(),
+        )
+        .map(Some)
+    }
 }

@@ -159,7 +159,9 @@ fn run_child(
     crate::signals::forget_child(child.id());
     let status = status.map_err(|e| format!("waiting for the defense run: {e}"))?;
     let stdout = reader.join().unwrap_or_default();
-    if status.success() {
+    // Exit 3: the hardened model was written and measured, and `--verify`'s detectors still flag
+    // it; that is a result (the row's verdict), not a failed run.
+    if status.success() || status.code() == Some(crate::error::EXIT_FLAGGED) {
         return serde_json::from_str(&stdout).map_err(|e| format!("the defense run printed no outcome document ({e})"));
     }
     let how = match status.code() {
@@ -263,6 +265,8 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         })
         .transpose()?;
 
+    let scanner = args.run.scanner(&dirs)?;
+
     // Outputs: refuse to clobber anything before the long run.
     let data_path = Path::new(&args.data.data);
     let mut inputs: Vec<&Path> = vec![&args.model];
@@ -330,10 +334,27 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         train_len,
         args.run.clean_size
     );
-    let baseline = Row::measured(
+    let mut baseline = Row::measured(
         "undefended",
         &evaluate(&original, &test, ds.num_classes, &norm, spec.as_ref())?,
     );
+    // `--verify`: the model every defense starts from is scanned once, here; each child scans
+    // only its hardened model, with the same detectors and parameters.
+    if let Some(s) = &scanner {
+        crate::signals::phase("compare:verify");
+        let clean = s.needs_clean().then(|| super::scan::clean_images(&ds));
+        let lent = super::harden::with_metadata(&original, &norm.metadata())?;
+        let findings = s.run(
+            &args.model.display().to_string(),
+            &lent,
+            None,
+            clean.as_ref(),
+            ds.num_classes,
+            device_name,
+            args.run.seed,
+        )?;
+        baseline.scan = Some(report::scan::ScanVerdict::of(&findings));
+    }
 
     // The child command line every defense shares.
     // /proc/self/exe stays this very binary even if a rebuild replaces the file meanwhile.
@@ -366,6 +387,15 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     ]);
     if let Some(k) = args.run.limit {
         common.extend(["--limit".into(), k.to_string()]);
+    }
+    if let Some(s) = &scanner {
+        common.push("--verify-after-only".into());
+        for name in s.names() {
+            common.extend(["--verify-detector".into(), name.to_string()]);
+        }
+        for p in &args.run.verify_params {
+            common.extend(["--verify-param".into(), p.clone()]);
+        }
     }
     if let Some(a) = &attack {
         common.extend(["--eval-attack".into(), a.name.clone()]);

@@ -15,10 +15,11 @@ use super::args::{DataArgs, DefenseRunArgs};
 use super::GlobalArgs;
 use crate::data;
 use crate::engine::{input_chw, parity, random_batch, PARITY_TOLERANCE};
-use crate::error::{input_error, EXIT_OK};
+use crate::error::{input_error, EXIT_FLAGGED, EXIT_OK};
 use crate::evaluate::{evaluate, AttackSpec, Metrics};
 use crate::output::Outputs;
 use crate::plugin::{CallInput, Kind, Op, PluginError};
+use crate::report::scan::{Finding, ScanVerdict};
 use crate::report::{self, Report, Row};
 
 #[derive(Debug, Args)]
@@ -42,6 +43,10 @@ pub struct HardenArgs {
     pub force: bool,
     #[arg(long)]
     pub json: bool,
+    /// `audit compare` scans the model it starts from itself: its children scan only the
+    /// hardened model.
+    #[arg(long, hide = true)]
+    pub verify_after_only: bool,
 }
 
 /// Splits off the last `n` samples: (the rest, the last n).
@@ -177,6 +182,18 @@ pub struct HardenOutcome {
     /// The plugin's report, with the host's summary (`dropped_vs_poison_idx` when the data has
     /// `poison_idx`).
     pub defense_report: Value,
+    /// `--verify`: the detectors' findings on the input model and on the hardened one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verification>,
+}
+
+/// What `--verify` found: the same detectors on the model before and after hardening.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verification {
+    /// On the input model (absent in `audit compare`'s children: compare scans it once itself).
+    pub before: Option<Vec<Finding>>,
+    /// On the hardened model.
+    pub after: Vec<Finding>,
 }
 
 impl HardenOutcome {
@@ -205,6 +222,7 @@ impl HardenOutcome {
             defense_report: self.defense_report.clone(),
             library: Some(self.defense_library.clone()),
             library_sha256: Some(self.defense_sha256.clone()),
+            scan: self.verify.as_ref().map(|v| ScanVerdict::of(&v.after)),
         }
     }
 }
@@ -265,6 +283,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         ),
         None => None,
     };
+    let scanner = args.run.scanner(&dirs)?;
 
     let mut outputs = Outputs::new(args.force, &inputs);
     outputs.plan("--out", &out)?;
@@ -322,6 +341,32 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             seed: args.run.seed,
         });
     let before = evaluate(&original, &test, ds.num_classes, &norm, spec.as_ref())?;
+    let verify_clean = scanner
+        .as_ref()
+        .filter(|s| s.needs_clean())
+        .map(|_| super::scan::clean_images(&ds));
+    let scan = |what: String, model: &[u8]| -> Result<Option<Vec<Finding>>> {
+        scanner
+            .as_ref()
+            .map(|s| {
+                crate::signals::phase("harden:verify");
+                s.run(
+                    &what,
+                    model,
+                    None,
+                    verify_clean.as_ref(),
+                    ds.num_classes,
+                    device_name,
+                    args.run.seed,
+                )
+            })
+            .transpose()
+    };
+    let scan_before = if args.verify_after_only {
+        None
+    } else {
+        scan(args.model.display().to_string(), &lent)?
+    };
 
     eprintln!(
         "hardening {} with `{}` on {} training samples ({device_name})",
@@ -376,6 +421,10 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     outputs.stage(&out, &hardened)?;
 
     let after = evaluate(&hardened, &test, ds.num_classes, &norm, spec.as_ref())?;
+    let verify = scan(format!("{} (hardened)", out.display()), &hardened)?.map(|after| Verification {
+        before: scan_before,
+        after,
+    });
     let mut report = result.report;
     summarise_report(&mut report, truth.as_ref());
     if let (Some(t), Some(dropped)) = (&truth, result.indices.as_ref().filter(|d| !d.is_empty())) {
@@ -410,6 +459,12 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
         peak_rss_bytes: crate::runtime::peak_rss_bytes(),
         data_fingerprint: fingerprint,
         defense_report: Value::Object(report),
+        verify,
+    };
+    let verdict = |f: Option<&Vec<Finding>>| f.map(|f| ScanVerdict::of(f));
+    let (verdict_before, verdict_after) = match &outcome.verify {
+        Some(v) => (verdict(v.before.as_ref()), verdict(Some(&v.after))),
+        None => (None, None),
     };
     if !args.run.reports.is_empty() {
         let mut r = Report {
@@ -439,7 +494,10 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
                 }),
             seed: args.run.seed,
             device: device_name.to_string(),
-            baseline: Row::measured("undefended", &before),
+            baseline: Row {
+                scan: verdict_before.clone(),
+                ..Row::measured("undefended", &before)
+            },
             rows: vec![outcome.row()],
             best: Default::default(),
         };
@@ -451,9 +509,26 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     // Every output lands now or none does; a cancelled run writes nothing.
     crate::signals::phase("harden:commit");
     outputs.commit()?;
+    // A hardened model the detectors still flag is written (the report says so), and the exit
+    // code tells a pipeline, as `audit scan`'s does.
+    let code = if verdict_after.as_ref().is_some_and(|v| v.flagged) {
+        EXIT_FLAGGED
+    } else {
+        EXIT_OK
+    };
+    if let Some(b) = &verdict_before {
+        eprintln!("scan verdict before hardening: {}", b.text());
+    }
+    if let Some(a) = &verdict_after {
+        eprintln!(
+            "scan verdict after hardening: {}{}",
+            a.text(),
+            if code == EXIT_FLAGGED { " (exit 3)" } else { "" }
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
-        return Ok(EXIT_OK);
+        return Ok(code);
     }
     println!(
         "wrote {} ({} on {device_name}, {seconds:.1}s, parity {diff:.1e})",
@@ -486,7 +561,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             pr["found"], pr["precision"], pr["recall"]
         );
     }
-    Ok(EXIT_OK)
+    Ok(code)
 }
 
 #[cfg(test)]
@@ -528,6 +603,7 @@ mod tests {
             peak_rss_bytes: Some(1 << 20),
             data_fingerprint: "01".into(),
             defense_report: json!({"dropped_vs_poison_idx": {"found": 4, "precision": 0.75, "recall": 1.0}}),
+            verify: None,
         }
     }
 

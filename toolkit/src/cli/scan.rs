@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use clap::Args;
 use serde_json::{Map, Value};
@@ -52,15 +54,227 @@ pub struct ScanArgs {
     /// Print the scan document as JSON on stdout (instead of the table).
     #[arg(long)]
     pub json: bool,
+    /// Write the images detectors return (Neural Cleanse's mask and trigger of each flagged
+    /// class) as PNG files DETECTOR-CAPTION.png into this folder (created; it must be empty unless
+    /// --force).
+    #[arg(long = "images", value_name = "DIR")]
+    pub images: Option<PathBuf>,
+}
+
+/// `--images DIR`: created when missing; refused when it is not a folder, or holds anything and
+/// --force is not given (the file names depend on the results, so they are checked up front).
+fn prepare_images_dir(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(input_error(format!("--images {}: not a folder", dir.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| input_error(format!("--images {}: {e}", dir.display())))?;
+    let mut entries = std::fs::read_dir(dir).map_err(|e| input_error(format!("--images {}: {e}", dir.display())))?;
+    if !force && entries.next().is_some() {
+        return Err(input_error_hint(
+            format!("--images {}: the folder is not empty", dir.display()),
+            "name a new or empty folder, or pass --force to replace files in it",
+        ));
+    }
+    Ok(())
+}
+
+/// `nc-class-0-mask.png` from detector `nc` and caption `class 0: mask`; unique among `taken`.
+fn image_file_name(detector: &str, caption: &str, taken: &mut std::collections::HashSet<String>) -> String {
+    let mut slug = String::new();
+    for c in caption.chars() {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c.to_ascii_lowercase());
+        } else if !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    let slug = slug.trim_matches('-');
+    let stem = format!("{detector}-{}", if slug.is_empty() { "image" } else { slug });
+    let mut name = format!("{stem}.png");
+    let mut i = 2;
+    while !taken.insert(name.clone()) {
+        name = format!("{stem}-{i}.png");
+        i += 1;
+    }
+    name
 }
 
 const DATA_CAPS: u64 = audit_abi::AUDIT_CAP_NEEDS_TRAINING_DATA | audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA;
 
-/// The detectors to run: the named ones, or every installed detector that can run.
-fn choose(dirs: &[(PathBuf, &'static str)], args: &ScanArgs) -> Result<Vec<std::sync::Arc<LoadedPlugin>>> {
-    if !args.detectors.is_empty() {
+/// What a scan can lend the detectors, and what to tell the user about the rest.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offer {
+    /// The training set (sample-level detectors need it).
+    pub training: bool,
+    /// Clean test images (Neural Cleanse and the like need them).
+    pub clean: bool,
+    /// Without named detectors, run only those that need no data at all.
+    pub default_data_free: bool,
+    /// How the user gets a detector the offer cannot run (the hint of the refusal).
+    pub hint: &'static str,
+}
+
+impl Offer {
+    /// `audit scan`: everything when `--data` is given, nothing otherwise.
+    pub fn scan(has_data: bool) -> Offer {
+        Offer {
+            training: has_data,
+            clean: has_data,
+            default_data_free: false,
+            hint: "pass --data DATA",
+        }
+    }
+
+    /// `harden --verify` and `compare --verify`: the model is scanned, not the training set, so
+    /// detectors that judge training samples are out; clean test images are there.
+    pub fn verify() -> Offer {
+        Offer {
+            training: false,
+            clean: true,
+            default_data_free: true,
+            hint: "--verify judges the model, not its training set: scan the data with `audit scan MODEL --data DATA`",
+        }
+    }
+
+    /// The capabilities `caps` asks for that this offer lacks.
+    fn missing(&self, caps: u64) -> u64 {
+        let mut m = 0;
+        if !self.training {
+            m |= caps & audit_abi::AUDIT_CAP_NEEDS_TRAINING_DATA;
+        }
+        if !self.clean {
+            m |= caps & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA;
+        }
+        m
+    }
+}
+
+/// Detectors chosen and their parameters resolved: what `audit scan`, `harden --verify` and
+/// `compare --verify` run. Everything the user named is checked here, before any long work.
+pub(crate) struct Scanner {
+    detectors: Vec<Arc<LoadedPlugin>>,
+    params: Vec<Map<String, Value>>,
+}
+
+impl Scanner {
+    /// The named detectors (`names`), or every installed detector the offer can run, with their
+    /// `[DETECTOR:]KEY=VALUE` parameters checked against their schemas.
+    pub fn new(dirs: &[(PathBuf, &'static str)], names: &[String], given: &[String], offer: Offer) -> Result<Scanner> {
+        let detectors = choose(dirs, names, offer)?;
+        let mut params = Vec::new();
+        for (d, given) in detectors.iter().zip(params_for(&detectors, given)?) {
+            params.push(d.schema.resolve_args(&given).map_err(|e| PluginError::InvalidInput {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                message: e.to_string(),
+            })?);
+        }
+        Ok(Scanner { detectors, params })
+    }
+
+    /// The chosen detectors' names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.detectors.iter().map(|d| d.name.as_str())
+    }
+
+    /// Whether any chosen detector needs clean data.
+    pub fn needs_clean(&self) -> bool {
+        self.detectors
+            .iter()
+            .any(|d| d.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0)
+    }
+
+    /// Runs every detector on `model` (ONNX bytes carrying the preprocessing metadata). A
+    /// detector that fails is a finding with status `failed`; cancellation and input the user can
+    /// fix stop the scan.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        what: &str,
+        model: &[u8],
+        train: Option<&data::LabeledSet>,
+        clean: Option<&data::LabeledSet>,
+        num_classes: usize,
+        device: &str,
+        seed: u64,
+    ) -> Result<Vec<Finding>> {
+        let mut findings = Vec::new();
+        for (d, params) in self.detectors.iter().zip(&self.params) {
+            eprintln!("scanning {what} with `{}` ({device})", d.name);
+            let started = std::time::Instant::now();
+            let needs_clean = d.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
+            let result = d.call(&CallInput {
+                op: Op::Scan,
+                params,
+                seed,
+                device,
+                model: Some(model),
+                data: train,
+                clean: if needs_clean { clean } else { None },
+                num_classes,
+            });
+            let seconds = started.elapsed().as_secs_f64();
+            let base = Finding {
+                detector: d.name.clone(),
+                version: d.version.clone(),
+                params: Value::Object(params.clone()),
+                library: d.path.display().to_string(),
+                library_sha256: d.sha256.clone(),
+                status: "ok".into(),
+                error: None,
+                backdoored: None,
+                target_classes: vec![],
+                score: None,
+                score_name: None,
+                level: None,
+                summary: None,
+                n_suspicious: 0,
+                seconds,
+                report: Value::Null,
+            };
+            match result {
+                Ok(out) => {
+                    if !out.message.is_empty() {
+                        eprintln!("[{}] warning: {}", d.name, out.message);
+                    }
+                    let r: Map<String, Value> = out.report;
+                    let text = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
+                    findings.push(Finding {
+                        backdoored: r.get("backdoored").and_then(Value::as_bool),
+                        target_classes: r
+                            .get("target_classes")
+                            .and_then(Value::as_array)
+                            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                            .unwrap_or_default(),
+                        score: r.get("score").and_then(Value::as_f64),
+                        score_name: text("score_name"),
+                        level: text("level"),
+                        summary: text("summary"),
+                        n_suspicious: out.indices.as_ref().map_or(0, Vec::len),
+                        report: Value::Object(r),
+                        ..base
+                    });
+                }
+                Err(e @ (PluginError::Cancelled { .. } | PluginError::InvalidInput { .. })) => return Err(e.into()),
+                Err(e) => {
+                    eprintln!("`{}` failed: {e}", d.name);
+                    findings.push(Finding {
+                        status: "failed".into(),
+                        error: Some(e.to_string()),
+                        ..base
+                    });
+                }
+            }
+        }
+        Ok(findings)
+    }
+}
+
+/// The detectors to run: the named ones, or every installed detector the offer can run.
+fn choose(dirs: &[(PathBuf, &'static str)], names: &[String], offer: Offer) -> Result<Vec<Arc<LoadedPlugin>>> {
+    if !names.is_empty() {
         let mut out = Vec::new();
-        for name in &args.detectors {
+        for name in names {
             let p = super::plugins::find(dirs, name)?;
             if p.kind != Kind::Detector {
                 return Err(input_error(format!(
@@ -68,15 +282,19 @@ fn choose(dirs: &[(PathBuf, &'static str)], args: &ScanArgs) -> Result<Vec<std::
                     p.name, p.kind
                 )));
             }
-            if p.capabilities & DATA_CAPS != 0 && args.data.is_none() {
-                return Err(input_error(format!(
-                    "--detector `{}` needs data ({}): pass --data DATA",
-                    p.name,
-                    plugin::capability_names(p.capabilities & DATA_CAPS).join(", ")
-                )));
+            let missing = offer.missing(p.capabilities);
+            if missing != 0 {
+                return Err(input_error_hint(
+                    format!(
+                        "detector `{}` needs data this run does not lend it ({})",
+                        p.name,
+                        plugin::capability_names(missing).join(", ")
+                    ),
+                    offer.hint,
+                ));
             }
-            if out.iter().any(|q: &std::sync::Arc<LoadedPlugin>| q.name == p.name) {
-                return Err(input_error(format!("--detector `{}` is given twice", p.name)));
+            if out.iter().any(|q: &Arc<LoadedPlugin>| q.name == p.name) {
+                return Err(input_error(format!("detector `{}` is named twice", p.name)));
             }
             out.push(p);
         }
@@ -90,13 +308,18 @@ fn choose(dirs: &[(PathBuf, &'static str)], args: &ScanArgs) -> Result<Vec<std::
             continue;
         }
         let p = d.load()?;
-        if p.capabilities & DATA_CAPS != 0 && args.data.is_none() {
+        let needs = if offer.default_data_free {
+            p.capabilities & DATA_CAPS
+        } else {
+            offer.missing(p.capabilities)
+        };
+        if needs != 0 {
             skipped.push(p.name.clone());
             continue;
         }
         out.push(p);
     }
-    if !skipped.is_empty() {
+    if !skipped.is_empty() && !offer.default_data_free {
         eprintln!("not run without --data: {}", skipped.join(", "));
     }
     if out.is_empty() {
@@ -105,8 +328,13 @@ fn choose(dirs: &[(PathBuf, &'static str)], args: &ScanArgs) -> Result<Vec<std::
             if skipped.is_empty() {
                 "none is installed: `audit plugins list` shows what is; `make build` installs the bundled ones"
                     .to_string()
+            } else if offer.default_data_free {
+                format!(
+                    "none is data-free; name one with --verify-detector (installed: {})",
+                    skipped.join(", ")
+                )
             } else {
-                format!("{} need data: pass --data DATA", skipped.join(", "))
+                format!("{} need data: {}", skipped.join(", "), offer.hint)
             },
         ));
     }
@@ -114,7 +342,7 @@ fn choose(dirs: &[(PathBuf, &'static str)], args: &ScanArgs) -> Result<Vec<std::
 }
 
 /// Splits `--param` values over the detectors: `NAME:KEY=VALUE`, or `KEY=VALUE` with one detector.
-fn params_for(detectors: &[std::sync::Arc<LoadedPlugin>], given: &[String]) -> Result<Vec<Vec<String>>> {
+fn params_for(detectors: &[Arc<LoadedPlugin>], given: &[String]) -> Result<Vec<Vec<String>>> {
     let mut per: Vec<Vec<String>> = vec![Vec::new(); detectors.len()];
     for g in given {
         let (name, kv) = match g.split_once(':') {
@@ -124,14 +352,14 @@ fn params_for(detectors: &[std::sync::Arc<LoadedPlugin>], given: &[String]) -> R
         let i = match name {
             Some(n) => detectors.iter().position(|d| d.name == n).ok_or_else(|| {
                 input_error(format!(
-                    "--param {g}: no detector `{n}` runs in this scan (running: {})",
+                    "parameter {g}: no detector `{n}` runs in this scan (running: {})",
                     detectors.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
                 ))
             })?,
             None if detectors.len() == 1 => 0,
             None => {
                 return Err(input_error(format!(
-                    "--param {g}: {} detectors run; name the one it is for as DETECTOR:KEY=VALUE",
+                    "parameter {g}: {} detectors run; name the one it is for as DETECTOR:KEY=VALUE",
                     detectors.len()
                 )))
             }
@@ -141,8 +369,14 @@ fn params_for(detectors: &[std::sync::Arc<LoadedPlugin>], given: &[String]) -> R
     Ok(per)
 }
 
+/// The clean images a detector is lent: the first 1,000 test images (the same in `scan` and
+/// `--verify`, so a model gets the same verdict from both).
+pub(crate) fn clean_images(ds: &data::Dataset) -> data::LabeledSet {
+    ds.test.head(1000)
+}
+
 /// The number of classes of a model whose first output is [N, K] with K known.
-fn output_classes(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn output_classes(bytes: &[u8]) -> Option<usize> {
     let m = audit_nn::Model::load(bytes, None).ok()?;
     match m.outputs.first()?.dims[..] {
         [_, Some(k)] if k >= 2 => Some(k as usize),
@@ -152,16 +386,7 @@ fn output_classes(bytes: &[u8]) -> Option<usize> {
 
 pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
     let dirs = plugin::search_dirs(&global.plugin_dirs);
-    let detectors = choose(&dirs, &args)?;
-    let per_params = params_for(&detectors, &args.params)?;
-    let mut resolved = Vec::new();
-    for (d, given) in detectors.iter().zip(&per_params) {
-        resolved.push(d.schema.resolve_args(given).map_err(|e| PluginError::InvalidInput {
-            name: d.name.clone(),
-            path: d.path.clone(),
-            message: e.to_string(),
-        })?);
-    }
+    let scanner = Scanner::new(&dirs, &args.detectors, &args.params, Offer::scan(args.data.is_some()))?;
     let mut inputs: Vec<&Path> = vec![&args.model];
     if let Some(d) = &args.data {
         if Path::new(d).exists() {
@@ -172,6 +397,9 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
     for r in &args.reports {
         crate::report::Format::of(r)?;
         outputs.plan("--report", r)?;
+    }
+    if let Some(d) = &args.images {
+        prepare_images_dir(d, args.force)?;
     }
     crate::signals::phase("scan:load");
     let (original, norm) = args.data_options.model_and_normalization(&args.model)?;
@@ -188,7 +416,7 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
         Some(k) => ds.train.head(k),
         None => ds.train.clone(),
     });
-    let clean = ds.as_ref().map(|ds| ds.test.head(1000));
+    let clean = ds.as_ref().map(clean_images);
     let num_classes = ds
         .as_ref()
         .map(|d| d.num_classes)
@@ -197,76 +425,15 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
     let (_, device_name) = args.device.resolve()?;
 
     crate::signals::phase("scan:run");
-    let mut findings = Vec::new();
-    for (d, params) in detectors.iter().zip(&resolved) {
-        eprintln!("scanning {} with `{}` ({device_name})", args.model.display(), d.name);
-        let started = std::time::Instant::now();
-        let needs_clean = d.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
-        let result = d.call(&CallInput {
-            op: Op::Scan,
-            params,
-            seed: args.seed,
-            device: device_name,
-            model: Some(&lent),
-            data: train.as_ref(),
-            clean: if needs_clean { clean.as_ref() } else { None },
-            num_classes,
-        });
-        let seconds = started.elapsed().as_secs_f64();
-        let base = Finding {
-            detector: d.name.clone(),
-            version: d.version.clone(),
-            params: Value::Object(params.clone()),
-            library: d.path.display().to_string(),
-            library_sha256: d.sha256.clone(),
-            status: "ok".into(),
-            error: None,
-            backdoored: None,
-            target_classes: vec![],
-            score: None,
-            score_name: None,
-            level: None,
-            summary: None,
-            n_suspicious: 0,
-            seconds,
-            report: Value::Null,
-        };
-        match result {
-            Ok(out) => {
-                if !out.message.is_empty() {
-                    eprintln!("[{}] warning: {}", d.name, out.message);
-                }
-                let r: Map<String, Value> = out.report;
-                let text = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
-                findings.push(Finding {
-                    backdoored: r.get("backdoored").and_then(Value::as_bool),
-                    target_classes: r
-                        .get("target_classes")
-                        .and_then(Value::as_array)
-                        .map(|a| a.iter().filter_map(Value::as_i64).collect())
-                        .unwrap_or_default(),
-                    score: r.get("score").and_then(Value::as_f64),
-                    score_name: text("score_name"),
-                    level: text("level"),
-                    summary: text("summary"),
-                    n_suspicious: out.indices.as_ref().map_or(0, Vec::len),
-                    report: Value::Object(r),
-                    ..base
-                });
-            }
-            // Cancellation and input the user can fix stop the scan (exit 130, 2); a detector that
-            // fails otherwise is a result, reported beside the others.
-            Err(e @ (PluginError::Cancelled { .. } | PluginError::InvalidInput { .. })) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("`{}` failed: {e}", d.name);
-                findings.push(Finding {
-                    status: "failed".into(),
-                    error: Some(e.to_string()),
-                    ..base
-                });
-            }
-        }
-    }
+    let findings = scanner.run(
+        &args.model.display().to_string(),
+        &lent,
+        train.as_ref(),
+        clean.as_ref(),
+        num_classes,
+        device_name,
+        args.seed,
+    )?;
     let report = ScanReport::new(
         ModelInfo {
             path: args.model.display().to_string(),
@@ -282,7 +449,33 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
         let text = report.render(r)?;
         outputs.stage(r, text.as_bytes())?;
     }
+    let mut images = Vec::new();
+    if let Some(dir) = &args.images {
+        use base64ct::Encoding;
+        let mut taken = std::collections::HashSet::new();
+        for f in &report.findings {
+            for (caption, data) in crate::report::scan::report_images(&f.report) {
+                let Ok(bytes) = base64ct::Base64::decode_vec(&data) else {
+                    eprintln!(
+                        "[{}] warning: image `{caption}` is not valid base64; not written",
+                        f.detector
+                    );
+                    continue;
+                };
+                let path = dir.join(image_file_name(&f.detector, &caption, &mut taken));
+                outputs.plan("--images", &path)?;
+                outputs.stage(&path, &bytes)?;
+                images.push(path);
+            }
+        }
+    }
     outputs.commit()?;
+    for p in &images {
+        eprintln!("wrote {}", p.display());
+    }
+    if args.images.is_some() && images.is_empty() {
+        eprintln!("no detector returned images (Neural Cleanse does for the classes it flags)");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -315,4 +508,41 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
     } else {
         EXIT_OK
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_file_names_are_slugs_and_unique() {
+        let mut taken = std::collections::HashSet::new();
+        assert_eq!(
+            image_file_name("nc", "class 0: mask", &mut taken),
+            "nc-class-0-mask.png"
+        );
+        assert_eq!(
+            image_file_name("nc", "class 0: mask", &mut taken),
+            "nc-class-0-mask-2.png"
+        );
+        assert_eq!(
+            image_file_name("nc", "../../etc/passwd", &mut taken),
+            "nc-etc-passwd.png"
+        );
+        assert_eq!(image_file_name("nc", " :: ", &mut taken), "nc-image.png");
+    }
+
+    #[test]
+    fn the_images_folder_must_be_new_or_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("new");
+        prepare_images_dir(&fresh, false).unwrap();
+        assert!(fresh.is_dir());
+        std::fs::write(fresh.join("x.png"), b"x").unwrap();
+        let e = prepare_images_dir(&fresh, false).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        prepare_images_dir(&fresh, true).unwrap();
+        let e = prepare_images_dir(&fresh.join("x.png"), true).unwrap_err().to_string();
+        assert!(e.contains("not a folder"), "{e}");
+    }
 }

@@ -6,7 +6,7 @@ use minijinja::{context, Environment};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::{cells, header, one_line, provenance, Report, Row, COLUMNS};
+use super::{cells, columns, header, one_line, provenance, Report, Row, SCAN_NOTE};
 
 const TEMPLATE: &str = include_str!("report.html");
 
@@ -314,11 +314,12 @@ pub fn html(report: &Report) -> Result<String> {
         title => format!("audit {} report: {}", report.command, report.model.path),
         command => &report.command,
         provenance => provenance,
-        header => header(),
+        header => header(report),
         table => table,
         charts => charts,
         details => details,
-        columns => COLUMNS.iter().map(|c| c.1).collect::<Vec<_>>(),
+        columns => columns(report).iter().map(|c| c.1).collect::<Vec<_>>(),
+        scan_note => if report.has_scan() { SCAN_NOTE } else { "" },
     })?;
     Ok(page)
 }

@@ -97,6 +97,10 @@ pub struct Row {
     /// sha256 of the defense plugin's library file (hex).
     #[serde(default)]
     pub library_sha256: Option<String>,
+    /// `--verify`: the detectors' verdict on this row's model (the undefended one for the
+    /// baseline, the hardened one for a defense); absent without `--verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<scan::ScanVerdict>,
 }
 
 /// A report document (`schema_version` 1).
@@ -172,6 +176,21 @@ pub const COLUMNS: &[(&str, &str, bool)] = &[
     ("recall", "recall", true),
 ];
 
+/// The column of `--verify`'s verdicts: text, shown only when some row has one.
+const SCAN_COLUMN: (&str, &str, bool) = ("scan", "scan verdict", false);
+
+/// The columns of this report: [`COLUMNS`], and the scan verdict when a row has one.
+fn columns(report: &Report) -> Vec<(&'static str, &'static str, bool)> {
+    let mut c = COLUMNS.to_vec();
+    if report.has_scan() {
+        c.push(SCAN_COLUMN);
+    }
+    c
+}
+
+/// What the scan column means (the reports' notes add it when the column is there).
+const SCAN_NOTE: &str = "Scan verdict (--verify): the model-level detectors' verdict on the undefended model (first row) and on each hardened model; the detector and the target classes it names in parentheses.";
+
 fn column(row: &Row, key: &str) -> Option<f64> {
     match key {
         "clean_accuracy" => row.clean_accuracy,
@@ -225,6 +244,11 @@ impl Report {
                 .collect();
             self.best.insert(key.to_string(), names);
         }
+    }
+
+    /// Whether any row (the baseline included) carries a `--verify` verdict.
+    pub fn has_scan(&self) -> bool {
+        self.baseline.scan.is_some() || self.rows.iter().any(|r| r.scan.is_some())
     }
 
     /// True when `defense` holds the best value of column `key`.
@@ -313,12 +337,13 @@ fn fmt_seconds(v: Option<f64>) -> String {
 
 /// The cells of a row, in `COLUMNS` order: its text, and whether it is the best in its column.
 fn cells(report: &Report, row: &Row, baseline: bool) -> Vec<(String, bool)> {
-    COLUMNS
-        .iter()
-        .map(|&(key, _, _)| {
+    columns(report)
+        .into_iter()
+        .map(|(key, _, _)| {
             let text = match key {
                 "seconds" => fmt_seconds(row.seconds),
                 "peak_rss_bytes" => fmt_bytes(row.peak_rss_bytes),
+                "scan" => row.scan.as_ref().map_or("-".to_string(), scan::ScanVerdict::text),
                 _ => fmt_ratio(column(row, key)),
             };
             (text, !baseline && row.ok() && report.is_best(key, &row.defense))
@@ -326,9 +351,9 @@ fn cells(report: &Report, row: &Row, baseline: bool) -> Vec<(String, bool)> {
         .collect()
 }
 
-fn header() -> Vec<String> {
+fn header(report: &Report) -> Vec<String> {
     std::iter::once("defense".to_string())
-        .chain(COLUMNS.iter().map(|c| c.1.to_string()))
+        .chain(columns(report).iter().map(|c| c.1.to_string()))
         .collect()
 }
 
@@ -336,7 +361,8 @@ fn header() -> Vec<String> {
 pub fn terminal_table(report: &Report) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(header());
+    t.set_header(header(report));
+    let n_columns = columns(report).len();
     let mut add = |row: &Row, baseline: bool| {
         let mut r = vec![row.defense.clone()];
         if row.ok() {
@@ -347,7 +373,7 @@ pub fn terminal_table(report: &Report) -> String {
             );
         } else {
             r.push("FAILED (below)".to_string());
-            r.extend((1..COLUMNS.len()).map(|_| String::new()));
+            r.extend((1..n_columns).map(|_| String::new()));
         }
         t.add_row(r);
     };
@@ -413,10 +439,11 @@ pub fn markdown(report: &Report) -> String {
         .iter()
         .map(|(k, v)| format!("- {k}: {}\n", md_escape(v)))
         .collect::<String>();
+    let cols = columns(report);
     s += "\n| defense | ";
-    s += &COLUMNS.iter().map(|c| c.1).collect::<Vec<_>>().join(" | ");
+    s += &cols.iter().map(|c| c.1).collect::<Vec<_>>().join(" | ");
     s += " |\n|---|";
-    s += &"---|".repeat(COLUMNS.len());
+    s += &"---|".repeat(cols.len());
     s += "\n";
     let mut add = |row: &Row, baseline: bool| {
         if row.ok() {
@@ -430,7 +457,7 @@ pub fn markdown(report: &Report) -> String {
                 "| {} | FAILED: {} |{}\n",
                 md_escape(&row.defense),
                 md_escape(&one_line(row.error.as_deref().unwrap_or("unknown error"), 200)),
-                " |".repeat(COLUMNS.len() - 1)
+                " |".repeat(cols.len() - 1)
             );
         }
     };
@@ -439,6 +466,9 @@ pub fn markdown(report: &Report) -> String {
         add(row, false);
     }
     s += "\nBold: the best value among the defenses. ACC: clean accuracy; ASR: attack success rate; RA: robust accuracy (triggered inputs still given their true class); DER: (max(0, ASR drop) - max(0, ACC drop) + 1) / 2; precision/recall: the training samples a defense dropped against the data's poison_idx.\n";
+    if report.has_scan() {
+        s += &format!("\n{SCAN_NOTE}\n");
+    }
     let failed: Vec<&Row> = report.rows.iter().filter(|r| !r.ok()).collect();
     if !failed.is_empty() {
         s += "\n## Failures\n\n";
@@ -595,6 +625,55 @@ mod tests {
         };
         r.finish();
         r
+    }
+
+    #[test]
+    fn scan_verdicts_get_a_column_only_when_a_row_has_one() {
+        use scan::{DetectorVerdict, ScanVerdict};
+        let mut r = sample();
+        for text in [terminal_table(&r), markdown(&r), html(&r).unwrap()] {
+            assert!(!text.contains("scan verdict") && !text.contains("Scan verdict"));
+        }
+        let d = |name: &str, backdoored: Option<bool>, targets: Vec<i64>| DetectorVerdict {
+            detector: name.into(),
+            status: if backdoored.is_some() { "ok" } else { "failed" }.into(),
+            backdoored,
+            target_classes: targets,
+            score: Some(0.01),
+            score_name: Some("p-value".into()),
+        };
+        let flagged = ScanVerdict {
+            flagged: true,
+            detectors: vec![d("mmbd", Some(true), vec![0, 2]), d("nc", Some(false), vec![])],
+        };
+        let clean = ScanVerdict {
+            flagged: false,
+            detectors: vec![d("mmbd", Some(false), vec![]), d("nc", None, vec![])],
+        };
+        assert_eq!(flagged.text(), "FLAGGED (mmbd: 0 2)");
+        assert_eq!(clean.text(), "not flagged (mmbd); failed: nc");
+        r.baseline.scan = Some(flagged);
+        r.rows[0].scan = Some(clean);
+        r.finish();
+        assert!(!r.best.contains_key("scan"), "a verdict is no contest");
+        let t = terminal_table(&r);
+        assert!(t.contains("scan verdict") && t.contains("FLAGGED (mmbd: 0 2)"), "{t}");
+        let md = markdown(&r);
+        assert!(
+            md.contains("| scan verdict |") && md.contains("| not flagged (mmbd); failed: nc |"),
+            "{md}"
+        );
+        assert!(md.contains("Scan verdict (--verify)"), "{md}");
+        // The failed row still spans every column, the verdict's included.
+        assert!(
+            md.contains(&format!("| nad | FAILED: {}", md_escape("nad: unknown layer `x`"))),
+            "{md}"
+        );
+        let page = html(&r).unwrap();
+        assert!(page.contains("<th>scan verdict</th>") && page.contains("FLAGGED (mmbd: 0 2)"));
+        assert!(page.contains("colspan=\"9\""), "the failed row spans the 9 columns");
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Report>(&text).unwrap(), r);
     }
 
     #[test]

@@ -40,6 +40,85 @@ pub struct Finding {
     pub report: Value,
 }
 
+/// One detector's verdict, condensed for a row of a defense report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DetectorVerdict {
+    pub detector: String,
+    /// `ok` or `failed`.
+    pub status: String,
+    pub backdoored: Option<bool>,
+    pub target_classes: Vec<i64>,
+    pub score: Option<f64>,
+    pub score_name: Option<String>,
+}
+
+/// The verdict of a scan on one model, as a defense report's row carries it (`--verify`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScanVerdict {
+    /// Whether any detector flagged the model.
+    pub flagged: bool,
+    pub detectors: Vec<DetectorVerdict>,
+}
+
+impl ScanVerdict {
+    pub fn of(findings: &[Finding]) -> ScanVerdict {
+        ScanVerdict {
+            flagged: findings.iter().any(|f| f.backdoored == Some(true)),
+            detectors: findings
+                .iter()
+                .map(|f| DetectorVerdict {
+                    detector: f.detector.clone(),
+                    status: f.status.clone(),
+                    backdoored: f.backdoored,
+                    target_classes: f.target_classes.clone(),
+                    score: f.score,
+                    score_name: f.score_name.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// `FLAGGED (mmbd: 0)`, `not flagged (mmbd, nc)`, with `; failed: nc` when one failed.
+    pub fn text(&self) -> String {
+        let names = |keep: &dyn Fn(&DetectorVerdict) -> bool| -> Vec<&DetectorVerdict> {
+            self.detectors.iter().filter(|d| keep(d)).collect()
+        };
+        let failed = names(&|d| d.status != "ok");
+        let mut s = if self.flagged {
+            let by: Vec<String> = names(&|d| d.backdoored == Some(true))
+                .iter()
+                .map(|d| {
+                    let t: Vec<String> = d.target_classes.iter().map(i64::to_string).collect();
+                    if t.is_empty() {
+                        d.detector.clone()
+                    } else {
+                        format!("{}: {}", d.detector, t.join(" "))
+                    }
+                })
+                .collect();
+            format!("FLAGGED ({})", by.join(", "))
+        } else {
+            let ran: Vec<&str> = names(&|d| d.status == "ok")
+                .iter()
+                .map(|d| d.detector.as_str())
+                .collect();
+            format!(
+                "not flagged ({})",
+                if ran.is_empty() {
+                    "-".to_string()
+                } else {
+                    ran.join(", ")
+                }
+            )
+        };
+        if !failed.is_empty() {
+            let f: Vec<&str> = failed.iter().map(|d| d.detector.as_str()).collect();
+            s += &format!("; failed: {}", f.join(", "));
+        }
+        s
+    }
+}
+
 /// A scan document (`schema_version` as the defense reports).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ScanReport {
