@@ -139,7 +139,8 @@ pub struct DefenseRunArgs {
     #[arg(long)]
     pub test_limit: Option<usize>,
     /// For defenses that need trusted clean data: the last N test images are lent to the defense
-    /// as its clean subset and left out of the evaluation.
+    /// as its clean subset and left out of the evaluation (half the test split, with a warning,
+    /// when it cannot spare N).
     #[arg(long, default_value_t = 1000)]
     pub clean_size: usize,
     #[arg(long, default_value_t = 0)]
@@ -159,6 +160,28 @@ pub struct DefenseRunArgs {
 }
 
 impl DefenseRunArgs {
+    /// The clean subset's size on a test split of `n_test` images: `--clean-size`, or, when the
+    /// split cannot spare that many, half of it (with a warning), so the default fits small data.
+    /// 0, or a split too small to halve, is refused.
+    pub fn clean_size_for(&self, n_test: usize) -> Result<usize> {
+        if self.clean_size == 0 || n_test < 2 {
+            return Err(input_error(format!(
+                "--clean-size {} on a test split of {n_test} image(s): the clean subset needs at least 1 image and the evaluation at least 1",
+                self.clean_size
+            )));
+        }
+        if self.clean_size < n_test {
+            return Ok(self.clean_size);
+        }
+        let half = n_test / 2;
+        eprintln!(
+            "warning: --clean-size {} does not fit the test split's {n_test} images; lending {half} (half of them) as clean data, the other {} are measured",
+            self.clean_size,
+            n_test - half
+        );
+        Ok(half)
+    }
+
     /// The detectors `--verify` runs, or `None` without it (refusing --verify-param alone).
     pub(crate) fn scanner(&self, dirs: &[(PathBuf, &'static str)]) -> Result<Option<super::scan::Scanner>> {
         if !self.verify && self.verify_detectors.is_empty() {

@@ -299,16 +299,11 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     let ds = args.data.load(args.run.seed)?;
     crate::evaluate::check_model_fits_data(&original, &args.model.display().to_string(), &ds)?;
     let n_test = ds.test.len();
-    if args.run.clean_size == 0 || args.run.clean_size >= n_test {
-        return Err(input_error(format!(
-            "--clean-size must be between 1 and {} (the test split's size - 1)",
-            n_test.saturating_sub(1)
-        )));
-    }
+    let clean_size = args.run.clean_size_for(n_test)?;
     let n_eval = args
         .run
         .test_limit
-        .map_or(n_test - args.run.clean_size, |k| k.min(n_test - args.run.clean_size));
+        .map_or(n_test - clean_size, |k| k.min(n_test - clean_size));
     if n_eval == 0 {
         return Err(input_error("--test-limit 0 leaves nothing to measure"));
     }
@@ -332,7 +327,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         planned.len(),
         args.model.display(),
         train_len,
-        args.run.clean_size
+        clean_size
     );
     let mut baseline = Row::measured(
         "undefended",
@@ -379,7 +374,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
         "--seed".into(),
         args.run.seed.to_string(),
         "--clean-size".into(),
-        args.run.clean_size.to_string(),
+        clean_size.to_string(),
         "--test-limit".into(),
         n_eval.to_string(),
         "--json".into(),
@@ -501,7 +496,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
             num_classes: ds.num_classes,
             n_train: train_len,
             n_eval,
-            n_clean: args.run.clean_size,
+            n_clean: clean_size,
             n_poisoned,
         },
         eval_attack: attack

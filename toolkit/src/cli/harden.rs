@@ -310,14 +310,11 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
     }
     let needs_clean = defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
     let (eval_pool, clean) = if needs_clean {
-        if args.run.clean_size == 0 || args.run.clean_size >= ds.test.len() {
-            return Err(input_error(format!(
-                "`{}` needs a clean subset: --clean-size must be between 1 and {} (the test split's size - 1)",
-                defense.name,
-                ds.test.len().saturating_sub(1)
-            )));
-        }
-        let (head, tail) = split_tail(&ds.test, args.run.clean_size);
+        let clean_size = args
+            .run
+            .clean_size_for(ds.test.len())
+            .map_err(|e| input_error(format!("`{}` needs a clean subset: {e}", defense.name)))?;
+        let (head, tail) = split_tail(&ds.test, clean_size);
         (head, Some(tail))
     } else {
         (ds.test.clone(), None)
