@@ -322,7 +322,11 @@ fn finding_13_harden_records_each_plugins_library_and_sha256() {
     // is lent, with a warning, instead of a refusal.
     assert!(h.stderr.contains("lending 250 (half of them)"), "{}", h.stderr);
     let h = h.json();
-    assert_eq!((h["n_clean"].as_u64(), h["n_test"].as_u64()), (Some(250), Some(250)), "{h:#}");
+    assert_eq!(
+        (h["n_clean"].as_u64(), h["n_test"].as_u64()),
+        (Some(250), Some(250)),
+        "{h:#}"
+    );
     let plugins = std::fs::canonicalize(audit_tests::bundled_plugins()).unwrap();
     let finetune = plugins.join("libaudit_plugin_finetune.so");
     let badnets = plugins.join("libaudit_plugin_badnets.so");
