@@ -321,3 +321,42 @@ pub fn evaluate_with(
     }
     Ok(m)
 }
+
+/// Flagged training samples against the data's poisoned ones: `{found, poisoned, precision,
+/// recall}`. Nothing flagged is recall 0 (every poisoned sample is a miss) with precision null;
+/// no poisoned sample is recall null.
+pub fn precision_recall(found: &[i64], truth: &std::collections::HashSet<i64>) -> serde_json::Value {
+    let hits = found.iter().filter(|i| truth.contains(i)).count();
+    let ratio = |num: usize, den: usize| {
+        if den == 0 {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(num as f64 / den as f64)
+        }
+    };
+    serde_json::json!({
+        "precision": ratio(hits, found.len()),
+        "recall": ratio(hits, truth.len()),
+        "found": found.len(),
+        "poisoned": truth.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_flagged_misses_every_poisoned_sample() {
+        let truth: std::collections::HashSet<i64> = [1, 2, 3, 4].into_iter().collect();
+        let none = precision_recall(&[], &truth);
+        assert_eq!(
+            (none["precision"].is_null(), none["recall"].as_f64()),
+            (true, Some(0.0))
+        );
+        let some = precision_recall(&[1, 2, 9], &truth);
+        assert_eq!(some["precision"].as_f64(), Some(2.0 / 3.0));
+        assert_eq!((some["recall"].as_f64(), some["found"].as_u64()), (Some(0.5), Some(3)));
+        assert!(precision_recall(&[1], &Default::default())["recall"].is_null());
+    }
+}

@@ -9,14 +9,14 @@ use anyhow::{Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::args::{DataArgs, DefenseRunArgs};
 use super::GlobalArgs;
 use crate::data;
 use crate::engine::{input_chw, parity, random_batch, PARITY_TOLERANCE};
 use crate::error::{input_error, EXIT_FLAGGED, EXIT_OK};
-use crate::evaluate::{evaluate, AttackSpec, Metrics};
+use crate::evaluate::{evaluate, precision_recall, AttackSpec, Metrics};
 use crate::output::Outputs;
 use crate::plugin::{CallInput, Kind, Op, PluginError};
 use crate::report::scan::{Finding, ScanVerdict};
@@ -95,21 +95,6 @@ fn op_types(bytes: &[u8]) -> Result<Vec<String>> {
         .graph
         .map(|g| g.node.iter().map(|n| n.op_type().to_string()).collect())
         .unwrap_or_default())
-}
-
-fn precision_recall(found: &[i64], truth: &HashSet<i64>) -> Value {
-    let hits = found.iter().filter(|i| truth.contains(i)).count();
-    let precision = if found.is_empty() {
-        Value::Null
-    } else {
-        json!(hits as f64 / found.len() as f64)
-    };
-    let recall = if truth.is_empty() {
-        Value::Null
-    } else {
-        json!(hits as f64 / truth.len() as f64)
-    };
-    json!({"precision": precision, "recall": recall, "found": found.len(), "poisoned": truth.len()})
 }
 
 /// Replaces per-round suspect lists by counts and, when the poisoned indices are known, their
@@ -564,6 +549,7 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn outcome() -> HardenOutcome {
         let metrics = |acc: f64, asr: Option<f64>| MeasuredMetrics {

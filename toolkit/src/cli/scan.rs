@@ -229,6 +229,8 @@ impl Scanner {
                 level: None,
                 summary: None,
                 n_suspicious: 0,
+                suspicious: vec![],
+                vs_poison_idx: None,
                 seconds,
                 report: Value::Null,
             };
@@ -251,6 +253,7 @@ impl Scanner {
                         level: text("level"),
                         summary: text("summary"),
                         n_suspicious: out.indices.as_ref().map_or(0, Vec::len),
+                        suspicious: out.indices.unwrap_or_default(),
                         report: Value::Object(r),
                         ..base
                     });
@@ -425,7 +428,7 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
     let (_, device_name) = args.device.resolve()?;
 
     crate::signals::phase("scan:run");
-    let findings = scanner.run(
+    let mut findings = scanner.run(
         &args.model.display().to_string(),
         &lent,
         train.as_ref(),
@@ -434,6 +437,16 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
         device_name,
         args.seed,
     )?;
+    // Detectors that judge training samples are scored against the data's poisoned ones.
+    if let (Some(ix), Some(train)) = (ds.as_ref().and_then(|d| d.poison_idx.as_ref()), &train) {
+        let truth: std::collections::HashSet<i64> =
+            ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect();
+        for f in findings.iter_mut().filter(|f| f.status == "ok") {
+            if matches!(f.level.as_deref(), Some("sample" | "input")) || !f.suspicious.is_empty() {
+                f.vs_poison_idx = Some(crate::evaluate::precision_recall(&f.suspicious, &truth));
+            }
+        }
+    }
     let report = ScanReport::new(
         ModelInfo {
             path: args.model.display().to_string(),

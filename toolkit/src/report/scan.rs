@@ -35,6 +35,14 @@ pub struct Finding {
     pub summary: Option<String>,
     /// Samples it flags (indices into the training split), when it names any.
     pub n_suspicious: usize,
+    /// Those indices (sample- and input-level detectors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspicious: Vec<i64>,
+    /// The flagged samples against the data's `poison_idx`, when it has one and the detector
+    /// judged training samples: `{found, poisoned, precision, recall}` (nothing flagged is recall
+    /// 0, every poisoned sample missed, and precision null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_poison_idx: Option<Value>,
     pub seconds: f64,
     /// The plugin's own report, untouched.
     pub report: Value,
@@ -163,7 +171,7 @@ impl ScanReport {
         })
     }
 
-    fn rows(&self) -> Vec<[String; 6]> {
+    fn rows(&self) -> Vec<[String; 7]> {
         self.findings
             .iter()
             .map(|f| {
@@ -186,11 +194,20 @@ impl ScanReport {
                     (None, Some(s)) => format!("{s:.4}"),
                     _ => "-".to_string(),
                 };
+                let samples = match (f.n_suspicious, &f.vs_poison_idx) {
+                    (n, Some(pr)) => {
+                        let ratio = |k: &str| pr[k].as_f64().map_or("-".to_string(), |v| format!("{v:.3}"));
+                        format!("{n} (precision {}, recall {})", ratio("precision"), ratio("recall"))
+                    }
+                    (0, None) => "-".to_string(),
+                    (n, None) => n.to_string(),
+                };
                 [
                     f.detector.clone(),
                     f.level.clone().unwrap_or_else(|| "-".into()),
                     verdict,
                     targets,
+                    samples,
                     score,
                     format!("{:.1}", f.seconds),
                 ]
@@ -331,7 +348,15 @@ pub fn report_images(report: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-const HEADER: [&str; 6] = ["detector", "level", "verdict", "target classes", "score", "seconds"];
+const HEADER: [&str; 7] = [
+    "detector",
+    "level",
+    "verdict",
+    "target classes",
+    "flagged samples",
+    "score",
+    "seconds",
+];
 
 #[cfg(test)]
 mod tests {
@@ -353,6 +378,8 @@ mod tests {
             level: Some("model".into()),
             summary: Some("largest margin".into()),
             n_suspicious: 0,
+            suspicious: vec![],
+            vs_poison_idx: None,
             seconds: 1.5,
             report: serde_json::json!({}),
         };
@@ -384,6 +411,16 @@ mod tests {
         let back: ScanReport = serde_json::from_str(&r.render(Path::new("x.json")).unwrap()).unwrap();
         assert_eq!(back, r);
         assert!(!sample("mmbd", false).flagged);
+        // A sample-level finding shows its flagged samples against poison_idx.
+        let mut r = sample("ss", true);
+        r.findings[0].level = Some("sample".into());
+        r.findings[0].n_suspicious = 3;
+        r.findings[0].suspicious = vec![4, 5, 6];
+        r.findings[0].vs_poison_idx = Some(serde_json::json!({"precision": 2.0 / 3.0, "recall": null}));
+        let md = r.render(Path::new("x.md")).unwrap();
+        assert!(md.contains("| 3 (precision 0.667, recall -) |"), "{md}");
+        let back: ScanReport = serde_json::from_str(&r.render(Path::new("x.json")).unwrap()).unwrap();
+        assert_eq!(back.findings[0].suspicious, vec![4, 5, 6]);
         // Images by the `images` convention are inlined; anything not a base64 PNG is dropped.
         let mut r = sample("nc", true);
         let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
