@@ -1,7 +1,8 @@
-//! `audit scan` through the binary and the real MM-BD plugin: verdict and exit code agree, the
-//! reports are written in every format, bad input is refused with exit 2 naming the flag or
-//! parameter, and nothing existing is overwritten without --force. (Whether MM-BD is right on
-//! trained models is measured in the README's Results, not asserted here.)
+//! `audit scan` through the binary and the real MM-BD plugin (and the sample-level SS and AC on a
+//! training set): verdict and exit code agree, the reports are written in every format, bad input
+//! is refused with exit 2 naming the flag or parameter, and nothing existing is overwritten
+//! without --force. (Whether MM-BD is right on trained models is measured in the README's
+//! Results, not asserted here.)
 
 use audit_tests::{audit_in, zoo_small_cnn};
 
@@ -69,4 +70,62 @@ fn scan_refuses_bad_input_with_exit_2() {
     }
     let r = audit_in(dir.path(), &["scan", "missing.onnx"]).expect_code(2);
     assert!(r.stderr.contains("missing.onnx"), "{}", r.stderr);
+}
+
+/// The sample-level detectors (Spectral Signatures, Activation Clustering) through the binary on
+/// a training set: each gives a verdict whose exit code agrees, at level "sample", and names
+/// suspicious training samples exactly when it flags the model (none when it does not: missed
+/// poisoned samples are misses, not false positives).
+#[test]
+fn sample_level_detectors_scan_the_training_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = zoo_small_cnn(dir.path());
+    let m = model.to_str().unwrap();
+    for detector in ["ss", "ac"] {
+        let run = audit_in(
+            dir.path(),
+            &[
+                "scan",
+                m,
+                "--data",
+                "synthetic",
+                "--limit",
+                "1000",
+                "--detector",
+                detector,
+                "--json",
+            ],
+        );
+        assert!(
+            run.code == 0 || run.code == 3,
+            "{detector}: exit {}: {}",
+            run.code,
+            run.stderr
+        );
+        let doc = run.json();
+        assert_eq!(
+            doc["flagged"].as_bool().unwrap(),
+            run.code == 3,
+            "{detector}: exit code follows the verdict"
+        );
+        let f = &doc["findings"][0];
+        assert_eq!(
+            (f["detector"].as_str(), f["status"].as_str(), f["level"].as_str()),
+            (Some(detector), Some("ok"), Some("sample")),
+            "{f}"
+        );
+        let backdoored = f["backdoored"].as_bool().unwrap();
+        let n = f["n_suspicious"].as_u64().unwrap();
+        assert_eq!(
+            backdoored,
+            n > 0,
+            "{detector}: suspicious samples only when flagged: {f}"
+        );
+        assert_eq!(f["report"]["training_samples"], 1000, "--limit reached the plugin");
+        assert_eq!(f["report"]["per_class"].as_array().unwrap().len(), 10);
+        assert!(f["summary"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+    }
+    // Without --data they are refused by name.
+    let r = audit_in(dir.path(), &["scan", m, "--detector", "ss"]).expect_code(2);
+    assert!(r.stderr.contains("needs data"), "{}", r.stderr);
 }

@@ -2,7 +2,10 @@
 //! a plugin links it; it exports no plugin entry point): engine errors as plugin errors, the
 //! device, datasets on the device, the model's preprocessing metadata, a check that data fits the
 //! model, the fine-tuning parameter block and its epoch loop, and the export of a hardened model
-//! with the metadata every defense writes. The graph walks live in `audit_nn::graph`.
+//! with the metadata every defense writes. The graph walks live in `audit_nn::graph`. The
+//! sample-level detectors' shared steps (penultimate features of a whole dataset, per-class
+//! indices, principal components, the MAD anomaly index) are in [`samples`]; their test kit in
+//! `testing` (cargo feature `testing`).
 
 use audit_nn::tch::{self, Device};
 use audit_nn::train::{Augment, DeviceData, EpochStats, Hooks, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
@@ -10,6 +13,10 @@ use audit_nn::Model;
 use audit_sdk::{Call, DatasetRef, Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+
+pub mod samples;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub fn nn_err(e: audit_nn::NnError) -> Error {
     match e {
