@@ -32,10 +32,9 @@
 //! cluster (all features equal) has no silhouette and is not flagged.
 
 use audit_nn::tch::{self, Kind, Tensor};
-use audit_plugin_common::samples::{class_indices, penultimate_features, principal_components, to_f64s, to_i64s};
-use audit_plugin_common::{check_fit, device, device_data, load_model};
+use audit_plugin_common::samples::{class_features, principal_components, to_f64s, to_i64s, ClassFeatures};
 use audit_sdk::rng::Rng;
-use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
+use audit_sdk::{Call, DatasetRef, Detector, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -192,19 +191,16 @@ pub fn is_poisoned(share: f64, silhouette: f64, size_threshold: f64, min_silhoue
 impl Detector for ActivationClustering {
     fn scan(&self, call: &Call<'_>, model_bytes: &[u8], data: Option<&DatasetRef<'_>>) -> Result<Verdict> {
         let p: Params = call.params.parse()?;
-        let train = data
-            .filter(|d| !d.is_empty())
-            .ok_or_else(|| Error::invalid("ac needs the training set (--data DATA)"))?;
         let started = std::time::Instant::now();
-        let device = device(call)?;
-        let (mut model, pre) = load_model(model_bytes, device, false)?;
-        model.set_trainable(false);
-        let data = device_data(train, device)?;
-        let k = check_fit(&model, &data, &pre, "the training set")?;
-        let features = penultimate_features(call, &model, &data, &pre, p.batch_size, "penultimate features")?;
+        let ClassFeatures {
+            device,
+            n,
+            k,
+            features,
+            per_class,
+            sizes,
+        } = class_features(call, "ac", model_bytes, data, p.batch_size)?;
         let dim = features.size()[1];
-        let per_class = class_indices(&data.y, k)?;
-        let sizes: Vec<i64> = per_class.iter().map(|t| t.size()[0]).collect();
         let seed = call.seed.wrapping_add(p.seed);
         let mut clusters: Vec<Option<Clusters>> = Vec::with_capacity(k as usize);
         for (c, idx) in per_class.into_iter().enumerate() {
@@ -310,7 +306,7 @@ impl Detector for ActivationClustering {
                 "restarts": p.restarts,
                 "iterations": p.iterations,
                 "per_class": classes,
-                "training_samples": data.len(),
+                "training_samples": n,
                 "feature_dim": dim,
                 "flagged_samples": suspicious.len(),
                 "seed": seed,

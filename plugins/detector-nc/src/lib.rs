@@ -64,8 +64,6 @@ struct Params {
 const BETA1: f64 = 0.5;
 const BETA2: f64 = 0.9;
 const ADAM_EPS: f64 = 1e-8;
-/// The consistency constant of the median absolute deviation (normal data).
-const MAD_CONSISTENCY: f64 = 1.4826;
 
 /// The plugin.
 #[derive(Debug, Default)]
@@ -84,21 +82,6 @@ impl Plugin for NeuralCleanse {
     }
 }
 
-/// The median (numpy's: the mean of the two middle values for an even count). None when empty.
-pub fn median(values: &[f64]) -> Option<f64> {
-    let mut v = values.to_vec();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
-}
-
 /// The outlier test over the class norms.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Anomaly {
@@ -112,19 +95,11 @@ pub struct Anomaly {
 /// Anomaly indices of `norms`; None when there are fewer than 3 norms, one is not finite, or the
 /// MAD is 0 (more than half of the norms equal: no spread to measure an outlier against).
 pub fn anomaly(norms: &[f64]) -> Option<Anomaly> {
-    if norms.len() < 3 || norms.iter().any(|v| !v.is_finite()) {
-        return None;
-    }
-    let med = median(norms)?;
-    let dev: Vec<f64> = norms.iter().map(|v| (v - med).abs()).collect();
-    let mad = MAD_CONSISTENCY * median(&dev)?;
-    if mad <= 0.0 {
-        return None;
-    }
+    let m = audit_plugin_common::samples::mad_index(norms)?;
     Some(Anomaly {
-        median: med,
-        mad,
-        index: norms.iter().map(|v| (med - v) / mad).collect(),
+        median: m.median,
+        mad: m.mad,
+        index: m.index.iter().map(|v| -v).collect(),
     })
 }
 

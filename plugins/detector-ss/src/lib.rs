@@ -45,10 +45,7 @@
 //! double precision (`principal_components`), which gives the same v and s^2 as the SVD.
 
 use audit_nn::tch::{Kind, Tensor};
-use audit_plugin_common::samples::{
-    class_indices, mad_index, penultimate_features, principal_components, to_f64s, to_i64s,
-};
-use audit_plugin_common::{check_fit, device, device_data, load_model};
+use audit_plugin_common::samples::{class_features, mad_index, principal_components, to_f64s, to_i64s, ClassFeatures};
 use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -152,19 +149,16 @@ impl Detector for SpectralSignatures {
                 "parameters `eps`, `multiplier`, `threshold` and `min_skew` must be finite",
             ));
         }
-        let train = data
-            .filter(|d| !d.is_empty())
-            .ok_or_else(|| Error::invalid("ss needs the training set (--data DATA)"))?;
         let started = std::time::Instant::now();
-        let device = device(call)?;
-        let (mut model, pre) = load_model(model_bytes, device, false)?;
-        model.set_trainable(false);
-        let data = device_data(train, device)?;
-        let k = check_fit(&model, &data, &pre, "the training set")?;
-        let features = penultimate_features(call, &model, &data, &pre, p.batch_size, "penultimate features")?;
+        let ClassFeatures {
+            device,
+            n,
+            k,
+            features,
+            per_class,
+            sizes,
+        } = class_features(call, "ss", model_bytes, data, p.batch_size)?;
         let dim = features.size()[1];
-        let per_class = class_indices(&data.y, k)?;
-        let sizes: Vec<i64> = per_class.iter().map(|t| t.size()[0]).collect();
         let mut spectra: Vec<Option<ClassSpectrum>> = Vec::with_capacity(k as usize);
         for (c, idx) in per_class.into_iter().enumerate() {
             call.host.check_cancelled()?;
@@ -289,7 +283,7 @@ impl Detector for SpectralSignatures {
                 "median_skewness": test.as_ref().map(|t| t.median),
                 "mad": test.as_ref().map(|t| t.mad),
                 "per_class": classes,
-                "training_samples": data.len(),
+                "training_samples": n,
                 "feature_dim": dim,
                 "flagged_samples": suspicious.len(),
                 "seed": call.seed.wrapping_add(p.seed),

@@ -7,7 +7,7 @@
 use audit_nn::tch::{self, Kind, Tensor};
 use audit_nn::train::{DeviceData, Preprocess};
 use audit_nn::{Mode, Model};
-use audit_sdk::{Call, Error, Result};
+use audit_sdk::{Call, DatasetRef, Error, Result};
 
 use crate::nn_err;
 
@@ -65,6 +65,52 @@ pub fn penultimate_features(
         return Err(Error::invalid("the data has no samples"));
     }
     Ok(Tensor::cat(&parts, 0))
+}
+
+/// What a sample-level detector reads from the training set: its penultimate features, class by
+/// class.
+pub struct ClassFeatures {
+    /// The device everything lives on.
+    pub device: tch::Device,
+    pub n: i64,
+    /// Number of classes (the model's outputs).
+    pub k: i64,
+    /// [N, D] float.
+    pub features: Tensor,
+    /// Per class 0..k, its samples' indices (see [`class_indices`]) and their counts.
+    pub per_class: Vec<Tensor>,
+    pub sizes: Vec<i64>,
+}
+
+/// The common opening of a sample-level detector `name`: the training set (refused when absent
+/// or empty), the model loaded frozen on the call's device, the data checked against it, the
+/// penultimate features in batches of `batch`, and the samples of each class.
+pub fn class_features(
+    call: &Call<'_>,
+    name: &str,
+    model_bytes: &[u8],
+    train: Option<&DatasetRef<'_>>,
+    batch: i64,
+) -> Result<ClassFeatures> {
+    let train = train
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| Error::invalid(format!("{name} needs the training set (--data DATA)")))?;
+    let device = crate::device(call)?;
+    let (mut model, pre) = crate::load_model(model_bytes, device, false)?;
+    model.set_trainable(false);
+    let data = crate::device_data(train, device)?;
+    let k = crate::check_fit(&model, &data, &pre, "the training set")?;
+    let features = penultimate_features(call, &model, &data, &pre, batch, "penultimate features")?;
+    let per_class = class_indices(&data.y, k)?;
+    let sizes = per_class.iter().map(|t| t.size()[0]).collect();
+    Ok(ClassFeatures {
+        device,
+        n: data.len(),
+        k,
+        features,
+        per_class,
+        sizes,
+    })
 }
 
 /// The indices (i64, on `y`'s device, ascending) of the samples of each class 0..k: one stable
