@@ -129,3 +129,50 @@ fn sample_level_detectors_scan_the_training_set() {
     let r = audit_in(dir.path(), &["scan", m, "--detector", "ss"]).expect_code(2);
     assert!(r.stderr.contains("needs data"), "{}", r.stderr);
 }
+
+/// STRIP judges the training set's inputs (level `input`); its verdict and the exit code agree.
+#[test]
+fn strip_judges_the_training_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = zoo_small_cnn(dir.path());
+    let m = model.to_str().unwrap();
+    let run = audit_in(
+        dir.path(),
+        &[
+            "scan",
+            m,
+            "--data",
+            "synthetic",
+            "--limit",
+            "1000",
+            "--detector",
+            "strip",
+            "--param",
+            "overlays=10",
+            "--json",
+        ],
+    );
+    assert!(run.code == 0 || run.code == 3, "exit {}: {}", run.code, run.stderr);
+    let doc = run.json();
+    assert_eq!(
+        doc["flagged"].as_bool().unwrap(),
+        run.code == 3,
+        "exit code follows the verdict"
+    );
+    let f = &doc["findings"][0];
+    assert_eq!(
+        (f["detector"].as_str(), f["status"].as_str(), f["level"].as_str()),
+        (Some("strip"), Some("ok"), Some("input")),
+        "{f}"
+    );
+    assert_eq!(f["backdoored"].as_bool().unwrap(), run.code == 3, "{f}");
+    assert_eq!(f["report"]["n_judged"], 1000, "--limit reached the plugin");
+    assert_eq!(f["report"]["overlays"], 10, "the parameter reached the plugin");
+    assert_eq!(f["n_suspicious"], f["report"]["n_flagged"], "{f}");
+    assert_eq!(
+        f["suspicious"].as_array().map_or(0, Vec::len) as u64,
+        f["n_suspicious"].as_u64().unwrap(),
+        "the indices are in the document"
+    );
+    assert!(f["summary"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+}

@@ -437,12 +437,19 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
         device_name,
         args.seed,
     )?;
-    // Detectors that judge training samples are scored against the data's poisoned ones.
+    // Detectors that judge training samples are scored against the data's poisoned ones: among
+    // the first `n_judged` (report key) when the detector judged only those.
     if let (Some(ix), Some(train)) = (ds.as_ref().and_then(|d| d.poison_idx.as_ref()), &train) {
-        let truth: std::collections::HashSet<i64> =
-            ix.iter().copied().filter(|&i| (i as usize) < train.len()).collect();
         for f in findings.iter_mut().filter(|f| f.status == "ok") {
             if matches!(f.level.as_deref(), Some("sample" | "input")) || !f.suspicious.is_empty() {
+                let judged = f.report["n_judged"]
+                    .as_u64()
+                    .map_or(train.len(), |n| (n as usize).min(train.len()));
+                let truth: std::collections::HashSet<i64> = ix
+                    .iter()
+                    .copied()
+                    .filter(|&i| i >= 0 && (i as usize) < judged)
+                    .collect();
                 f.vs_poison_idx = Some(crate::evaluate::precision_recall(&f.suspicious, &truth));
             }
         }
