@@ -621,10 +621,14 @@ pub fn trigger_sets(s: &ClassSide) -> TriggerSets {
 }
 
 /// The first `n` samples of `order` (a random permutation of the training set) whose label is
-/// none of `classes`: a trigger detector's images of other classes. int64 indices
-pub fn other_classes(labels: &Tensor, order: &Tensor, classes: &[i64], n: i64) -> Tensor {
+/// none of `classes` and that `exclude` ([N] bool) does not mark: a trigger detector's images of
+/// other classes. int64 indices
+pub fn other_classes(labels: &Tensor, order: &Tensor, classes: &[i64], n: i64, exclude: Option<&Tensor>) -> Tensor {
     let ordered = labels.index_select(0, order);
-    let mut outside = ordered.ones_like().to_kind(Kind::Bool);
+    let mut outside = match exclude {
+        Some(e) => e.index_select(0, order).logical_not(),
+        None => ordered.ones_like().to_kind(Kind::Bool),
+    };
     for &c in classes {
         outside = outside.logical_and(&ordered.ne(c));
     }
@@ -860,9 +864,15 @@ mod tests {
         let order = Tensor::arange(per * k, (Kind::Int64, Device::Cpu)).flip([0]);
         let sets = trigger_sets(&sides[0]);
         assert_eq!(Vec::<i64>::try_from(&sets.side).unwrap(), s0);
-        let other = Vec::<i64>::try_from(&other_classes(&labels, &order, &[0], 50)).unwrap();
+        let other = Vec::<i64>::try_from(&other_classes(&labels, &order, &[0], 50, None)).unwrap();
         assert!(other.iter().all(|&i| i >= per), "other classes only: {other:?}");
         assert_eq!(other.len(), 50, "the first 50 of the order outside class 0");
+        // Excluded samples are skipped: the next ones of the order take their places.
+        let excluded = Tensor::zeros([per * k], (Kind::Bool, Device::Cpu));
+        let _ = excluded.narrow(0, per * k - 10, 10).fill_(1);
+        let other2 = Vec::<i64>::try_from(&other_classes(&labels, &order, &[0], 50, Some(&excluded))).unwrap();
+        assert_eq!(other2.len(), 50);
+        assert!(other2.iter().all(|&i| i >= per && i < per * k - 10), "{other2:?}");
         // Members are 0..per in order, so positions and indices coincide.
         let mut core = Vec::<i64>::try_from(&sets.core).unwrap();
         let held = Vec::<i64>::try_from(&sets.held_out).unwrap();

@@ -38,7 +38,7 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "class_agreement":{"type":"number","default":0.6,"minimum":0,"maximum":1,"description":"suspects=class|both: a candidate side (both thresholds above reached) is accepted when a second leave-class-out probe (another initialisation, other images) names the same class as the first for at least this share of it (poisoned images are genuine images of the other classes; a clean class the probes scatter by guessing gets different guesses); compared as a lower confidence bound, see class_agreement_z"},
 "class_novel_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_novel is compared with the Wilson lower bound of the side's novel share over its size at this one-sided normal quantile (1.645: 95%), as the agreement is, so a side of a few dozen images is not a candidate on a share just above class_novel (24 of 45 gives 0.41); 0: the point estimate (the previous release)"},
 "class_agreement_z":{"type":"number","default":1.645,"minimum":0,"description":"suspects=class|both: class_agreement is compared with the Wilson lower bound of the agreement over the side's size at this one-sided normal quantile (1.645: 95%), so a side of a few images that agree by chance is not confirmed (6 of 10 gives 0.35); 0: the point estimate (the previous release)"},
-"class_mapped_min":{"type":"integer","default":0,"minimum":0,"description":"suspects=class|both: all-to-all poisoning, opt-in (0: off, the default; measured: on our all-to-all model 3 removes most of the backdoor, on the PyTorch one it accepts clean sub-populations of shirts and coats and costs 11 points of accuracy). A class none of whose sides is a candidate, but one of whose sides the probe sends, concentrated (spread below class_spread), to one novel class with a novel share passing class_novel, is confirmed by the second probe as a candidate is (class_agreement); when at least this many classes have such a confirmed side from distinct source classes, they are all accepted and one trigger detector, trained on all their sides, scores every training sample"},
+"class_mapped_min":{"type":"integer","default":0,"minimum":0,"description":"suspects=class|both: all-to-all poisoning, opt-in (0: off, the default; measured in the README's NONE section). A class none of whose sides is a candidate, but one of whose sides the probe sends, concentrated (spread below class_spread), to one novel class with a novel share passing class_novel, is confirmed by the second probe as a candidate is (class_agreement); when at least this many classes have such a confirmed side from distinct source classes, each side is cross-checked (a trigger detector trained on the other mapped sides must flag at least half of it: one trigger carries over, clean look-alikes do not; one detector per side), and if enough distinct sources remain they are all accepted and one trigger detector, trained on all their sides, scores every training sample"},
 "trigger_epochs":{"type":"integer","default":6,"minimum":0,"description":"suspects=class|both: epochs of the trigger detector trained for each accepted class (a fresh copy of the graph separating the side from other classes' images and the class's core; 0: only the side is dropped)"},
 "trigger_negatives":{"type":"integer","default":8000,"minimum":1,"description":"suspects=class|both: images of other classes among the trigger detector's negatives (a second group of negatives, weighed as much, is every second member of the class beyond the median distance from the side; the other half is held out and the share of it the detector flags is reported)"},
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
@@ -444,7 +444,26 @@ fn class_split(
     let mut sources: Vec<i64> = mapped.iter().filter_map(|m| m.source).collect();
     sources.sort_unstable();
     sources.dedup();
-    let mapped_ok = p.class_mapped_min > 0 && sources.len() >= p.class_mapped_min;
+    let mut mapped_ok = p.class_mapped_min > 0 && sources.len() >= p.class_mapped_min;
+    let mut cross_check = Value::Null;
+    if mapped_ok && mapped.len() >= 2 && p.trigger_epochs > 0 {
+        let indices: Vec<usize> = mapped.iter().map(|m| m.index).collect();
+        let (kept, checked) = cross_check_mapped(&mut fit, full, mapped, &order, k, p, seed)?;
+        for (&i, c) in indices.iter().zip(&checked) {
+            report[i]["mapped_cross_check"] = c.clone();
+        }
+        host.info(&format!(
+            "all-to-all cross-check: {} of {} mapped sides are flagged, mostly, by a detector trained on the other sides",
+            kept.len(),
+            checked.len()
+        ));
+        mapped = kept;
+        sources = mapped.iter().filter_map(|m| m.source).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        mapped_ok = sources.len() >= p.class_mapped_min;
+        cross_check = json!(checked);
+    }
     if !mapped.is_empty() {
         host.info(&format!(
             "{} class(es) have a confirmed side mapped from one other class ({} distinct sources; {} needed): {}",
@@ -467,7 +486,10 @@ fn class_split(
     for group in groups {
         host.check_cancelled()?;
         let hits = if p.trigger_epochs > 0 {
-            let found = detect_trigger(&mut fit, full, &group, &order, k, p, seed)?;
+            let classes: Vec<i64> = group.iter().map(|g| g.side.class).collect();
+            let negatives = other_classes(&full.y, &order, &classes, p.trigger_negatives, None);
+            let members: Vec<&Pending> = group.iter().collect();
+            let found = detect_trigger(&mut fit, full, &members, &negatives, k, p, seed)?;
             for g in &group {
                 report[g.index]["trigger_core_held_out"] = json!(found.held_n);
                 report[g.index]["trigger_core_held_out_flagged"] = json!(found.held_flagged);
@@ -490,6 +512,7 @@ fn class_split(
                     "sources": group.iter().map(|g| g.source).collect::<Vec<_>>(),
                     "flagged_per_class": per_class,
                     "held_out_core_flagged": found.held_flagged,
+                    "cross_check": cross_check.take(),
                 });
                 let _ = mask.logical_or_(all);
             }
@@ -574,19 +597,80 @@ struct Detected {
     all: Option<Tensor>,
 }
 
+/// The all-to-all cross-check, leave one out. The mapped sides of an all-to-all poisoning carry
+/// one trigger, so a detector trained on the other mapped sides flags most of each side; a clean
+/// sub-population that resembles another class (shirts that look like T-shirts, coats like
+/// dresses) is its own look-alike, and a detector learnt on other classes' look-alikes or on the
+/// trigger has no reason to carry over. For each side, a detector is trained as
+/// [`detect_trigger`] trains one on every other mapped side, its negatives leaving that side out
+/// (it would teach the detector that the trigger is negative). A side is kept when its detector
+/// scores at least `trigger_threshold` on at least half of it (a majority, not a tuned value).
+/// One detector per mapped side: the price of the check. (Halves, one detector per half of the
+/// sides, were tried first: on the PyTorch all-to-all model a half holding one clean look-alike
+/// beside a true side did not carry over to two true sides of the other half.) Returns the kept
+/// sides and, per mapped side, its class, source, flagged share and whether it was kept.
+fn cross_check_mapped(
+    fit: &mut dyn FnMut(u64, &DeviceData, Stretch<'_>, &DeviceData) -> Result<Tensor>,
+    full: &DeviceData,
+    mapped: Vec<Pending>,
+    order: &Tensor,
+    k: i64,
+    p: &Params,
+    seed: u64,
+) -> Result<(Vec<Pending>, Vec<Value>)> {
+    let n = full.len();
+    let device = full.x.device();
+    let on_side = |i: usize| mapped[i].side.members.masked_select(&mapped[i].side.in_side);
+    let mut share = vec![0.0f64; mapped.len()];
+    for (i, out) in share.iter_mut().enumerate() {
+        let mut excluded = Tensor::zeros([n], (Kind::Bool, device));
+        let _ = excluded.index_fill_(0, &on_side(i), 1);
+        let group: Vec<&Pending> = (0..mapped.len()).filter(|&j| j != i).map(|j| &mapped[j]).collect();
+        let classes: Vec<i64> = group.iter().map(|g| g.side.class).collect();
+        let negatives = other_classes(&full.y, order, &classes, p.trigger_negatives, Some(&excluded));
+        let found = detect_trigger(
+            fit,
+            full,
+            &group,
+            &negatives,
+            k,
+            p,
+            seed.wrapping_add(0xc4ec + i as u64),
+        )?;
+        let all = found.all.expect("a mapped group scores every sample");
+        *out = all
+            .index_select(0, &on_side(i))
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+    }
+    let checked: Vec<Value> = mapped
+        .iter()
+        .zip(&share)
+        .map(|(m, &s)| json!({"class": m.side.class, "source": m.source, "flagged_by_the_others": s, "kept": s >= 0.5}))
+        .collect();
+    let kept = mapped
+        .into_iter()
+        .zip(share)
+        .filter(|(_, s)| *s >= 0.5)
+        .map(|(m, _)| m)
+        .collect();
+    Ok((kept, checked))
+}
+
 /// Trains one trigger detector for a group of accepted sides (one all-to-one class, or every
 /// mapped side of an all-to-all poisoning, which share the trigger) and scores every member of
 /// their classes. Three labelled groups (the core labelled 2 when the graph has three outputs,
-/// else it joins the other classes), each weighing the same share of the loss: the sides (1), up
-/// to `trigger_negatives` images of classes outside the group (0), and each class's core half
-/// (2). Returns per side its members' hits ([n] bool: on the side, or scored at least
+/// else it joins the other classes), each weighing the same share of the loss: the sides (1),
+/// `other` (images of classes outside the group, [`other_classes`]: 0), and each class's core
+/// half (2). Returns per side its members' hits ([n] bool: on the side, or scored at least
 /// `trigger_threshold`), the held-out core's size and share flagged, and (a mapped group) every
 /// training sample's hit.
 fn detect_trigger(
     fit: &mut dyn FnMut(u64, &DeviceData, Stretch<'_>, &DeviceData) -> Result<Tensor>,
     full: &DeviceData,
-    group: &[Pending],
-    order: &Tensor,
+    group: &[&Pending],
+    other: &Tensor,
     k: i64,
     p: &Params,
     seed: u64,
@@ -595,12 +679,11 @@ fn detect_trigger(
     let score_all = group.iter().any(|g| g.origin == "mapped");
     let classes: Vec<i64> = group.iter().map(|g| g.side.class).collect();
     let sets: Vec<_> = group.iter().map(|g| trigger_sets(&g.side)).collect();
-    let other = other_classes(&full.y, order, &classes, p.trigger_negatives);
     let side = Tensor::cat(&sets.iter().map(|t| t.side.shallow_clone()).collect::<Vec<_>>(), 0);
     let core = Tensor::cat(&sets.iter().map(|t| t.core.shallow_clone()).collect::<Vec<_>>(), 0);
     let labels = if k >= 3 { 3 } else { 2 };
     let core_label = if labels == 3 { 2 } else { 0 };
-    let parts = [(&other, 0i64), (&side, 1), (&core, core_label)];
+    let parts = [(other, 0i64), (&side, 1), (&core, core_label)];
     let index = Tensor::cat(&parts.map(|(t, _)| t.shallow_clone()), 0);
     let y = Tensor::cat(
         &parts.map(|(t, l)| Tensor::full([t.size()[0]], l, (Kind::Int64, device))),
