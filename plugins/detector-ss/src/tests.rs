@@ -1,7 +1,8 @@
-use std::sync::OnceLock;
-
 use audit_nn::zoo::{self, Arch};
-use audit_plugin_common::testing::{poisoned_blocks, precision_recall, trained_small_cnn};
+use audit_plugin_common::testing::{
+    planted_model as backdoored_model, planted_set as poisoned_set, poisoned_blocks, precision_recall,
+    trained_small_cnn, PLANTED_TARGET as TARGET,
+};
 use audit_sdk::schema::Schema;
 use audit_sdk::testing::{self, TestData};
 use audit_sdk::Status;
@@ -50,21 +51,6 @@ fn the_removal_count_and_the_flagged_classes_follow_the_rule() {
         Vec::<i64>::new(),
         "no test, nothing flagged"
     );
-}
-
-/// The backdoor's target class.
-const TARGET: i64 = 5;
-
-/// 2,000 block images (200 per class), 3 images of each other class poisoned into `TARGET`
-/// (27 of its 227 samples, 11.9%): the set and its poisoned indices.
-fn poisoned_set() -> (TestData, Vec<i64>) {
-    poisoned_blocks(2000, 3, TARGET, 21)
-}
-
-/// A small CNN trained 3 epochs on [`poisoned_set`] (trained once per test binary).
-fn backdoored_model() -> &'static [u8] {
-    static MODEL: OnceLock<Vec<u8>> = OnceLock::new();
-    MODEL.get_or_init(|| trained_small_cnn(&poisoned_set().0, 3, 5))
 }
 
 fn scan(model: &[u8], set: &TestData, overrides: Value) -> audit_sdk::Result<Verdict> {

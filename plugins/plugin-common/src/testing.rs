@@ -81,3 +81,18 @@ pub fn precision_recall(flagged: &[i64], truth: &[i64]) -> (f64, f64) {
     };
     (precision, recall)
 }
+
+/// The planted case the sample-level detectors' tests share: the backdoor's target class.
+pub const PLANTED_TARGET: i64 = 5;
+
+/// 2,000 block images (200 per class), 3 images of each other class poisoned into
+/// [`PLANTED_TARGET`] (27 of its 227 samples, 11.9%): the set and its poisoned indices.
+pub fn planted_set() -> (TestData, Vec<i64>) {
+    poisoned_blocks(2000, 3, PLANTED_TARGET, 21)
+}
+
+/// A small CNN trained 3 epochs on [`planted_set`] (trained once per test binary).
+pub fn planted_model() -> &'static [u8] {
+    static MODEL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| trained_small_cnn(&planted_set().0, 3, 5))
+}
