@@ -7,7 +7,8 @@ mod attack;
 mod compare;
 mod doctor;
 mod eval;
-mod harden;
+pub(crate) mod grid;
+pub(crate) mod harden;
 mod inspect;
 mod plugins;
 mod report;
@@ -52,6 +53,9 @@ pub enum Command {
     Harden(harden::HardenArgs),
     /// Run several defenses on the same model and data; compare them in a table and a report.
     Compare(compare::CompareArgs),
+    /// Grids of models x attacks x defenses x seeds: plan, run on Slurm, Kubernetes or here, resume, merge.
+    #[command(subcommand)]
+    Grid(grid::GridCommand),
     /// Scan a model with detector plugins: is it backdoored, towards which class (exit 3 when flagged).
     Scan(scan::ScanArgs),
     /// Re-render a JSON report (from compare or harden) as a table, Markdown or HTML.
@@ -87,6 +91,7 @@ pub fn main() -> i32 {
         Command::Harden(args) => harden::run(args, &cli.global),
         Command::Compare(args) => compare::run(args, &cli.global),
         Command::Scan(args) => scan::run(args, &cli.global),
+        Command::Grid(cmd) => grid::run(cmd, &cli.global),
         Command::Report(args) => report::run(args),
         Command::Zoo(args) => zoo::run(args),
     };

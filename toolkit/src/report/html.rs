@@ -9,6 +9,8 @@ use serde::Serialize;
 use super::{cells, columns, header, one_line, provenance, Report, Row, SCAN_NOTE};
 
 const TEMPLATE: &str = include_str!("report.html");
+/// The style every HTML report shares (`{% include "style.html" %}`).
+pub(super) const STYLE: &str = include_str!("style.html");
 
 /// Series colours (colour-blind friendly, Okabe-Ito), the baseline first.
 const COLOURS: &[RGBColor] = &[
@@ -221,18 +223,18 @@ fn times(report: &Report) -> Result<Option<String>> {
 }
 
 #[derive(Serialize)]
-struct Cell {
-    text: String,
-    best: bool,
+pub(super) struct Cell {
+    pub(super) text: String,
+    pub(super) best: bool,
 }
 
 #[derive(Serialize)]
-struct TableRow {
-    defense: String,
-    baseline: bool,
-    failed: bool,
-    error: String,
-    cells: Vec<Cell>,
+pub(super) struct TableRow {
+    pub(super) defense: String,
+    pub(super) baseline: bool,
+    pub(super) failed: bool,
+    pub(super) error: String,
+    pub(super) cells: Vec<Cell>,
 }
 
 #[derive(Serialize)]
@@ -253,7 +255,8 @@ struct Detail {
 }
 
 /// Renders the report as one self-contained HTML page.
-pub fn html(report: &Report) -> Result<String> {
+/// The results table of `report`: the baseline first, then each defense.
+pub(super) fn table_rows(report: &Report) -> Vec<TableRow> {
     let table_row = |row: &Row, baseline: bool| TableRow {
         defense: row.defense.clone(),
         baseline,
@@ -268,9 +271,14 @@ pub fn html(report: &Report) -> Result<String> {
             vec![]
         },
     };
-    let table: Vec<TableRow> = std::iter::once(table_row(&report.baseline, true))
+    std::iter::once(table_row(&report.baseline, true))
         .chain(report.rows.iter().map(|r| table_row(r, false)))
-        .collect();
+        .collect()
+}
+
+/// Renders the report as one self-contained HTML page.
+pub fn html(report: &Report) -> Result<String> {
+    let table = table_rows(report);
     let details: Vec<Detail> = report
         .rows
         .iter()
@@ -309,6 +317,7 @@ pub fn html(report: &Report) -> Result<String> {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
     let mut env = Environment::new();
+    env.add_template("style.html", STYLE)?;
     env.add_template("report.html", TEMPLATE)?;
     let page = env.get_template("report.html")?.render(context! {
         title => format!("audit {} report: {}", report.command, report.model.path),

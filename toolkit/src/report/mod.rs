@@ -5,6 +5,7 @@
 //! onnxruntime, or tract where it is missing); plugins' own reports ride along untouched in
 //! `defense_report`.
 
+pub mod grid;
 mod html;
 pub mod scan;
 
