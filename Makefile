@@ -5,7 +5,7 @@ RELEASE := target/release
 PLUGIN_DIR := $(RELEASE)/plugins
 SETUP_STAMP := .venv/.audit-setup-done
 
-.PHONY: setup build test demo bench header examples fmt lint fuzz
+.PHONY: setup build test demo bench bench-grid header examples fmt lint fuzz
 
 # scripts/setup is idempotent; the stamp only skips re-checking on every make call.
 $(SETUP_STAMP): scripts/setup
@@ -35,6 +35,10 @@ demo: build
 
 bench: build
 	bash scripts/bench
+	bash scripts/bench-grid
+
+bench-grid: build
+	bash scripts/bench-grid
 
 # Regenerates sdk/include/audit_plugin.h from sdk/abi.
 header:

@@ -293,9 +293,10 @@ fn grid_runs_on_a_real_slurm_cluster() {
     let conf = state.join("slurm.conf");
 
     let dir = tmp.path().join("g");
+    // NAD pointed at a layer the model lacks: its job fails, and that is a result (the task exits 0).
     let grid = grid_file(
         tmp.path(),
-        &format!("{TWO_DEFENSES}\n[[defenses]]\nname = \"finetune\"\nparams = {{ epochs = 1, lr = 0.005 }}\n"),
+        &format!("{TWO_DEFENSES}\n[[defenses]]\nname = \"nad\"\nparams = {{ layers = \"no_such_value\" }}\n"),
     );
     audit(&["grid", "plan", s(&grid), "--out", s(&dir)]).expect_code(0);
     audit(&["grid", "emit", s(&dir), "--backend", "slurm", "--parallel", "2"]).expect_code(0);
@@ -304,34 +305,40 @@ fn grid_runs_on_a_real_slurm_cluster() {
         .unwrap()
         .contains("#SBATCH --array=0-2%2"));
 
-    // Submitted and waited for: every job has an ok result, read its index from Slurm.
+    // Submitted and waited for (sbatch --wait exits 0 only when every task did): every job has a
+    // result, read its index from Slurm; the failed defense's says why.
     slurm("sbatch", &["--wait", s(&script)], &conf).expect_code(0);
     let res = results(&dir);
     assert_eq!(res.len(), 3, "{res:?}");
-    for (_, r) in &res {
-        assert_eq!(r["status"], "ok", "{r}");
+    for (i, (_, r)) in res.iter().enumerate() {
+        assert_eq!(r["status"], if i == 2 { "failed" } else { "ok" }, "{r}");
         assert_eq!(r["index_source"], "$SLURM_ARRAY_TASK_ID");
     }
+    assert!(
+        res[2].1["error"].as_str().unwrap().contains("no_such_value"),
+        "{}",
+        res[2].1
+    );
     let stamps: Vec<String> = res.iter().map(|r| r.1["started"].to_string()).collect();
 
-    // Resubmitting the whole array is safe: every task finds its result and skips.
+    // Resubmitting the whole array is safe: the finished jobs are skipped, the failed one runs again.
     slurm("sbatch", &["--wait", s(&script)], &conf).expect_code(0);
     let again: Vec<String> = results(&dir).iter().map(|r| r.1["started"].to_string()).collect();
-    assert_eq!(stamps, again, "no job ran twice");
-    for i in 0..3 {
+    assert_eq!(stamps[..2], again[..2], "no finished job ran twice");
+    for i in 0..2 {
         let log = std::fs::read_to_string(dir.join(format!("logs/{i}.log"))).unwrap();
         assert!(log.contains("skipped"), "task {i}: {log}");
     }
 
     // A job cancelled midway leaves no result (status: missing) and is rerun by resubmitting
     // what status names. The task holds in the defense's training so it is surely midway.
-    let victim = &res[2].0;
+    let victim = &res[1].0;
     std::fs::remove_file(dir.join("results").join(victim)).unwrap();
     let id = slurm(
         "sbatch",
         &[
             "--parsable",
-            "--array=2",
+            "--array=1",
             "--export=ALL,AUDIT_PHASE_LINES=1,AUDIT_HOLD_PHASE=harden:train,AUDIT_HOLD_SECONDS=120",
             s(&script),
         ],
@@ -343,7 +350,7 @@ fn grid_runs_on_a_real_slurm_cluster() {
     .to_string();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let log = std::fs::read_to_string(dir.join("logs/2.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(dir.join("logs/1.log")).unwrap_or_default();
         if log.contains("@phase harden:train") {
             break;
         }
@@ -356,15 +363,19 @@ fn grid_runs_on_a_real_slurm_cluster() {
         assert!(Instant::now() < deadline, "the cancelled task did not end");
         std::thread::sleep(Duration::from_millis(500));
     }
+    assert!(
+        !dir.join("results").join(victim).exists(),
+        "a cancelled job leaves no result"
+    );
     let st = audit(&["grid", "status", s(&dir), "--json"]).expect_code(0).json();
     assert_eq!(
-        (st["done"].as_u64(), st["missing"].as_u64()),
-        (Some(2), Some(1)),
+        (st["done"].as_u64(), st["failed"].as_u64(), st["missing"].as_u64()),
+        (Some(1), Some(1), Some(1)),
         "{st}"
     );
     let array = st["resubmit"].as_str().unwrap().to_string();
-    assert_eq!(array, "2");
+    assert_eq!(array, "1-2");
     slurm("sbatch", &["--wait", &format!("--array={array}"), s(&script)], &conf).expect_code(0);
     let st = audit(&["grid", "status", s(&dir), "--json"]).expect_code(0).json();
-    assert_eq!(st["done"].as_u64(), Some(3), "{st}");
+    assert_eq!((st["done"].as_u64(), st["failed"].as_u64()), (Some(2), Some(1)), "{st}");
 }

@@ -183,6 +183,10 @@ struct GridFile {
     /// `auto`, `cpu` or `cuda`.
     #[serde(default = "default_device")]
     device: String,
+    /// Detectors that scan each hardened model (`audit harden --verify --verify-detector D`);
+    /// empty: no scan. A flagged model is a result like any other.
+    #[serde(default)]
+    verify: Vec<toml::Spanned<String>>,
     #[serde(default)]
     models: Vec<toml::Spanned<ModelEntry>>,
     #[serde(default)]
@@ -280,6 +284,9 @@ pub struct JobSpec {
     pub test_limit: Option<usize>,
     pub epochs: usize,
     pub device: String,
+    /// Detectors run on the input and the hardened model (`harden --verify`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<String>,
 }
 
 impl JobSpec {
@@ -460,6 +467,22 @@ fn expand(path: &Path, text: &str, global: &GlobalArgs) -> Result<(Vec<Job>, Vec
         }
         Ok(specs)
     };
+    let mut verify = Vec::new();
+    for (i, d) in grid.verify.iter().enumerate() {
+        let at = format!(
+            "{file} line {}: verify[{i}] `{}`",
+            line_of(text, d.span().start),
+            d.get_ref()
+        );
+        let plugin = find(&dirs, d.get_ref()).map_err(|err| input_error(format!("{at}: {err:#}")))?;
+        if plugin.kind != Kind::Detector {
+            return Err(input_error(format!(
+                "{at}: is a {} plugin, not a detector",
+                plugin.kind
+            )));
+        }
+        verify.push(plugin.name.clone());
+    }
     let attacks = check(&grid.attacks, "attacks", Kind::Attack)?;
     let defenses = check(&grid.defenses, "defenses", Kind::Defense)?;
     let mut jobs = Vec::new();
@@ -477,6 +500,7 @@ fn expand(path: &Path, text: &str, global: &GlobalArgs) -> Result<(Vec<Job>, Vec
                         test_limit: grid.test_limit,
                         epochs: grid.epochs,
                         device: grid.device.clone(),
+                        verify: verify.clone(),
                     };
                     jobs.push(Job {
                         index: jobs.len(),
@@ -948,6 +972,12 @@ fn run_one(grid: &Grid, job: &Job, source: &str, global: &GlobalArgs) -> Result<
             for p in s.defense.args() {
                 a.extend(["--param".into(), p]);
             }
+            if !s.verify.is_empty() {
+                a.push("--verify".into());
+                for d in &s.verify {
+                    a.extend(["--verify-detector".into(), d.clone()]);
+                }
+            }
             for p in s.attack.args() {
                 a.extend(["--attack-param".into(), p]);
             }
@@ -1376,6 +1406,7 @@ mod tests {
             test_limit: None,
             epochs: 1,
             device: "cpu".into(),
+            verify: vec![],
         };
         assert_eq!(spec.hash(), spec.clone().hash());
         assert_eq!(spec.hash().len(), 16);

@@ -97,22 +97,23 @@ pub enum Format {
 }
 
 impl Format {
+    /// The report formats of [`super::Format`], and `.csv`.
     pub fn of(path: &Path) -> Result<Format> {
-        match path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("json") => Ok(Format::Json),
-            Some("md") | Some("markdown") => Ok(Format::Markdown),
-            Some("html") | Some("htm") => Ok(Format::Html),
-            Some("csv") => Ok(Format::Csv),
-            _ => Err(input_error(format!(
-                "--report {}: the extension must be .json, .md, .html or .csv",
-                path.display()
-            ))),
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+            return Ok(Format::Csv);
         }
+        Ok(
+            match super::Format::of(path).map_err(|_| {
+                input_error(format!(
+                    "--report {}: the extension must be .json, .md, .html or .csv",
+                    path.display()
+                ))
+            })? {
+                super::Format::Json => Format::Json,
+                super::Format::Markdown => Format::Markdown,
+                super::Format::Html => Format::Html,
+            },
+        )
     }
 }
 

@@ -306,6 +306,7 @@ impl ScanReport {
             })
             .collect();
         let mut env = Environment::new();
+        env.add_template("style.html", super::html::STYLE)?;
         env.add_template("scan.html", TEMPLATE)?;
         Ok(env.get_template("scan.html")?.render(context! {
             title => format!("audit scan report: {}", self.model.path),
