@@ -176,3 +176,83 @@ fn strip_judges_the_training_inputs() {
     );
     assert!(f["summary"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
 }
+
+/// `--eval-attack`: STRIP judges held-out clean test images and the same images triggered, and
+/// the finding carries its false rejection and false acceptance rates; misuse is refused.
+#[test]
+fn strip_reports_far_and_frr_on_triggered_test_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = zoo_small_cnn(dir.path());
+    let m = model.to_str().unwrap();
+    let data = audit_tests::data();
+    let r = audit_in(
+        dir.path(),
+        &["scan", m, "--detector", "strip", "--eval-attack", "badnets"],
+    )
+    .expect_code(2);
+    assert!(r.stderr.contains("--data"), "{}", r.stderr);
+    let r = audit_in(
+        dir.path(),
+        &[
+            "scan",
+            m,
+            "--data",
+            data,
+            "--detector",
+            "strip",
+            "--eval-attack",
+            "finetune",
+        ],
+    )
+    .expect_code(2);
+    assert!(r.stderr.contains("not an attack"), "{}", r.stderr);
+    let args = [
+        "scan",
+        m,
+        "--data",
+        data,
+        "--limit",
+        "100",
+        "--detector",
+        "strip",
+        "--param",
+        "overlays=10",
+        "--eval-attack",
+        "badnets",
+        "--attack-param",
+        "patch_size=4",
+        "--eval-size",
+        "100",
+        "--json",
+    ];
+    let run = audit_in(dir.path(), &args);
+    if data == "synthetic" {
+        // 500 test images, all lent as the clean subset: nothing is held out.
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stderr.contains("held-out"), "{}", run.stderr);
+        return;
+    }
+    assert!(run.code == 0 || run.code == 3, "exit {}: {}", run.code, run.stderr);
+    let doc = run.json();
+    let e = &doc["findings"][0]["input_eval"];
+    assert_eq!(e["attack"], "badnets", "{e}");
+    assert_eq!(e["params"]["patch_size"], 4, "--attack-param reached the attack");
+    assert_eq!(e["n_clean"], 100);
+    let (n_t, f_c, f_t) = (
+        e["n_triggered"].as_u64().unwrap(),
+        e["flagged_clean"].as_u64().unwrap(),
+        e["flagged_triggered"].as_u64().unwrap(),
+    );
+    assert!(n_t > 50 && n_t <= 100, "target-class images are left out: {e}");
+    assert!((e["frr"].as_f64().unwrap() - f_c as f64 / 100.0).abs() < 1e-12, "{e}");
+    assert!(
+        (e["far"].as_f64().unwrap() - (n_t - f_t) as f64 / n_t as f64).abs() < 1e-12,
+        "{e}"
+    );
+    let table = audit_in(dir.path(), &args[..args.len() - 1]);
+    assert!(
+        table.stdout.contains("FRR") && table.stdout.contains("FAR"),
+        "{}",
+        table.stdout
+    );
+}

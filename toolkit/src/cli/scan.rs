@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use super::args::{DataOptions, DeviceArg};
 use super::harden::with_metadata;
@@ -59,6 +59,18 @@ pub struct ScanArgs {
     /// --force).
     #[arg(long = "images", value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// Input-level detectors (STRIP) are run again on held-out clean test images and the same
+    /// images triggered by this attack, and report their false rejection (FRR) and false
+    /// acceptance (FAR) rates; needs --data.
+    #[arg(long, value_name = "NAME")]
+    pub eval_attack: Option<String>,
+    /// Parameter of --eval-attack KEY=VALUE (repeatable).
+    #[arg(long = "attack-param", value_name = "KEY=VALUE", requires = "eval_attack")]
+    pub attack_params: Vec<String>,
+    /// --eval-attack: clean test images judged (after the 1,000 lent as the clean subset), and as
+    /// many triggered (those whose true class is the attack's label are left out).
+    #[arg(long, default_value_t = 500, requires = "eval_attack")]
+    pub eval_size: usize,
 }
 
 /// `--images DIR`: created when missing; refused when it is not a folder, or holds anything and
@@ -199,77 +211,95 @@ impl Scanner {
         seed: u64,
     ) -> Result<Vec<Finding>> {
         let mut findings = Vec::new();
-        for (d, params) in self.detectors.iter().zip(&self.params) {
-            eprintln!("scanning {what} with `{}` ({device})", d.name);
-            let started = std::time::Instant::now();
-            let needs_clean = d.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
-            let result = d.call(&CallInput {
-                op: Op::Scan,
-                params,
-                seed,
-                device,
-                model: Some(model),
-                data: train,
-                clean: if needs_clean { clean } else { None },
-                num_classes,
-            });
-            let seconds = started.elapsed().as_secs_f64();
-            let base = Finding {
-                detector: d.name.clone(),
-                version: d.version.clone(),
-                params: Value::Object(params.clone()),
-                library: d.path.display().to_string(),
-                library_sha256: d.sha256.clone(),
-                status: "ok".into(),
-                error: None,
-                backdoored: None,
-                target_classes: vec![],
-                score: None,
-                score_name: None,
-                level: None,
-                summary: None,
-                n_suspicious: 0,
-                suspicious: vec![],
-                vs_poison_idx: None,
-                seconds,
-                report: Value::Null,
-            };
-            match result {
-                Ok(out) => {
-                    if !out.message.is_empty() {
-                        eprintln!("[{}] warning: {}", d.name, out.message);
-                    }
-                    let r: Map<String, Value> = out.report;
-                    let text = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
-                    findings.push(Finding {
-                        backdoored: r.get("backdoored").and_then(Value::as_bool),
-                        target_classes: r
-                            .get("target_classes")
-                            .and_then(Value::as_array)
-                            .map(|a| a.iter().filter_map(Value::as_i64).collect())
-                            .unwrap_or_default(),
-                        score: r.get("score").and_then(Value::as_f64),
-                        score_name: text("score_name"),
-                        level: text("level"),
-                        summary: text("summary"),
-                        n_suspicious: out.indices.as_ref().map_or(0, Vec::len),
-                        suspicious: out.indices.unwrap_or_default(),
-                        report: Value::Object(r),
-                        ..base
-                    });
-                }
-                Err(e @ (PluginError::Cancelled { .. } | PluginError::InvalidInput { .. })) => return Err(e.into()),
-                Err(e) => {
-                    eprintln!("`{}` failed: {e}", d.name);
-                    findings.push(Finding {
-                        status: "failed".into(),
-                        error: Some(e.to_string()),
-                        ..base
-                    });
-                }
-            }
+        for i in 0..self.detectors.len() {
+            findings.push(self.run_one(i, what, model, train, clean, num_classes, device, seed)?);
         }
         Ok(findings)
+    }
+
+    /// Runs detector `i` (see [`Scanner::run`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_one(
+        &self,
+        i: usize,
+        what: &str,
+        model: &[u8],
+        train: Option<&data::LabeledSet>,
+        clean: Option<&data::LabeledSet>,
+        num_classes: usize,
+        device: &str,
+        seed: u64,
+    ) -> Result<Finding> {
+        let (d, params) = (&self.detectors[i], &self.params[i]);
+        eprintln!("scanning {what} with `{}` ({device})", d.name);
+        let started = std::time::Instant::now();
+        let needs_clean = d.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
+        let result = d.call(&CallInput {
+            op: Op::Scan,
+            params,
+            seed,
+            device,
+            model: Some(model),
+            data: train,
+            clean: if needs_clean { clean } else { None },
+            num_classes,
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        let base = Finding {
+            detector: d.name.clone(),
+            version: d.version.clone(),
+            params: Value::Object(params.clone()),
+            library: d.path.display().to_string(),
+            library_sha256: d.sha256.clone(),
+            status: "ok".into(),
+            error: None,
+            backdoored: None,
+            target_classes: vec![],
+            score: None,
+            score_name: None,
+            level: None,
+            summary: None,
+            n_suspicious: 0,
+            suspicious: vec![],
+            vs_poison_idx: None,
+            input_eval: None,
+            seconds,
+            report: Value::Null,
+        };
+        match result {
+            Ok(out) => {
+                if !out.message.is_empty() {
+                    eprintln!("[{}] warning: {}", d.name, out.message);
+                }
+                let r: Map<String, Value> = out.report;
+                let text = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
+                Ok(Finding {
+                    backdoored: r.get("backdoored").and_then(Value::as_bool),
+                    target_classes: r
+                        .get("target_classes")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                        .unwrap_or_default(),
+                    score: r.get("score").and_then(Value::as_f64),
+                    score_name: text("score_name"),
+                    level: text("level"),
+                    summary: text("summary"),
+                    n_suspicious: out.indices.as_ref().map_or(0, Vec::len),
+                    suspicious: out.indices.unwrap_or_default(),
+                    report: Value::Object(r),
+                    ..base
+                })
+            }
+            Err(e @ (PluginError::Cancelled { .. } | PluginError::InvalidInput { .. })) => Err(e.into()),
+            Err(e) => {
+                eprintln!("`{}` failed: {e}", d.name);
+                Ok(Finding {
+                    status: "failed".into(),
+                    error: Some(e.to_string()),
+                    ..base
+                })
+            }
+        }
     }
 }
 
@@ -378,6 +408,108 @@ pub(crate) fn clean_images(ds: &data::Dataset) -> data::LabeledSet {
     ds.test.head(1000)
 }
 
+/// `--eval-attack`'s inputs: held-out clean test images, then the same images triggered (those
+/// whose true class is already the attack's label left out).
+struct TriggeredInputs {
+    set: data::LabeledSet,
+    n_clean: usize,
+    n_triggered: usize,
+}
+
+fn triggered_inputs(
+    ds: &data::Dataset,
+    attack: &LoadedPlugin,
+    params: &Map<String, Value>,
+    size: usize,
+    seed: u64,
+) -> Result<TriggeredInputs> {
+    let lent = clean_images(ds).len();
+    let held_out = ds.test.range(lent, size);
+    if held_out.is_empty() {
+        return Err(input_error(format!(
+            "--eval-attack: {} has {} test images, all lent to the detectors as clean data (the first {lent}); \
+             FAR/FRR need held-out test images after them",
+            ds.source,
+            ds.test.len()
+        )));
+    }
+    let out = attack.call(&CallInput {
+        op: Op::Trigger,
+        params,
+        seed,
+        device: "cpu",
+        model: None,
+        data: Some(&held_out),
+        clean: None,
+        num_classes: ds.num_classes,
+    })?;
+    let triggered = data::LabeledSet {
+        images: out.images.context("the attack's trigger returned no images")?,
+        labels: out.labels.context("the attack's trigger returned no labels")?,
+    };
+    if triggered.len() != held_out.len() {
+        return Err(anyhow::anyhow!(
+            "the attack `{}` triggered {} of {} images",
+            attack.name,
+            triggered.len(),
+            held_out.len()
+        ));
+    }
+    let keep: Vec<usize> = (0..held_out.len())
+        .filter(|&i| held_out.labels[i] != triggered.labels[i])
+        .collect();
+    let triggered = triggered.select(&keep);
+    let images = held_out
+        .images
+        .concat(&triggered.images)
+        .context("the attack's triggered images have another shape")?;
+    Ok(TriggeredInputs {
+        n_clean: held_out.len(),
+        n_triggered: triggered.len(),
+        set: data::LabeledSet {
+            images,
+            labels: [held_out.labels, triggered.labels].concat(),
+        },
+    })
+}
+
+impl TriggeredInputs {
+    /// FRR (clean inputs flagged) and FAR (triggered inputs not flagged) of a finding on these
+    /// inputs, among those it judged (`n_judged`).
+    fn rates(&self, attack: &str, params: &Map<String, Value>, f: &Finding) -> Value {
+        let judged = f.report["n_judged"]
+            .as_u64()
+            .map_or(self.set.len(), |n| (n as usize).min(self.set.len()));
+        let n_clean = self.n_clean.min(judged);
+        let n_triggered = judged.saturating_sub(self.n_clean);
+        let flagged = |lo: usize, hi: usize| {
+            f.suspicious
+                .iter()
+                .filter(|&&i| i >= 0 && (i as usize) >= lo && (i as usize) < hi)
+                .count()
+        };
+        let (fc, ft) = (flagged(0, n_clean), flagged(self.n_clean, self.n_clean + n_triggered));
+        let share = |k: usize, n: usize| {
+            if n == 0 {
+                Value::Null
+            } else {
+                json!(k as f64 / n as f64)
+            }
+        };
+        json!({
+            "attack": attack,
+            "params": params,
+            "n_clean": n_clean,
+            "n_triggered": n_triggered,
+            "flagged_clean": fc,
+            "flagged_triggered": ft,
+            "frr": share(fc, n_clean),
+            "far": share(n_triggered - ft, n_triggered),
+            "seconds": f.seconds,
+        })
+    }
+}
+
 /// The number of classes of a model whose first output is [N, K] with K known.
 pub(crate) fn output_classes(bytes: &[u8]) -> Option<usize> {
     let m = audit_nn::Model::load(bytes, None).ok()?;
@@ -404,6 +536,35 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
     if let Some(d) = &args.images {
         prepare_images_dir(d, args.force)?;
     }
+    let eval_attack = match &args.eval_attack {
+        None => None,
+        Some(_) if args.data.is_none() => {
+            return Err(input_error(
+                "--eval-attack triggers test images of --data: give --data DATA",
+            ))
+        }
+        Some(name) => {
+            let p = super::plugins::find(&dirs, name)?;
+            if p.kind != Kind::Attack {
+                return Err(input_error(format!(
+                    "--eval-attack `{}` is a {} plugin, not an attack",
+                    p.name, p.kind
+                )));
+            }
+            let params = p
+                .schema
+                .resolve_args(&args.attack_params)
+                .map_err(|e| PluginError::InvalidInput {
+                    name: p.name.clone(),
+                    path: p.path.clone(),
+                    message: e.to_string(),
+                })?;
+            if args.eval_size == 0 {
+                return Err(input_error("--eval-size must be at least 1"));
+            }
+            Some((p, params))
+        }
+    };
     crate::signals::phase("scan:load");
     let (original, norm) = args.data_options.model_and_normalization(&args.model)?;
     let lent = with_metadata(&original, &norm.metadata())?;
@@ -452,6 +613,32 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
                     .collect();
                 f.vs_poison_idx = Some(crate::evaluate::precision_recall(&f.suspicious, &truth));
             }
+        }
+    }
+    if let (Some((attack, attack_params)), Some(ds)) = (&eval_attack, &ds) {
+        let inputs = triggered_inputs(ds, attack, attack_params, args.eval_size, args.seed)?;
+        for (i, finding) in findings.iter_mut().enumerate() {
+            if finding.status != "ok" || finding.level.as_deref() != Some("input") {
+                continue;
+            }
+            eprintln!(
+                "judging {} clean and {} `{}`-triggered held-out test inputs",
+                inputs.n_clean, inputs.n_triggered, attack.name
+            );
+            let f = scanner.run_one(
+                i,
+                "the held-out test inputs",
+                &lent,
+                Some(&inputs.set),
+                clean.as_ref(),
+                num_classes,
+                device_name,
+                args.seed,
+            )?;
+            finding.input_eval = Some(match f.status.as_str() {
+                "ok" => inputs.rates(&attack.name, attack_params, &f),
+                _ => json!({"attack": attack.name, "error": f.error}),
+            });
         }
     }
     let report = ScanReport::new(

@@ -79,13 +79,40 @@ impl Images {
 
     /// The first `k` images.
     pub fn head(&self, k: usize) -> Images {
-        let k = k.min(self.n);
-        let m = k * self.image_len();
+        self.range(0, k)
+    }
+
+    /// Up to `k` images from `start` (none when `start` is past the end).
+    pub fn range(&self, start: usize, k: usize) -> Images {
+        let start = start.min(self.n);
+        let k = k.min(self.n - start);
+        let (a, b) = (start * self.image_len(), (start + k) * self.image_len());
         let pixels = match &self.pixels {
-            Pixels::U8(v) => Pixels::U8(v[..m].to_vec()),
-            Pixels::F32(v) => Pixels::F32(v[..m].to_vec()),
+            Pixels::U8(v) => Pixels::U8(v[a..b].to_vec()),
+            Pixels::F32(v) => Pixels::F32(v[a..b].to_vec()),
         };
         Images { n: k, pixels, ..*self }
+    }
+
+    /// `self` then `other` (same image shape; u8 pixels stay u8 when both are, else both become
+    /// f32 in 0..1). None when the shapes differ.
+    pub fn concat(&self, other: &Images) -> Option<Images> {
+        if (self.c, self.h, self.w) != (other.c, other.h, other.w) {
+            return None;
+        }
+        let f32s = |p: &Pixels| match p {
+            Pixels::U8(v) => v.iter().map(|&x| f32::from(x) / 255.0).collect::<Vec<f32>>(),
+            Pixels::F32(v) => v.clone(),
+        };
+        let pixels = match (&self.pixels, &other.pixels) {
+            (Pixels::U8(a), Pixels::U8(b)) => Pixels::U8([a.as_slice(), b.as_slice()].concat()),
+            (a, b) => Pixels::F32([f32s(a), f32s(b)].concat()),
+        };
+        Some(Images {
+            n: self.n + other.n,
+            pixels,
+            ..*self
+        })
     }
 
     /// Pixels as u8 (f32 is scaled by 255 and rounded).
@@ -115,10 +142,34 @@ impl LabeledSet {
     }
     /// The first `k` samples.
     pub fn head(&self, k: usize) -> LabeledSet {
-        let k = k.min(self.len());
+        self.range(0, k)
+    }
+
+    /// The samples at `idx` (in that order; every index must be in range).
+    pub fn select(&self, idx: &[usize]) -> LabeledSet {
+        let len = self.images.image_len();
+        let pick = |i: usize| i * len..(i + 1) * len;
+        let pixels = match &self.images.pixels {
+            Pixels::U8(v) => Pixels::U8(idx.iter().flat_map(|&i| v[pick(i)].iter().copied()).collect()),
+            Pixels::F32(v) => Pixels::F32(idx.iter().flat_map(|&i| v[pick(i)].iter().copied()).collect()),
+        };
         LabeledSet {
-            images: self.images.head(k),
-            labels: self.labels[..k].to_vec(),
+            images: Images {
+                n: idx.len(),
+                pixels,
+                ..self.images
+            },
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+
+    /// Up to `k` samples from `start`.
+    pub fn range(&self, start: usize, k: usize) -> LabeledSet {
+        let images = self.images.range(start, k);
+        let start = start.min(self.len());
+        LabeledSet {
+            labels: self.labels[start..start + images.n].to_vec(),
+            images,
         }
     }
 }
@@ -219,6 +270,43 @@ pub fn detect(spec: &str) -> DataFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_and_concatenation_keep_images_whole() {
+        let im = |n: usize, p: Pixels| Images {
+            n,
+            c: 1,
+            h: 1,
+            w: 2,
+            pixels: p,
+        };
+        let set = LabeledSet {
+            images: im(3, Pixels::U8(vec![0, 1, 2, 3, 4, 5])),
+            labels: vec![7, 8, 9],
+        };
+        let mid = set.range(1, 5);
+        assert_eq!(
+            (mid.images.pixels.clone(), mid.labels.clone()),
+            (Pixels::U8(vec![2, 3, 4, 5]), vec![8, 9])
+        );
+        assert!(set.range(9, 2).is_empty());
+        let both = mid.images.concat(&set.images.head(1)).unwrap();
+        assert_eq!((both.n, both.pixels), (3, Pixels::U8(vec![2, 3, 4, 5, 0, 1])));
+        let mixed = im(1, Pixels::U8(vec![255, 0]))
+            .concat(&im(1, Pixels::F32(vec![0.5, 1.0])))
+            .unwrap();
+        assert_eq!(mixed.pixels, Pixels::F32(vec![1.0, 0.0, 0.5, 1.0]));
+        let other = Images {
+            c: 2,
+            ..im(1, Pixels::U8(vec![0, 0, 0, 0]))
+        };
+        assert!(mixed.concat(&other).is_none());
+        let picked = set.select(&[2, 0]);
+        assert_eq!(
+            (picked.images.pixels, picked.labels),
+            (Pixels::U8(vec![4, 5, 0, 1]), vec![9, 7])
+        );
+    }
 
     #[test]
     fn auto_detects_every_format() {

@@ -43,6 +43,12 @@ pub struct Finding {
     /// 0, every poisoned sample missed, and precision null).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_poison_idx: Option<Value>,
+    /// `scan --eval-attack`: an input-level detector run again on held-out clean test images and
+    /// the same images triggered by the attack: `{attack, params, n_clean, n_triggered,
+    /// flagged_clean, flagged_triggered, frr, far, seconds}` (FRR: clean inputs rejected; FAR:
+    /// triggered inputs accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_eval: Option<Value>,
     pub seconds: f64,
     /// The plugin's own report, untouched.
     pub report: Value,
@@ -201,6 +207,20 @@ impl ScanReport {
                     }
                     (0, None) => "-".to_string(),
                     (n, None) => n.to_string(),
+                };
+                let samples = match &f.input_eval {
+                    Some(e) => {
+                        let ratio = |k: &str| e[k].as_f64().map_or("-".to_string(), |v| format!("{v:.3}"));
+                        format!(
+                            "{samples}; on {} clean and {} `{}`-triggered test inputs: FRR {}, FAR {}",
+                            e["n_clean"],
+                            e["n_triggered"],
+                            e["attack"].as_str().unwrap_or("-"),
+                            ratio("frr"),
+                            ratio("far")
+                        )
+                    }
+                    None => samples,
                 };
                 [
                     f.detector.clone(),
@@ -381,6 +401,7 @@ mod tests {
             n_suspicious: 0,
             suspicious: vec![],
             vs_poison_idx: None,
+            input_eval: None,
             seconds: 1.5,
             report: serde_json::json!({}),
         };
