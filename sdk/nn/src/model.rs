@@ -544,6 +544,34 @@ impl Model {
         mode: Mode,
         taps: &[usize],
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        self.run_graph(inputs, mode, taps, |_, _| None)
+    }
+
+    /// As [`Model::forward_with_taps`], and every value a node computes is first shown to `edit`
+    /// (its value id and tensor, in execution order): when it returns a tensor, that tensor
+    /// replaces the value for the rest of the pass (the nodes that read it, the taps, the
+    /// outputs). A replacement may change the batch size (the nodes after it then run on the new
+    /// batch, which must agree with every other value they read). ABS's stimulation sets one
+    /// channel of a layer's output to chosen values this way and runs the rest of the graph.
+    pub fn forward_with_edits(
+        &self,
+        inputs: &[&Tensor],
+        mode: Mode,
+        taps: &[usize],
+        edit: &mut dyn FnMut(usize, &Tensor) -> Option<Tensor>,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        self.run_graph(inputs, mode, taps, edit)
+    }
+
+    /// The forward pass of both methods above (generic, so the taps-only pass pays nothing for
+    /// the edit hook).
+    fn run_graph<F: FnMut(usize, &Tensor) -> Option<Tensor>>(
+        &self,
+        inputs: &[&Tensor],
+        mode: Mode,
+        taps: &[usize],
+        mut edit: F,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         if inputs.len() != self.input_ids.len() {
             return Err(NnError::Other(format!(
                 "the model takes {} input(s), got {}",
@@ -580,11 +608,12 @@ impl Model {
             let constant = node.op_type == "Constant";
             for (&o, t) in node.outputs.iter().zip(outs) {
                 // Constants are created on the CPU; the graph runs on the model's device.
-                env[o] = Some(if constant && t.device() != self.device {
+                let t = if constant && t.device() != self.device {
                     t.to_device(self.device)
                 } else {
                     t
-                });
+                };
+                env[o] = Some(edit(o, &t).unwrap_or(t));
             }
         }
         let take = |id: usize| {
@@ -876,5 +905,65 @@ mod guard_tests {
         assert_eq!(guarded::<()>(|| Err("plain".into())), Err("plain".into()));
         // A panic outside the guard still panics (the hook is only quiet inside it).
         assert!(std::panic::catch_unwind(|| panic!("outside")).is_err());
+    }
+}
+
+#[cfg(test)]
+mod edit_tests {
+    use super::*;
+    use crate::zoo::{self, Arch};
+
+    /// `forward_with_edits` without an edit is `forward_with_taps`; an edit replaces the value
+    /// for the nodes that read it, the taps and the outputs; a replacement may change the batch.
+    #[test]
+    fn edits_replace_a_value_for_the_rest_of_the_pass() {
+        let proto = zoo::build(Arch::SmallCnn, [1, 8, 8], 3, 1).expect("zoo model");
+        let model = Model::load(&zoo::to_bytes(&proto), None).expect("model loads");
+        let layers = model.layers();
+        let hidden = layers.iter().find(|l| l.op_type == "Gemm" && !l.is_output).unwrap();
+        let output = layers.iter().find(|l| l.is_output).unwrap();
+        // The hidden layer's activation: the output layer's input.
+        let (act, found) = model.graph().activation_after(hidden.value);
+        assert!(found && Some(act) == output.input);
+        tch::manual_seed(0);
+        let x = Tensor::rand([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let (plain, taps) = model.forward_with_taps(&[&x], Mode::Eval, &[act]).unwrap();
+        let mut seen = Vec::new();
+        let (same, same_taps) = model
+            .forward_with_edits(&[&x], Mode::Eval, &[act], &mut |v, _| {
+                seen.push(v);
+                None
+            })
+            .unwrap();
+        assert!(plain[0].equal(&same[0]) && taps[0].equal(&same_taps[0]));
+        assert!(
+            seen.contains(&act) && seen.contains(&hidden.value),
+            "every computed value is shown"
+        );
+        // Zero the hidden activation: the logits are the output layer's bias alone.
+        let (outs, taps) = model
+            .forward_with_edits(&[&x], Mode::Eval, &[act], &mut |v, t| {
+                (v == act).then(|| t.zeros_like())
+            })
+            .unwrap();
+        let bias = &model.params[output.bias.unwrap()].tensor;
+        assert!(outs[0].allclose(&bias.unsqueeze(0).expand([2, 3], false), 1e-6, 1e-6, false));
+        assert_eq!(
+            taps[0].abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "taps see the edit"
+        );
+        assert!(
+            !plain[0].allclose(&outs[0], 1e-6, 1e-6, false),
+            "the edit changed the logits"
+        );
+        // A replacement with three copies of the batch runs the rest of the graph on six rows.
+        let (outs, _) = model
+            .forward_with_edits(&[&x], Mode::Eval, &[], &mut |v, t| {
+                (v == hidden.value).then(|| t.repeat([3, 1]))
+            })
+            .unwrap();
+        assert_eq!(outs[0].size(), [6, 3]);
+        assert!(outs[0].narrow(0, 4, 2).allclose(&plain[0], 1e-6, 1e-6, false));
     }
 }
