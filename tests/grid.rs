@@ -378,4 +378,14 @@ fn grid_runs_on_a_real_slurm_cluster() {
     slurm("sbatch", &["--wait", &format!("--array={array}"), s(&script)], &conf).expect_code(0);
     let st = audit(&["grid", "status", s(&dir), "--json"]).expect_code(0).json();
     assert_eq!((st["done"].as_u64(), st["failed"].as_u64()), (Some(2), Some(1)), "{st}");
+
+    // Merged: every job is a row of the one backdoored model's group, the failed one with its error.
+    let merged = tmp.path().join("merged.json");
+    audit(&["grid", "merge", s(&dir), "--report", s(&merged)]).expect_code(0);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
+    assert_eq!((doc["done"].as_u64(), doc["failed"].as_u64()), (Some(2), Some(1)), "{doc}");
+    let rows = doc["groups"][0]["report"]["rows"].as_array().unwrap();
+    let status: Vec<&str> = rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(status, ["ok", "ok", "failed"]);
+    assert!(rows[2]["error"].as_str().unwrap().contains("no_such_value"));
 }
