@@ -383,7 +383,11 @@ fn grid_runs_on_a_real_slurm_cluster() {
     let merged = tmp.path().join("merged.json");
     audit(&["grid", "merge", s(&dir), "--report", s(&merged)]).expect_code(0);
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
-    assert_eq!((doc["done"].as_u64(), doc["failed"].as_u64()), (Some(2), Some(1)), "{doc}");
+    assert_eq!(
+        (doc["done"].as_u64(), doc["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{doc}"
+    );
     let rows = doc["groups"][0]["report"]["rows"].as_array().unwrap();
     let status: Vec<&str> = rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
     assert_eq!(status, ["ok", "ok", "failed"]);
