@@ -32,7 +32,7 @@
 //! cluster (all features equal) has no silhouette and is not flagged.
 
 use audit_nn::tch::{self, Kind, Tensor};
-use audit_plugin_common::samples::{class_features, principal_components, to_f64s, to_i64s, ClassFeatures};
+use audit_plugin_common::samples::{class_features, principal_components, read_class_stats, to_i64s, ClassFeatures};
 use audit_sdk::rng::Rng;
 use audit_sdk::{Call, DatasetRef, Detector, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
@@ -212,21 +212,15 @@ impl Detector for ActivationClustering {
         }
         call.host.progress("clustering", k as u64, k as u64);
         // One read of every class's cluster sizes and silhouette.
-        let done: Vec<&Tensor> = clusters.iter().flatten().map(|c| &c.stats).collect();
-        let stats = if done.is_empty() {
-            vec![]
-        } else {
-            to_f64s(&Tensor::stack(&done, 0))?
-        };
-        let mut at = 0;
-        let mut per: Vec<Option<(f64, f64, f64)>> = Vec::with_capacity(k as usize);
-        for c in &clusters {
-            per.push(c.as_ref().map(|_| {
-                let v = (stats[at], stats[at + 1], stats[at + 2]);
-                at += 3;
-                v
-            }));
-        }
+        let per: Vec<Option<(f64, f64, f64)>> = read_class_stats::<3>(
+            &clusters
+                .iter()
+                .map(|c| c.as_ref().map(|c| &c.stats))
+                .collect::<Vec<_>>(),
+        )?
+        .into_iter()
+        .map(|v| v.map(|[a, b, s]| (a, b, s)))
+        .collect();
         let share = |c: usize| per[c].map(|(a, b, _)| a.min(b) / (a + b));
         let sil = |c: usize| per[c].map(|(_, _, s)| s).filter(|s| s.is_finite());
         let targets: Vec<i64> = (0..k as usize)

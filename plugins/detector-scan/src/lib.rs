@@ -82,7 +82,7 @@
 
 use audit_nn::tch::{self, Kind, Tensor};
 use audit_plugin_common::samples::{
-    class_indices, mad_index, penultimate_features, principal_components, to_f64s, to_i64s,
+    class_indices, mad_index, penultimate_features, principal_components, read_class_stats, to_i64s,
 };
 use audit_plugin_common::{check_fit, device, device_data, load_model, require_clean};
 use audit_sdk::rng::Rng;
@@ -556,22 +556,8 @@ impl Detector for Scan {
         }
         call.host.progress("local models", k as u64, k as u64);
         // One read of every tested class's numbers.
-        let done: Vec<&Tensor> = results.iter().flatten().map(|r| &r.stats).collect();
-        let stats = if done.is_empty() {
-            vec![]
-        } else {
-            to_f64s(&Tensor::stack(&done, 0))?
-        };
-        let mut at = 0;
-        let mut per: Vec<Option<[f64; 6]>> = Vec::with_capacity(k as usize);
-        for r in &results {
-            per.push(r.as_ref().map(|_| {
-                let mut v = [0.0; 6];
-                v.copy_from_slice(&stats[at..at + 6]);
-                at += 6;
-                v
-            }));
-        }
+        let per: Vec<Option<[f64; 6]>> =
+            read_class_stats(&results.iter().map(|r| r.as_ref().map(|r| &r.stats)).collect::<Vec<_>>())?;
         let j: Vec<Option<f64>> = per.iter().map(|s| s.map(|s| s[0]).filter(|v| v.is_finite())).collect();
         let values: Vec<f64> = j.iter().flatten().copied().collect();
         let test = mad_index(&values);

@@ -1,5 +1,6 @@
 use audit_nn::tch::Device;
 use audit_nn::zoo::{self, Arch};
+use audit_plugin_common::samples::to_f64s;
 use audit_plugin_common::testing::{
     planted_model as backdoored_model, planted_set as poisoned_set, poisoned_blocks, precision_recall,
     trained_small_cnn, PLANTED_TARGET as TARGET,

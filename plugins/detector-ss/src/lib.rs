@@ -45,7 +45,9 @@
 //! double precision (`principal_components`), which gives the same v and s^2 as the SVD.
 
 use audit_nn::tch::{Kind, Tensor};
-use audit_plugin_common::samples::{class_features, mad_index, principal_components, to_f64s, to_i64s, ClassFeatures};
+use audit_plugin_common::samples::{
+    class_features, mad_index, principal_components, read_class_stats, to_i64s, ClassFeatures,
+};
 use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -167,21 +169,8 @@ impl Detector for SpectralSignatures {
         }
         call.host.progress("spectra", k as u64, k as u64);
         // One read of every class's eigenvalue statistics.
-        let tested: Vec<&Tensor> = spectra.iter().flatten().map(|s| &s.stats).collect();
-        let stats = if tested.is_empty() {
-            vec![]
-        } else {
-            to_f64s(&Tensor::stack(&tested, 0))?
-        };
-        let mut at = 0;
-        let mut eig: Vec<Option<[f64; 4]>> = Vec::with_capacity(k as usize);
-        for s in &spectra {
-            eig.push(s.as_ref().map(|_| {
-                let v = [stats[at], stats[at + 1], stats[at + 2], stats[at + 3]];
-                at += 4;
-                v
-            }));
-        }
+        let eig: Vec<Option<[f64; 4]>> =
+            read_class_stats(&spectra.iter().map(|s| s.as_ref().map(|s| &s.stats)).collect::<Vec<_>>())?;
         let concentration: Vec<Option<f64>> = eig
             .iter()
             .map(|e| e.and_then(|[top, trace, ..]| (trace > 0.0).then(|| top / trace)))

@@ -223,6 +223,34 @@ pub fn to_f64s(t: &Tensor) -> Result<Vec<f64>> {
         .map_err(|e| Error::failed(e.to_string()))
 }
 
+/// Per-class statistics read to the host at once: `per_class[c]` holds class c's `N` numbers on
+/// the device, `None` for a class that was not tested (it stays `None`). One host read for all.
+pub fn read_class_stats<const N: usize>(per_class: &[Option<&Tensor>]) -> Result<Vec<Option<[f64; N]>>> {
+    let tested: Vec<&Tensor> = per_class.iter().flatten().copied().collect();
+    if tested.is_empty() {
+        return Ok(vec![None; per_class.len()]);
+    }
+    let stats = to_f64s(&Tensor::stack(&tested, 0))?;
+    if stats.len() != N * tested.len() {
+        return Err(Error::failed(format!(
+            "per-class statistics: {} numbers for {} classes, expected {N} each",
+            stats.len(),
+            tested.len()
+        )));
+    }
+    let mut rows = stats.chunks_exact(N);
+    Ok(per_class
+        .iter()
+        .map(|t| {
+            t.and_then(|_| rows.next()).map(|r| {
+                let mut v = [0.0; N];
+                v.copy_from_slice(r);
+                v
+            })
+        })
+        .collect())
+}
+
 /// A tensor's values as i64 on the host (one read).
 pub fn to_i64s(t: &Tensor) -> Result<Vec<i64>> {
     Vec::<i64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Int64).flatten(0, -1))
@@ -232,6 +260,16 @@ pub fn to_i64s(t: &Tensor) -> Result<Vec<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_stats_come_back_in_place_of_the_tested_classes() {
+        let a = Tensor::from_slice(&[1.0f64, 2.0]);
+        let b = Tensor::from_slice(&[3.0f64, 4.0]);
+        let got = read_class_stats::<2>(&[Some(&a), None, Some(&b)]).unwrap();
+        assert_eq!(got, vec![Some([1.0, 2.0]), None, Some([3.0, 4.0])]);
+        assert_eq!(read_class_stats::<2>(&[None, None]).unwrap(), vec![None, None]);
+        assert!(read_class_stats::<3>(&[Some(&a)]).is_err(), "a wrong count is an error");
+    }
 
     #[test]
     fn the_mad_index_is_the_distance_from_the_median_in_mads() {
