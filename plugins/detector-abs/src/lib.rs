@@ -99,8 +99,9 @@ use audit_nn::ops::Mode;
 use audit_nn::tch::{self, Kind, Tensor};
 use audit_nn::train::Preprocess;
 use audit_nn::Model;
+use audit_plugin_common::samples::{to_f64s, to_i64s};
+use audit_plugin_common::triggers::{batch_order, report_image, squash, stamp};
 use audit_plugin_common::{check_fit, device, device_data, load_model, nn_err, require_clean};
-use audit_sdk::rng::Rng;
 use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -370,16 +371,6 @@ struct Stimulation {
     passing: usize,
 }
 
-fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Vec::<f64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Double).flatten(0, -1))
-        .map_err(|e| Error::failed(e.to_string()))
-}
-
-fn to_i64(t: &Tensor) -> Result<Vec<i64>> {
-    Vec::<i64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Int64).flatten(0, -1))
-        .map_err(|e| Error::failed(e.to_string()))
-}
-
 /// `base` ([cc * V * n, C, ...], chunk-major: channel, then value, then image) with channel
 /// `c0 + i` of the i-th block set to the block's value at every position.
 fn stimulated(base: &Tensor, c0: i64, cc: i64, values: &Tensor, n: i64) -> Tensor {
@@ -493,9 +484,9 @@ fn stimulate(
         let best = mar.where_self(&valid, &inf).amin([1].as_slice(), false);
         let any = valid.any_dim(1, false);
         let score = best.where_self(&any, &best.zeros_like());
-        let ml = to_i64(&ml)?;
-        let agree = to_i64(&agree)?;
-        let score = to_f64(&score)?;
+        let ml = to_i64s(&ml)?;
+        let agree = to_i64s(&agree)?;
+        let score = to_f64s(&score)?;
         let need = (n as f64 * AGREEMENT).floor() as i64;
         Ok(Stimulation {
             passing: agree.iter().filter(|&&a| a >= need).count(),
@@ -519,20 +510,6 @@ impl RepeatAlong for Tensor {
         r.extend(std::iter::repeat_n(1, self.dim() - 1));
         self.repeat(r.as_slice())
     }
-}
-
-/// `[0, 1]` from the unconstrained tanh space.
-fn squash(v: &Tensor) -> Tensor {
-    v.tanh() / 2.0 + 0.5
-}
-
-/// `(1 - m) * x + m * p` for every trigger and image: masks [T, 1, H, W], patterns
-/// [T, C, H, W], images [B, C, H, W] -> [T * B, C, H, W] (trigger-major).
-fn stamp(mask: &Tensor, pattern: &Tensor, x: &Tensor) -> Tensor {
-    let s = x.size();
-    let t = mask.size()[0];
-    let out = (-mask + 1.0).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1);
-    out.view([t * s[0], s[1], s[2], s[3]])
 }
 
 /// One Adam step on the rows of `param` where `rows` is true (the others keep their values and
@@ -568,26 +545,6 @@ impl Adam {
         param.shallow_clone().copy_(&new.where_self(&sel, param));
         let _ = param.grad().zero_();
     }
-}
-
-/// The clean-batch order: `steps` batches of `b` indices into `n` images, consecutive slices of
-/// seeded shuffles of 0..n (a new shuffle whenever one is used up).
-fn batch_order(n: usize, b: usize, steps: usize, seed: u64) -> Vec<i64> {
-    let mut rng = Rng::new(seed);
-    let mut out = Vec::with_capacity(steps * b);
-    let mut perm: Vec<i64> = (0..n as i64).collect();
-    let mut at = n;
-    while out.len() < steps * b {
-        if at == n {
-            for i in (1..n).rev() {
-                perm.swap(i, rng.below(i + 1));
-            }
-            at = 0;
-        }
-        out.push(perm[at]);
-        at += 1;
-    }
-    out
 }
 
 /// One trigger per (bound, candidate), bound-major.
@@ -665,7 +622,7 @@ fn reverse(
         if step % CHECK_EVERY == 0 {
             call.host.check_cancelled()?;
             call.host.progress(progress, step as u64, p.steps as u64);
-            let on = to_i64(&active)?;
+            let on = to_i64s(&active)?;
             ids = (0..nt).filter(|&t| on[t as usize] != 0).collect();
             if ids.is_empty() {
                 break;
@@ -764,13 +721,13 @@ fn reverse(
             .gt(STAMP_LEVEL)
             .logical_and(&ranks.to_kind(Kind::Float).lt_tensor(&area_t.floor().unsqueeze(1)));
         let mask = keep.to_kind(Kind::Float).view([nt, 1, h, w]);
-        let reached = to_i64(&active.logical_not())?;
+        let reached = to_i64s(&active.logical_not())?;
         Ok(Triggers {
-            pixels: to_i64(&keep.sum_dim_intlist([1i64].as_slice(), false, Kind::Int64))?,
+            pixels: to_i64s(&keep.sum_dim_intlist([1i64].as_slice(), false, Kind::Int64))?,
             mask,
             pattern: squash(&q),
             reached: reached.iter().map(|&r| r != 0).collect(),
-            steps_run: to_i64(&ran)?,
+            steps_run: to_i64s(&ran)?,
         })
     })
 }
@@ -809,47 +766,7 @@ fn reasr(model: &Model, pre: &Preprocess, tr: &Triggers, labels: &[i64], x01: &T
         }
         Ok(())
     })?;
-    to_f64(&(hits / count.clamp_min(1.0)))
-}
-
-/// A [C, H, W] image in [0, 1] as PNG: greyscale for 1 channel, RGB for 3, else the channel mean.
-fn png(img: &Tensor) -> Result<Vec<u8>> {
-    let s = img.size();
-    let img = if s[0] == 1 || s[0] == 3 {
-        img.shallow_clone()
-    } else {
-        img.mean_dim(0, true, Kind::Float)
-    };
-    let (c, h, w) = (img.size()[0], s[1], s[2]);
-    let bytes = Vec::<u8>::try_from(
-        (img.to_device(tch::Device::Cpu).to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0)
-            .round()
-            .to_kind(Kind::Uint8)
-            .permute([1, 2, 0])
-            .contiguous()
-            .view([-1]),
-    )
-    .map_err(|e| Error::failed(e.to_string()))?;
-    let mut out = Vec::new();
-    let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
-    enc.set_color(if c == 3 {
-        png::ColorType::Rgb
-    } else {
-        png::ColorType::Grayscale
-    });
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(|e| Error::failed(format!("PNG: {e}")))?;
-    writer
-        .write_image_data(&bytes)
-        .map_err(|e| Error::failed(format!("PNG: {e}")))?;
-    writer.finish().map_err(|e| Error::failed(format!("PNG: {e}")))?;
-    Ok(out)
-}
-
-/// A report image (the host's `images` convention: caption and base64 PNG).
-fn report_image(caption: String, img: &Tensor) -> Result<Value> {
-    use base64ct::Encoding;
-    Ok(json!({"caption": caption, "png_base64": base64ct::Base64::encode_string(&png(img)?)}))
+    to_f64s(&(hits / count.clamp_min(1.0)))
 }
 
 /// The stimulation images: the first `per_class` images of every class (indices, ascending).

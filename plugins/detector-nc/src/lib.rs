@@ -27,8 +27,9 @@
 
 use audit_nn::ops::Mode;
 use audit_nn::tch::{self, Kind, Reduction, Tensor};
+use audit_plugin_common::samples::to_f64s;
+use audit_plugin_common::triggers::{batch_order, report_image, squash, stamp};
 use audit_plugin_common::{check_fit, device, device_data, load_model, nn_err, require_clean};
-use audit_sdk::rng::Rng;
 use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -115,23 +116,9 @@ pub fn flagged(a: &Anomaly, reached: &[bool], threshold: f64) -> Vec<i64> {
         .collect()
 }
 
-/// `[0, 1]` from the unconstrained tanh space.
-fn squash(v: &Tensor) -> Tensor {
-    (v.tanh() + 1.0) / 2.0
-}
-
 /// The tanh-space value of `u` in [0, 1] (kept off ±1, where atanh is infinite).
 fn unsquash(u: &Tensor) -> Tensor {
     ((u - 0.5) * (2.0 - 1e-4)).atanh()
-}
-
-/// `(1 - m) * x + m * p` for every class and image: masks [K, 1, H, W], patterns [K, C, H, W],
-/// images [B, C, H, W] -> [K * B, C, H, W] (class-major).
-fn blend(mask: &Tensor, pattern: &Tensor, x: &Tensor) -> Tensor {
-    let s = x.size();
-    let k = mask.size()[0];
-    let out = (-mask + 1.0).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1);
-    out.view([k * s[0], s[1], s[2], s[3]])
 }
 
 /// One Adam step on `param` (in place; no gradient recorded).
@@ -171,30 +158,6 @@ struct Reversed {
     l1: Vec<f64>,
     /// lambda at the end.
     cost: Vec<f64>,
-}
-
-fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Vec::<f64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Double)).map_err(|e| Error::failed(e.to_string()))
-}
-
-/// The clean-batch order: `steps` batches of `b` indices into `n` images, consecutive slices of
-/// seeded shuffles of 0..n (a new shuffle whenever one is used up). [steps, b]
-fn batch_order(n: usize, b: usize, steps: usize, seed: u64) -> Vec<i64> {
-    let mut rng = Rng::new(seed);
-    let mut out = Vec::with_capacity(steps * b);
-    let mut perm: Vec<i64> = (0..n as i64).collect();
-    let mut at = n;
-    while out.len() < steps * b {
-        if at == n {
-            for i in (1..n).rev() {
-                perm.swap(i, rng.below(i + 1));
-            }
-            at = 0;
-        }
-        out.push(perm[at]);
-        at += 1;
-    }
-    out
 }
 
 /// The batched optimisation of every class's mask and pattern.
@@ -251,7 +214,7 @@ fn reverse(
         let mask = squash(&a);
         let pattern = squash(&bp);
         let logits = model
-            .forward(&pre.normalize(&blend(&mask, &pattern, &xb)), Mode::Eval)
+            .forward(&pre.normalize(&stamp(&mask, &pattern, &xb)), Mode::Eval)
             .map_err(nn_err)?;
         let ce = logits
             .cross_entropy_loss::<Tensor>(&target, None, Reduction::None, -100, 0.0)
@@ -296,9 +259,9 @@ fn reverse(
     let pattern = best_pattern.where_self(&sel, &last_pattern);
     let l1 = mask.sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float);
     Ok(Reversed {
-        reached: to_f64(&reached)?.into_iter().map(|r| r != 0.0).collect(),
-        l1: to_f64(&l1)?,
-        cost: to_f64(&cost)?,
+        reached: to_f64s(&reached)?.into_iter().map(|r| r != 0.0).collect(),
+        l1: to_f64s(&l1)?,
+        cost: to_f64s(&cost)?,
         mask,
         pattern,
     })
@@ -327,7 +290,7 @@ fn success_rates(
             let xb = x01.narrow(0, s, m);
             let other = y.narrow(0, s, m).unsqueeze(0).ne_tensor(&classes.unsqueeze(1));
             let pred = model
-                .forward(&pre.normalize(&blend(&r.mask, &r.pattern, &xb)), Mode::Eval)
+                .forward(&pre.normalize(&stamp(&r.mask, &r.pattern, &xb)), Mode::Eval)
                 .map_err(nn_err)?
                 .argmax(1, false)
                 .view([k, m]);
@@ -338,47 +301,7 @@ fn success_rates(
         }
         Ok(())
     })?;
-    to_f64(&(hits / count.clamp_min(1.0)))
-}
-
-/// A [C, H, W] image in [0, 1] as PNG: greyscale for 1 channel, RGB for 3, else the channel mean.
-fn png(img: &Tensor) -> Result<Vec<u8>> {
-    let s = img.size();
-    let img = if s[0] == 1 || s[0] == 3 {
-        img.shallow_clone()
-    } else {
-        img.mean_dim(0, true, Kind::Float)
-    };
-    let (c, h, w) = (img.size()[0], s[1], s[2]);
-    let bytes = Vec::<u8>::try_from(
-        (img.to_device(tch::Device::Cpu).clamp(0.0, 1.0) * 255.0)
-            .round()
-            .to_kind(Kind::Uint8)
-            .permute([1, 2, 0])
-            .contiguous()
-            .view([-1]),
-    )
-    .map_err(|e| Error::failed(e.to_string()))?;
-    let mut out = Vec::new();
-    let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
-    enc.set_color(if c == 3 {
-        png::ColorType::Rgb
-    } else {
-        png::ColorType::Grayscale
-    });
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(|e| Error::failed(format!("PNG: {e}")))?;
-    writer
-        .write_image_data(&bytes)
-        .map_err(|e| Error::failed(format!("PNG: {e}")))?;
-    writer.finish().map_err(|e| Error::failed(format!("PNG: {e}")))?;
-    Ok(out)
-}
-
-/// A report image (the host's `images` convention: caption and base64 PNG).
-fn report_image(caption: String, img: &Tensor) -> Result<Value> {
-    use base64ct::Encoding;
-    Ok(json!({"caption": caption, "png_base64": base64ct::Base64::encode_string(&png(img)?)}))
+    to_f64s(&(hits / count.clamp_min(1.0)))
 }
 
 impl Detector for NeuralCleanse {

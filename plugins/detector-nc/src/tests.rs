@@ -7,6 +7,8 @@ use audit_sdk::schema::Schema;
 use audit_sdk::testing::{self, TestData};
 use audit_sdk::Status;
 
+use audit_sdk::rng::Rng;
+
 use super::*;
 
 #[test]

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 pub mod samples;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod triggers;
 
 pub fn nn_err(e: audit_nn::NnError) -> Error {
     match e {
