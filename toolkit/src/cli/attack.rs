@@ -304,6 +304,9 @@ pub fn run(args: AttackArgs, global: &GlobalArgs) -> Result<i32> {
         let doc = json!({
             "schema_version": 1,
             "attack": plugin.name,
+            "version": plugin.version,
+            "library": plugin.path.display().to_string(),
+            "sha256": plugin.sha256,
             "params": params,
             "output": args.out.display().to_string(),
             "poisoned_data": args.poisoned_data.as_ref().map(|p| p.display().to_string()),

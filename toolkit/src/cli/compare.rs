@@ -352,11 +352,7 @@ pub fn run(args: CompareArgs, global: &GlobalArgs) -> Result<i32> {
     }
 
     // The child command line every defense shares.
-    // /proc/self/exe stays this very binary even if a rebuild replaces the file meanwhile.
-    let exe = match Path::new("/proc/self/exe") {
-        p if p.exists() => p.to_path_buf(),
-        _ => std::env::current_exe().context("locating the audit binary")?,
-    };
+    let exe = super::grid::self_exe()?;
     let mut common: Vec<String> = Vec::new();
     for d in &global.plugin_dirs {
         common.extend(["--plugin-dir".into(), d.display().to_string()]);

@@ -515,7 +515,9 @@ fn expand(path: &Path, text: &str, global: &GlobalArgs) -> Result<(Vec<Job>, Vec
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename: readers
-/// see the old file or the new one, never half of one.
+/// see the old file or the new one, never half of one. Not `Outputs`: its planning sweeps a
+/// folder's stale partial files by process id, which on a folder shared by several nodes would
+/// take another node's live partial for a dead one.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing into {}", dir.display()))?;
@@ -679,28 +681,25 @@ impl Grid {
 // ---------------------------------------------------------------------------------------------
 // Running jobs.
 
-/// Where the task's index came from.
-fn index_from_env() -> Option<(usize, &'static str, String)> {
-    INDEX_VARS.iter().find_map(|&var| {
-        let raw = std::env::var(var).ok()?;
-        let raw = raw.trim().to_string();
-        (!raw.is_empty()).then(|| (raw.parse().unwrap_or(usize::MAX), var, raw))
-    })
-}
-
+/// The task's index from the first scheduler variable that is set, and its name.
 fn env_index() -> Result<(usize, String)> {
-    match index_from_env() {
-        Some((usize::MAX, var, raw)) => Err(input_error(format!("${var} is `{raw}`, not a job index"))),
-        Some((i, var, _)) => Ok((i, format!("${var}"))),
-        None => Err(input_error(format!(
+    let Some((var, raw)) = INDEX_VARS.iter().find_map(|&var| {
+        let raw = std::env::var(var).ok()?.trim().to_string();
+        (!raw.is_empty()).then_some((var, raw))
+    }) else {
+        return Err(input_error(format!(
             "no job index: give --index N or --shard K/M, or run under a scheduler that sets one of {}",
             INDEX_VARS
                 .iter()
                 .map(|v| format!("${v}"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        ))),
-    }
+        )));
+    };
+    let i = raw
+        .parse()
+        .map_err(|_| input_error(format!("${var} is `{raw}`, not a job index")))?;
+    Ok((i, format!("${var}")))
 }
 
 /// `K/M` (K may be `env`): the indices K, K+M, ... below `n`.
@@ -767,7 +766,7 @@ fn run_jobs(args: RunArgs, global: &GlobalArgs) -> Result<i32> {
 }
 
 /// The binary to start children with: this very one, even if a rebuild replaced the file.
-fn self_exe() -> Result<PathBuf> {
+pub(crate) fn self_exe() -> Result<PathBuf> {
     match Path::new("/proc/self/exe") {
         p if p.exists() => Ok(p.to_path_buf()),
         _ => std::env::current_exe().context("locating the audit binary"),
@@ -944,7 +943,7 @@ fn run_one(grid: &Grid, job: &Job, source: &str, global: &GlobalArgs) -> Result<
     match attacked_model(grid, job, global)? {
         Err(e) => result.error = Some(e),
         Ok((model_dir, attack_doc)) => {
-            result.attack = Some(attack_info(grid, global, &s.attack.name, attack_doc));
+            result.attack = Some(attack_doc);
             let work = grid.dir.join("work").join(format!("{}-{}", job.index, job.spec_hash));
             std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
             let mut a = grid.plugin_args(global);
@@ -995,19 +994,6 @@ fn run_one(grid: &Grid, job: &Job, source: &str, global: &GlobalArgs) -> Result<
     }
     result.wall_seconds = started.elapsed().as_secs_f64();
     Ok(result)
-}
-
-/// The attack run's document with the plugin's version and library (the harden outcome records
-/// the defense's).
-fn attack_info(grid: &Grid, global: &GlobalArgs, name: &str, mut doc: Value) -> Value {
-    let mut dirs: Vec<PathBuf> = global.plugin_dirs.clone();
-    dirs.extend(grid.info.plugin_dirs.iter().map(PathBuf::from));
-    if let Ok(p) = find(&search_dirs(&dirs), name) {
-        doc["version"] = json!(p.version);
-        doc["library"] = json!(p.path.display().to_string());
-        doc["sha256"] = json!(p.sha256);
-    }
-    doc
 }
 
 fn hostname() -> String {

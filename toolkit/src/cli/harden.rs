@@ -240,33 +240,15 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             message: format!("{e}{hint}"),
         }
     })?;
-    let attack = args
-        .run
-        .eval_attack
-        .as_deref()
-        .map(|n| super::plugins::find(&dirs, n))
-        .transpose()?;
-    if let Some(a) = &attack {
-        if a.kind != Kind::Attack {
-            return Err(input_error(format!(
-                "--eval-attack `{}` is a {} plugin",
-                a.name, a.kind
-            )));
+    let (attack, attack_params) = match args.run.eval_attack.as_deref() {
+        Some(n) => {
+            let (a, p) = super::plugins::eval_attack(&dirs, n, &args.run.attack_params)?;
+            (Some(a), Some(p))
         }
-    } else if !args.run.attack_params.is_empty() {
-        return Err(input_error("--attack-param needs --eval-attack NAME"));
-    }
-    let attack_params = match &attack {
-        Some(a) => Some(
-            a.schema
-                .resolve_args(&args.run.attack_params)
-                .map_err(|e| PluginError::InvalidInput {
-                    name: a.name.clone(),
-                    path: a.path.clone(),
-                    message: e.to_string(),
-                })?,
-        ),
-        None => None,
+        None if !args.run.attack_params.is_empty() => {
+            return Err(input_error("--attack-param needs --eval-attack NAME"))
+        }
+        None => (None, None),
     };
     let scanner = args.run.scanner(&dirs)?;
 

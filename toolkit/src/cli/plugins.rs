@@ -184,6 +184,28 @@ fn list(dirs: &[(PathBuf, &'static str)], json: bool) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// `--eval-attack NAME` with its `--attack-param KEY=VALUE`s: the attack plugin and its resolved
+/// parameters (another kind of plugin, or a bad parameter, is an input error naming it).
+pub fn eval_attack(
+    dirs: &[(PathBuf, &'static str)],
+    name: &str,
+    params: &[String],
+) -> Result<(Arc<LoadedPlugin>, serde_json::Map<String, Value>)> {
+    let a = find(dirs, name)?;
+    if a.kind != Kind::Attack {
+        return Err(input_error(format!(
+            "--eval-attack `{}` is a {} plugin, not an attack",
+            a.name, a.kind
+        )));
+    }
+    let params = a.schema.resolve_args(params).map_err(|e| PluginError::InvalidInput {
+        name: a.name.clone(),
+        path: a.path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((a, params))
+}
+
 /// Finds a plugin by name on the search path and loads it.
 pub fn find(dirs: &[(PathBuf, &'static str)], name: &str) -> Result<Arc<LoadedPlugin>> {
     let found = plugin::discover(dirs);

@@ -543,27 +543,8 @@ pub fn run(args: ScanArgs, global: &GlobalArgs) -> Result<i32> {
                 "--eval-attack triggers test images of --data: give --data DATA",
             ))
         }
-        Some(name) => {
-            let p = super::plugins::find(&dirs, name)?;
-            if p.kind != Kind::Attack {
-                return Err(input_error(format!(
-                    "--eval-attack `{}` is a {} plugin, not an attack",
-                    p.name, p.kind
-                )));
-            }
-            let params = p
-                .schema
-                .resolve_args(&args.attack_params)
-                .map_err(|e| PluginError::InvalidInput {
-                    name: p.name.clone(),
-                    path: p.path.clone(),
-                    message: e.to_string(),
-                })?;
-            if args.eval_size == 0 {
-                return Err(input_error("--eval-size must be at least 1"));
-            }
-            Some((p, params))
-        }
+        Some(_) if args.eval_size == 0 => return Err(input_error("--eval-size must be at least 1")),
+        Some(name) => Some(super::plugins::eval_attack(&dirs, name, &args.attack_params)?),
     };
     crate::signals::phase("scan:load");
     let (original, norm) = args.data_options.model_and_normalization(&args.model)?;
