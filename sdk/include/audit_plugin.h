@@ -79,6 +79,11 @@
 // Capability flag: the plugin needs the model in `AuditRequest::model`.
 #define AUDIT_CAP_NEEDS_MODEL (1 << 3)
 
+// Capability flag: the plugin uses a clean (trusted) subset in `AuditRequest::clean` when the
+// host has one to lend, and runs without it otherwise (`_NEEDS_CLEAN_DATA` makes it required).
+// Hosts older than this flag ignore it and lend nothing.
+#define AUDIT_CAP_USES_CLEAN_DATA (1 << 4)
+
 // Log level for `AuditHostApi::log`.
 #define AUDIT_LOG_ERROR 1
 

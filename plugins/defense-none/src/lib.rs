@@ -15,6 +15,8 @@ mod analysis;
 
 use audit_nn::train::{Augment, DeviceData, Optimizer, Preprocess, Schedule, TrainConfig, Trainer};
 use audit_nn::{tch, Model};
+use audit_plugin_common::samples::{penultimate_features, to_i64s};
+use audit_plugin_common::scan::{self, ScanConfig};
 use audit_plugin_common::{device, device_data, export_hardened, load_model, nn_err, run_epochs, EpochNotes};
 use audit_sdk::{abi, Call, DatasetRef, Defense, Error, Hardened, Plugin, PluginInfo, Result};
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,10 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "trigger_threshold":{"type":"number","default":0.5,"minimum":0,"maximum":1,"description":"suspects=class|both: a member of an accepted class is a suspect when the trigger detector gives it at least this probability (the side always is)"},
 "paper_with_targets":{"type":"string","default":"none","enum":["none","targets","unswept"],"description":"suspects=both, when the class-wise split detected a target class: which of the paper's suspects are dropped as well: none (the class-wise suspects replace them: in a target class the paper's split also takes many clean images, elsewhere only clean ones), targets (those in the target classes), unswept (all except in non-target classes its split swept, the previous default)"},
 "paper_filter":{"type":"string","default":"novel","enum":["novel","none"],"description":"suspects=both: novel makes each class's share of the paper's suspects (of a class the split swept, at least half of it, only the members the class's leave-class-out probe sends to classes the whole class goes to less than class_rare) a second candidate side, judged, confirmed and extended by the trigger detector like the split's side; with no detected class, a class's share stays dropped only when it passes the side's novelty tests (class_novel, class_spread; of a swept class only its novel-labelled members): the clean images the global split takes go where their class goes and return to the training; none keeps the paper's suspects as paper_with_targets says"},
+"clean_label":{"type":"string","default":"scan","enum":["scan","off"],"description":"suspects=class|both: a check for clean-label poisoning (SIG: triggered images of the target class itself, which the leave-class-out probe sends where the class goes): scan runs SCAn's statistics on the penultimate features, with the clean subset the host lends as the trusted set, and drops the suspicious subgroup of every class whose anomaly index exceeds clean_label_threshold (classes the class-wise split accepted included); it is skipped, with a note, when no clean subset of at least 2 classes is lent; off: no check"},
+"clean_label_passes":{"type":"integer","default":3,"minimum":1,"maximum":20,"description":"clean_label=scan: SCAn is run again on the training samples left, at most this many times in all, while a class flagged in the previous pass is still flagged (when the whole class is triggered, the first split takes the images most unlike the clean ones, and the rest is a second identity beside the clean images; classes not flagged before are not judged again)"},
+"clean_label_add_clean":{"type":"boolean","default":true,"description":"clean_label=scan: the clean subset's images of the classes the check flagged join the repair's training set, so a class whose training samples were all triggered still has genuine examples (the clean subset is left out of harden's evaluation)"},
+"clean_label_threshold":{"type":"number","default":7.38905609893065,"minimum":0,"description":"clean_label=scan: a class is a target when the anomaly index of SCAn's J exceeds this (the SCAn paper's e^2, the scan detector's default)"},
 "repair":{"type":"string","default":"retrain","enum":["finetune","retrain","unlearn"],"description":"how to repair after the reset: finetune (paper), retrain a freshly initialised copy on the data minus suspects, or fine-tune while unlearning the suspects"},
 "lamda_h":{"type":"number","default":0.9,"minimum":0,"maximum":1,"description":"a sample is confident for class k when p_k > lamda_h"},
 "lamda_l":{"type":"number","default":0.1,"minimum":0,"maximum":1,"description":"a sample is unconfident for class k when p_k < lamda_l"},
@@ -97,6 +103,14 @@ enum RetrainOptimizer {
     Sgd,
 }
 
+/// `clean_label`: the clean-label check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum CleanLabel {
+    Scan,
+    Off,
+}
+
 /// `layers`: which layers are monitored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -126,6 +140,10 @@ struct Params {
     paper_with_targets: PaperWithTargets,
     paper_filter: PaperFilter,
     retrain_push_away: f64,
+    clean_label: CleanLabel,
+    clean_label_threshold: f64,
+    clean_label_passes: usize,
+    clean_label_add_clean: bool,
     repair: Repair,
     lamda_h: f64,
     lamda_l: f64,
@@ -168,6 +186,7 @@ impl Params {
             self.repair = Repair::Finetune;
             self.suspects = Suspects::Paper;
             self.cumulative_suspects = false;
+            self.clean_label = CleanLabel::Off;
         }
         if self.e2 == 0 {
             self.e2 = if self.repair == Repair::Retrain { 6 } else { 20 };
@@ -186,7 +205,9 @@ impl Plugin for NoneDefense {
             version: env!("CARGO_PKG_VERSION"),
             description: "NONE (NeurIPS 2022): reset neurons with hyperplane-like confidence, drop the samples driving them, repair",
             params_schema: SCHEMA,
-            capabilities: abi::AUDIT_CAP_NEEDS_MODEL | abi::AUDIT_CAP_NEEDS_TRAINING_DATA,
+            capabilities: abi::AUDIT_CAP_NEEDS_MODEL
+                | abi::AUDIT_CAP_NEEDS_TRAINING_DATA
+                | abi::AUDIT_CAP_USES_CLEAN_DATA,
         }
     }
 }
@@ -563,6 +584,146 @@ fn class_split(
     })
 }
 
+/// What the clean-label check found.
+struct CleanLabelFound {
+    /// [N] bool: the training samples it drops (None: nothing flagged, or skipped).
+    mask: Option<Tensor>,
+    /// The classes it flagged.
+    classes: Vec<i64>,
+    report: Value,
+}
+
+/// The clean-label check (`clean_label=scan`): SCAn's statistics on the training set's
+/// penultimate features `features` ([N, D], labels `labels`) with the clean subset as the trusted
+/// set. A clean-label poisoning (SIG) adds triggered images of the target class to it: the
+/// leave-class-out probe sends them where the class goes, so the class-wise split cannot accept
+/// them, but in the variation's whitened space they are a second identity of their class, which
+/// SCAn's two-identity statistic measures against the other classes. The suspicious subgroups of
+/// the flagged classes are dropped, and SCAn runs again on what is left (`clean_label_passes`)
+/// while a class flagged before stays flagged: when every training image of a class carries the
+/// trigger, the first split separates the images least like the clean ones, and the rest still
+/// forms a second identity beside the clean images.
+#[allow(clippy::too_many_arguments)]
+fn clean_label_check(
+    call: &Call<'_>,
+    model: &Model,
+    pre: &Preprocess,
+    features: &Tensor,
+    labels: &Tensor,
+    clean: Option<&DeviceData>,
+    k: i64,
+    p: &Params,
+    seed: u64,
+) -> Result<CleanLabelFound> {
+    let host = call.host;
+    let skipped = |why: String| {
+        host.info(&format!("clean-label check skipped: {why}"));
+        Ok(CleanLabelFound {
+            mask: None,
+            classes: vec![],
+            report: json!({"method": "scan", "skipped": why}),
+        })
+    };
+    let Some(clean) = clean else {
+        return skipped("no clean subset was lent (it is SCAn's trusted set)".into());
+    };
+    let classes = to_i64s(&clean.y.bincount::<Tensor>(None, k).gt(0).sum(Kind::Int64))?[0];
+    if clean.len() < 2 || classes < 2 {
+        return skipped(format!(
+            "the clean subset has {} image(s) of {classes} class(es); SCAn needs 2 classes",
+            clean.len()
+        ));
+    }
+    let started = std::time::Instant::now();
+    let fc = penultimate_features(call, model, clean, pre, 512, "clean-label check: clean features")?;
+    let cfg = ScanConfig {
+        threshold: p.clean_label_threshold,
+        ..ScanConfig::default()
+    };
+    let device = labels.device();
+    let n = labels.size()[0];
+    let mut mask = Tensor::zeros([n], (Kind::Bool, device));
+    let mut left = Tensor::arange(n, (Kind::Int64, device));
+    let mut flagged: Vec<i64> = Vec::new();
+    let mut passes = Vec::new();
+    for pass in 0..p.clean_label_passes {
+        let y = labels.index_select(0, &left);
+        let found = scan::analyse(
+            call,
+            &features.index_select(0, &left),
+            &y,
+            &fc,
+            &clean.y,
+            k,
+            &cfg,
+            seed.wrapping_add(pass as u64),
+        )?;
+        let summary = found.summary(&cfg);
+        host.info(&format!("clean-label check (SCAn), pass {}: {summary}", pass + 1));
+        // After the first pass only the classes flagged before are judged again.
+        let targets: Vec<i64> = if pass == 0 {
+            found.targets.clone()
+        } else {
+            found.targets.iter().copied().filter(|c| flagged.contains(c)).collect()
+        };
+        let picked: Vec<i64> = if targets.is_empty() {
+            vec![]
+        } else {
+            let at = Tensor::from_slice(&found.suspicious).to_device(device);
+            let of = Tensor::from_slice(&targets).to_device(device);
+            let keep = Tensor::isin(&y.index_select(0, &at), &of, false, false);
+            to_i64s(&left.index_select(0, &at.masked_select(&keep)))?
+        };
+        let mut entry = found.details();
+        entry["pass"] = json!(pass + 1);
+        entry["targets"] = json!(targets);
+        entry["dropped"] = json!(picked.len());
+        entry["summary"] = json!(summary);
+        passes.push(entry);
+        if picked.is_empty() {
+            break;
+        }
+        let at = Tensor::from_slice(&picked).to_device(device);
+        let _ = mask.index_fill_(0, &at, 1);
+        left = mask.logical_not().nonzero().flatten(0, -1);
+        if pass == 0 {
+            flagged = targets;
+        }
+    }
+    let dropped = to_i64s(&mask.sum(Kind::Int64))?[0];
+    let mut per_class = serde_json::Map::new();
+    if !flagged.is_empty() {
+        let per = to_i64s(&labels.masked_select(&mask).bincount::<Tensor>(None, k))?;
+        let totals = to_i64s(&labels.bincount::<Tensor>(None, k))?;
+        let of_class: Vec<String> = flagged
+            .iter()
+            .map(|&c| {
+                per_class.insert(c.to_string(), json!(per[c as usize]));
+                format!("{} of {} in class {c}", per[c as usize], totals[c as usize])
+            })
+            .collect();
+        host.info(&format!(
+            "clean-label check: {dropped} training samples dropped ({})",
+            of_class.join(", ")
+        ));
+    }
+    let report = json!({
+        "method": "scan",
+        "threshold": cfg.threshold,
+        "classes": flagged,
+        "dropped": dropped,
+        "dropped_per_class": per_class,
+        "clean_samples": clean.len(),
+        "passes": passes,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    Ok(CleanLabelFound {
+        mask: (dropped > 0).then_some(mask),
+        classes: flagged,
+        report,
+    })
+}
+
 /// An accepted side waiting for its trigger detector.
 struct Pending {
     /// split, paper or mapped.
@@ -766,7 +927,7 @@ impl Defense for NoneDefense {
         call: &Call<'_>,
         model_bytes: &[u8],
         train_set: Option<&DatasetRef<'_>>,
-        _clean: Option<&DatasetRef<'_>>,
+        clean: Option<&DatasetRef<'_>>,
     ) -> Result<Hardened> {
         let p: Params = call.params.parse::<Params>()?.effective();
         if p.lamda_l >= p.lamda_h {
@@ -782,6 +943,13 @@ impl Defense for NoneDefense {
         let full = device_data(train_set, device)?;
         let n = full.len();
         let host = call.host;
+        // The clean-label check's trusted set: the clean subset the host lends.
+        let clean_data = match clean {
+            Some(c) if p.clean_label == CleanLabel::Scan && p.suspects != Suspects::Paper && !c.is_empty() => {
+                Some(device_data(c, device)?)
+            }
+            _ => None,
+        };
         let base = |lr: f64, freeze_bn: bool, epochs: usize| TrainConfig {
             epochs,
             batch_size: p.batch_size,
@@ -866,6 +1034,8 @@ impl Defense for NoneDefense {
             let mut all_to_all = Value::Null;
             let mut paper_groups: Vec<Value> = Vec::new();
             let mut accepted_sides: Option<Tensor> = None;
+            let mut clean_label = Value::Null;
+            let mut clean_label_classes: Vec<i64> = Vec::new();
             let suspect_mask = match (&acts.features, p.suspects) {
                 (_, Suspects::Paper) => paper_mask,
                 (None, _) => {
@@ -888,10 +1058,20 @@ impl Defense for NoneDefense {
                         &adam,
                         &mut report_epochs,
                     )?;
-                    let (class_mask, targets) = (split.mask, split.targets);
+                    let (mut class_mask, targets) = (split.mask, split.targets);
                     class_report = Value::Array(split.report);
                     all_to_all = split.all_to_all;
                     accepted_sides = Some(class_mask.shallow_clone());
+                    if p.clean_label == CleanLabel::Scan {
+                        let seed = seed.wrapping_add(0xc1ea_0000 + round as u64);
+                        let checked =
+                            clean_label_check(call, &model, &pre, f, &full.y, clean_data.as_ref(), k, &p, seed)?;
+                        if let Some(found) = &checked.mask {
+                            class_mask = class_mask.logical_or(found);
+                        }
+                        clean_label = checked.report;
+                        clean_label_classes = checked.classes;
+                    }
                     if mode == Suspects::Class {
                         class_mask
                     } else {
@@ -968,7 +1148,19 @@ impl Defense for NoneDefense {
             if !all_suspects.is_empty() {
                 let _ = keep.index_fill_(0, &Tensor::from_slice(&all_suspects).to_device(device), 0);
             }
-            let rest = full.select(&keep.nonzero().flatten(0, -1));
+            let mut rest = full.select(&keep.nonzero().flatten(0, -1));
+            if let (Some(c), true) = (&clean_data, p.clean_label_add_clean && !clean_label_classes.is_empty()) {
+                let of = Tensor::from_slice(&clean_label_classes).to_device(device);
+                let added = c.select(&Tensor::isin(&c.y, &of, false, false).nonzero().flatten(0, -1));
+                host.info(&format!(
+                    "the clean subset's {} image(s) of class(es) {clean_label_classes:?} join the repair's training set",
+                    added.len()
+                ));
+                rest = DeviceData {
+                    x: Tensor::cat(&[&rest.x, &added.x.to_kind(rest.x.kind())], 0),
+                    y: Tensor::cat(&[&rest.y, &added.y], 0),
+                };
+            }
             let repaired = match p.repair {
                 Repair::Retrain => {
                     model.reinitialize(seed.wrapping_add(round as u64 + 1));
@@ -1044,6 +1236,7 @@ impl Defense for NoneDefense {
                 "class_split": class_report,
                 "all_to_all": all_to_all,
                 "paper_groups": paper_groups,
+                "clean_label": clean_label,
                 "suspects": suspects,
                 "n_excluded": all_suspects.len(),
                 "repair": p.repair,

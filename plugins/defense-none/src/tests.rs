@@ -65,7 +65,7 @@ fn schema_is_valid_and_defaults_parse() {
     assert_eq!(info.name, "none");
     assert_eq!(
         info.capabilities,
-        abi::AUDIT_CAP_NEEDS_MODEL | abi::AUDIT_CAP_NEEDS_TRAINING_DATA
+        abi::AUDIT_CAP_NEEDS_MODEL | abi::AUDIT_CAP_NEEDS_TRAINING_DATA | abi::AUDIT_CAP_USES_CLEAN_DATA
     );
     let p: Params = testing::params(SCHEMA, json!({})).parse().expect("defaults parse");
     assert_eq!(
@@ -87,6 +87,10 @@ fn schema_is_valid_and_defaults_parse() {
         )
     );
     assert_eq!((p.class_agreement, p.class_agreement_z), (0.6, 1.645));
+    assert_eq!(
+        (p.clean_label, p.clean_label_threshold),
+        (CleanLabel::Scan, audit_plugin_common::scan::THRESHOLD)
+    );
     let e = p.effective();
     assert_eq!(e.e2, 6, "E2 = 0: retrain's own default");
     let paper: Params = testing::params(SCHEMA, json!({"preset": "paper"})).parse().unwrap();
@@ -95,6 +99,7 @@ fn schema_is_valid_and_defaults_parse() {
         (paper.suspects, paper.repair, paper.e2),
         (Suspects::Paper, Repair::Finetune, 20)
     );
+    assert_eq!(paper.clean_label, CleanLabel::Off, "the paper has no clean-label check");
 }
 
 #[test]
@@ -104,6 +109,7 @@ fn enum_parameters_match_the_schema_and_refuse_other_values() {
     check_enum::<Repair>(SCHEMA, "repair").unwrap();
     check_enum::<RetrainOptimizer>(SCHEMA, "retrain_optimizer").unwrap();
     check_enum::<Layers>(SCHEMA, "layers").unwrap();
+    check_enum::<CleanLabel>(SCHEMA, "clean_label").unwrap();
     check_enum::<PaperWithTargets>(SCHEMA, "paper_with_targets").unwrap();
     check_enum::<PaperFilter>(SCHEMA, "paper_filter").unwrap();
     for key in [
@@ -114,6 +120,7 @@ fn enum_parameters_match_the_schema_and_refuse_other_values() {
         "layers",
         "paper_with_targets",
         "paper_filter",
+        "clean_label",
     ] {
         check_refused::<Params>(SCHEMA, key).unwrap();
     }
@@ -146,6 +153,73 @@ fn default_defend_drops_the_poisoned_samples_and_is_deterministic() {
     // The same seed gives the same model and the same suspects.
     let again = harden(small_run(json!({})), &data);
     assert_eq!((again.model, again.dropped), (h.model, h.dropped));
+}
+
+/// 600 block images, and 30 of class 0's 60 carry a clean-label trigger (SIG's form: a vertical
+/// sinusoid `40 sin(2 pi j 6 / 28)` added along the columns, label kept). Returns the set and the
+/// triggered indices.
+fn clean_label_blocks() -> (TestData, Vec<i64>) {
+    let clean = testing::blocks(600, 5);
+    let view = clean.dataset();
+    let mut pixels = view.images.as_u8().expect("u8 blocks").to_vec();
+    let labels = view.labels.to_vec();
+    let triggered: Vec<i64> = (0..600i64).filter(|i| i % 10 == 0).step_by(2).collect();
+    for &i in &triggered {
+        let img = &mut pixels[i as usize * 784..(i as usize + 1) * 784];
+        for (j, p) in img.iter_mut().enumerate() {
+            let wave = 40.0 * (2.0 * std::f64::consts::PI * (j % 28) as f64 * 6.0 / 28.0).sin();
+            *p = (*p as f64 + wave).clamp(0.0, 255.0) as u8;
+        }
+    }
+    (TestData::u8([600, 1, 28, 28], pixels, labels, 10), triggered)
+}
+
+/// The clean-label check: the class-wise split's probe cannot see a clean-label poisoning (the
+/// triggered images are genuine images of their class), SCAn with the lent clean set does; with
+/// no clean set, or `clean_label=off`, the check is skipped and says so.
+#[test]
+fn the_clean_label_check_drops_triggered_images_of_their_own_class() {
+    let _torch = testing::torch_lock();
+    let (data, triggered) = clean_label_blocks();
+    let clean = testing::blocks(300, 11);
+    let run = |extra: Value, clean: Option<&TestData>| {
+        let c = clean.map(TestData::dataset);
+        NoneDefense
+            .defend(
+                &call(small_run(extra), 7),
+                &small_cnn(3),
+                Some(&data.dataset()),
+                c.as_ref(),
+            )
+            .expect("defend")
+    };
+    let h = run(json!({}), Some(&clean));
+    let check = &h.report["rounds"][0]["clean_label"];
+    assert_eq!(check["classes"], json!([0]), "{check}");
+    assert_eq!(check["clean_samples"], json!(300));
+    let passes = check["passes"].as_array().expect("passes");
+    assert!(!passes.is_empty() && passes.len() <= 3, "{check}");
+    let found = recall(&h.dropped, &triggered);
+    assert!(found >= 0.9, "recall {found}: {check}");
+    let of_class_0 = h.dropped.iter().filter(|&&i| i % 10 == 0).count();
+    assert!(
+        of_class_0 <= 40,
+        "{of_class_0} of class 0 dropped for 30 triggered: {check}"
+    );
+    let elsewhere = h.dropped.iter().filter(|&&i| i % 10 != 0).count();
+    assert!(elsewhere <= 10, "{elsewhere} dropped outside the target class");
+    // Without a clean set the check is skipped, named in the report; off: not run.
+    let without = run(json!({}), None);
+    let skipped = &without.report["rounds"][0]["clean_label"];
+    assert!(
+        skipped["skipped"].as_str().unwrap().contains("no clean subset"),
+        "{skipped}"
+    );
+    let off = run(json!({"clean_label": "off"}), Some(&clean));
+    assert!(off.report["rounds"][0]["clean_label"].is_null());
+    // ... and the class-wise split alone does not find them: the check is what drops them.
+    let alone = recall(&off.dropped, &triggered);
+    assert!(alone <= 0.5, "recall {alone} without the check");
 }
 
 /// `paper_filter=novel` only returns the paper's suspects to the training: with the paper's split

@@ -80,15 +80,15 @@
 //! precision 1.0, recall 0.99 against the poisoned indices, 28 s; the clean model: not flagged
 //! (largest index 3.0, class 5), 24 s. The unit tests' numbers are beside them in tests.rs.
 
-use audit_nn::tch::{self, Kind, Tensor};
-use audit_plugin_common::samples::{
-    class_indices, mad_index, penultimate_features, principal_components, read_class_stats, to_i64s,
+use audit_plugin_common::samples::penultimate_features;
+pub use audit_plugin_common::scan::{
+    analyse, flagged, global_model, poisoned_side, regularised, split, target_dims, whitener, GlobalModel, ScanConfig,
+    Side, Split,
 };
 use audit_plugin_common::{check_fit, device, device_data, load_model, require_clean};
-use audit_sdk::rng::Rng;
 use audit_sdk::{Call, DatasetRef, Detector, Error, Plugin, PluginInfo, Result, Verdict};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{
 "threshold":{"type":"number","default":7.38905609893065,"minimum":0,"description":"a class is a target when the anomaly index of its statistic J (median and MAD over the classes, large side) exceeds this (the paper's e^2)"},
@@ -101,19 +101,6 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "min_class_size":{"type":"integer","default":10,"minimum":2,"maximum":1000000,"description":"classes with fewer training samples are not tested (no statistic, never flagged)"},
 "batch_size":{"type":"integer","default":512,"minimum":1,"maximum":65536,"description":"images per forward pass while reading the penultimate features"},
 "seed":{"type":"integer","default":0,"minimum":0,"description":"seed of the random split starts (added to the host's seed)"}}}"#;
-
-/// Relative change of the global model's covariances below which its EM stops.
-const EM_TOL: f64 = 1e-6;
-
-/// Which subgroup of a flagged class is suspicious.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Side {
-    /// The subgroup with the lower share of clean samples; ties to the smaller.
-    CleanShare,
-    /// The subgroup with fewer training samples.
-    Smaller,
-}
 
 /// Parameters (see the schema for meaning).
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +118,20 @@ struct Params {
 }
 
 impl Params {
+    /// The statistics' settings.
+    fn config(&self) -> ScanConfig {
+        ScanConfig {
+            threshold: self.threshold,
+            em_iters: self.em_iters,
+            split_iters: self.split_iters,
+            restarts: self.restarts,
+            dims: self.dims,
+            ridge: self.ridge,
+            poisoned_side: self.poisoned_side,
+            min_class_size: self.min_class_size,
+        }
+    }
+
     /// What the schema cannot say: finite threshold, positive ridge.
     fn check(&self) -> Result<()> {
         if !self.threshold.is_finite() {
@@ -169,292 +170,6 @@ impl Plugin for Scan {
     }
 }
 
-/// `s + ridge * (tr(s) / d) I` (the trace floored at a tiny positive value, so an all-zero `s`
-/// still inverts).
-pub fn regularised(s: &Tensor, ridge: f64) -> Tensor {
-    let d = s.size()[0];
-    let scale = (s.trace() / d as f64).clamp_min(1e-12) * ridge;
-    s + Tensor::eye(d, (Kind::Double, s.device())) * scale
-}
-
-/// The global model: the identity and the variation covariances fitted on the clean set.
-#[derive(Debug)]
-pub struct GlobalModel {
-    /// [D, D] double: the covariance of the identities.
-    pub s_mu: Tensor,
-    /// [D, D] double: the covariance of the variation (without the ridge).
-    pub s_e: Tensor,
-    /// EM steps run.
-    pub iterations: usize,
-    /// Whether the relative change fell below the tolerance.
-    pub converged: bool,
-}
-
-/// Sample covariances (divisor N - 1) of the per-sample identities `mu[y_i]` (each class's
-/// identity counted once per sample) and of the residuals `x_i - mu[y_i]`.
-fn moments(x: &Tensor, y: &Tensor, mu: &Tensor, counts: &Tensor) -> (Tensor, Tensor) {
-    let n = x.size()[0] as f64;
-    let w = counts.unsqueeze(1);
-    let mean = (mu * &w).sum_dim_intlist(0, true, Kind::Double) / n;
-    let du = mu - mean;
-    let s_mu = (&du * &w).tr().matmul(&du) / (n - 1.0);
-    let e = x - mu.index_select(0, y);
-    let de = &e - e.mean_dim(0, true, Kind::Double);
-    let s_e = de.tr().matmul(&de) / (n - 1.0);
-    (s_mu, s_e)
-}
-
-/// Each class's posterior identity given its `counts[k]` samples with mean `means[k]`:
-/// `n_k S_mu (n_k S_mu + S_e')^-1 xbar_k` ([K, D]; 0 for an empty class), `S_e'` regularised.
-fn posterior_identities(s_mu: &Tensor, s_e_reg: &Tensor, means: &Tensor, counts: &Tensor) -> Tensor {
-    let k = means.size()[0];
-    let a = counts.view([k, 1, 1]) * s_mu.unsqueeze(0) + s_e_reg.unsqueeze(0);
-    let sol = Tensor::linalg_solve(&a, &means.unsqueeze(2), true).squeeze_dim(2);
-    // Row form of S_mu sol (S_mu is symmetric).
-    sol.matmul(s_mu) * counts.unsqueeze(1)
-}
-
-/// The global model of `x` ([N, D], labels `y` in 0..k) by the reference's EM; `x` is centred
-/// on its mean first.
-pub fn global_model(x: &Tensor, y: &Tensor, k: i64, max_iters: usize, ridge: f64) -> Result<GlobalModel> {
-    tch::no_grad(|| {
-        let x = x.to_kind(Kind::Double);
-        let x = &x - x.mean_dim(0, true, Kind::Double);
-        let onehot = y.one_hot(k).to_kind(Kind::Double);
-        let counts = onehot.sum_dim_intlist(0, false, Kind::Double);
-        let means = onehot.tr().matmul(&x) / counts.clamp_min(1.0).unsqueeze(1);
-        let (mut s_mu, mut s_e) = moments(&x, y, &means, &counts);
-        let mut iterations = 0;
-        let mut converged = false;
-        while iterations < max_iters {
-            iterations += 1;
-            let mu = posterior_identities(&s_mu, &regularised(&s_e, ridge), &means, &counts);
-            let (n_mu, n_e) = moments(&x, y, &mu, &counts);
-            let change = ((&n_mu - &s_mu).norm() + (&n_e - &s_e).norm()) / (s_mu.norm() + s_e.norm() + 1e-300);
-            s_mu = n_mu;
-            s_e = n_e;
-            let change = change.double_value(&[]);
-            if !change.is_finite() {
-                return Err(Error::failed(
-                    "the global model's EM diverged (non-finite covariance); try a larger `ridge`",
-                ));
-            }
-            if change < EM_TOL {
-                converged = true;
-                break;
-            }
-        }
-        Ok(GlobalModel {
-            s_mu,
-            s_e,
-            iterations,
-            converged,
-        })
-    })
-}
-
-/// `W` with `W Wᵀ = s^-1` (s symmetric positive definite): whitened rows `x W` have the
-/// Mahalanobis metric of `s` as their Euclidean one.
-pub fn whitener(s: &Tensor) -> Tensor {
-    let (evals, evecs) = s.linalg_eigh("L");
-    evecs * evals.clamp_min(1e-300).rsqrt().unsqueeze(0)
-}
-
-/// Squared distances of points [n, d] to centres [R, 2, d]: [R, n, 2].
-fn sq_dist(z: &Tensor, centres: &Tensor) -> Tensor {
-    let zz = z.square().sum_dim_intlist(1, false, Kind::Double).view([1, -1, 1]);
-    let cc = centres.square().sum_dim_intlist(2, false, Kind::Double).unsqueeze(1);
-    let zc = z.matmul(&centres.transpose(1, 2));
-    (zz + cc - zc * 2.0).clamp_min(0.0)
-}
-
-/// The subgroup means of assignments [R, n] (0/1) of `z` ([n, d]): [R, 2, d]; an empty
-/// subgroup keeps its row of `fallback`.
-fn group_means(z: &Tensor, assign: &Tensor, fallback: &Tensor) -> Tensor {
-    let onehot = assign.one_hot(2).to_kind(Kind::Double);
-    let counts = onehot.sum_dim_intlist(1, false, Kind::Double).unsqueeze(2);
-    let sums = onehot.transpose(1, 2).matmul(z);
-    (&sums / counts.clamp_min(1.0)).where_self(&counts.gt(0.0), fallback)
-}
-
-/// A two-subgroup split of one class in the whitened space.
-#[derive(Debug)]
-pub struct Split {
-    /// [n] i64, 0 or 1: the subgroup of each sample (the kept start).
-    pub assign: Tensor,
-    /// [R] double: `J` of every start.
-    pub j: Tensor,
-    /// [] i64: the kept start (largest `J`).
-    pub best: Tensor,
-    /// Steps the starts ran (all together) before no assignment changed, or the cap.
-    pub steps: usize,
-}
-
-/// Splits the whitened class `z` ([n, d], n >= 2) into two subgroups sharing the variation
-/// (2-means in the whitened space) from `restarts` starts, and scores each start by
-/// `J = mean |z - mu|^2 - mean |z - u_g|^2` with `mu` ([d]) the class's one-identity fit.
-pub fn split(z: &Tensor, mu: &Tensor, restarts: i64, max_steps: usize, rng: &mut Rng) -> Split {
-    tch::no_grad(|| {
-        let n = z.size()[0];
-        let dev = z.device();
-        let overall = z.mean_dim(0, true, Kind::Double);
-        // Start 0: the sign of the top principal projection; the others: two distinct samples.
-        let top = principal_components(z, 1)
-            .scores
-            .select(1, 0)
-            .gt(0.0)
-            .to_kind(Kind::Int64);
-        let fallback = Tensor::cat(&[&overall, &overall], 0).unsqueeze(0);
-        let first = group_means(z, &top.unsqueeze(0), &fallback);
-        let mut centres = if restarts > 1 {
-            let mut picks = Vec::with_capacity(2 * (restarts as usize - 1));
-            for _ in 1..restarts {
-                let a = rng.below(n as usize) as i64;
-                let mut b = rng.below(n as usize - 1) as i64;
-                if b >= a {
-                    b += 1;
-                }
-                picks.extend([a, b]);
-            }
-            let others = z
-                .index_select(0, &Tensor::from_slice(&picks).to_device(dev))
-                .view([restarts - 1, 2, -1]);
-            Tensor::cat(&[first, others], 0)
-        } else {
-            first
-        };
-        let mut assign = sq_dist(z, &centres).argmin(2, false);
-        let mut steps = 0;
-        while steps < max_steps {
-            steps += 1;
-            centres = group_means(z, &assign, &centres);
-            let next = sq_dist(z, &centres).argmin(2, false);
-            let same = next.equal(&assign);
-            assign = next;
-            if same {
-                break;
-            }
-        }
-        let means = group_means(z, &assign, &centres);
-        let d_two = sq_dist(z, &means)
-            .gather(2, &assign.unsqueeze(2), false)
-            .squeeze_dim(2)
-            .mean_dim(1, false, Kind::Double);
-        let d_one = (z - mu.unsqueeze(0))
-            .square()
-            .sum_dim_intlist(1, false, Kind::Double)
-            .mean(Kind::Double);
-        let j = d_one - d_two;
-        let best = j.argmax(0, false);
-        Split {
-            assign: assign.index_select(0, &best.unsqueeze(0)).squeeze_dim(0),
-            j,
-            best,
-            steps,
-        }
-    })
-}
-
-/// What the local model found in one class (on the device until read).
-struct ClassResult {
-    /// Indices of the class's samples in the union (training first: < N are training indices).
-    indices: Tensor,
-    assign: Tensor,
-    /// [6] double: J of the kept start, kept start, training samples in subgroups 0 and 1,
-    /// clean samples in subgroups 0 and 1.
-    stats: Tensor,
-    steps: usize,
-}
-
-/// The local model of one class: its posterior identity under one identity, the split, and
-/// the subgroup counts. `x` is the union ([N + Nc, D], centred), `clean` its 0/1 clean marks.
-#[allow(clippy::too_many_arguments)]
-fn local_class(
-    x: &Tensor,
-    clean: &Tensor,
-    indices: Tensor,
-    g: &GlobalModel,
-    s_e_reg: &Tensor,
-    w: &Tensor,
-    p: &Params,
-    rng: &mut Rng,
-) -> ClassResult {
-    tch::no_grad(|| {
-        let xc = x.index_select(0, &indices);
-        let n = xc.size()[0] as f64;
-        let xbar = xc.mean_dim(0, true, Kind::Double);
-        let count = Tensor::from_slice(&[n]).to_device(x.device());
-        let mu = posterior_identities(&g.s_mu, s_e_reg, &xbar, &count);
-        let z = xc.matmul(w);
-        let mu_z = mu.matmul(w).squeeze_dim(0);
-        let s = split(&z, &mu_z, p.restarts, p.split_iters, rng);
-        let side = s.assign.to_kind(Kind::Double);
-        let is_clean = clean.index_select(0, &indices);
-        let train: Tensor = is_clean.ones_like() - &is_clean;
-        let other: Tensor = side.ones_like() - &side;
-        let stats = Tensor::stack(
-            &[
-                s.j.index_select(0, &s.best.unsqueeze(0)).squeeze_dim(0),
-                s.best.to_kind(Kind::Double),
-                (&other * &train).sum(Kind::Double),
-                (&side * &train).sum(Kind::Double),
-                (&other * &is_clean).sum(Kind::Double),
-                (&side * &is_clean).sum(Kind::Double),
-            ],
-            0,
-        );
-        ClassResult {
-            indices,
-            assign: s.assign,
-            stats,
-            steps: s.steps,
-        }
-    })
-}
-
-/// The suspicious subgroup (0 or 1) of a flagged class with `train` training and `clean` clean
-/// samples in its two subgroups.
-fn poisoned_side(rule: Side, train: [f64; 2], clean: [f64; 2]) -> usize {
-    let smaller = if train[0] < train[1] { 0 } else { 1 };
-    match rule {
-        Side::Smaller => smaller,
-        Side::CleanShare => {
-            let share = |s: usize| {
-                let all = train[s] + clean[s];
-                if all > 0.0 {
-                    clean[s] / all
-                } else {
-                    0.0
-                }
-            };
-            let (a, b) = (share(0), share(1));
-            if a < b {
-                0
-            } else if b < a {
-                1
-            } else {
-                smaller
-            }
-        }
-    }
-}
-
-/// The flagged classes: anomaly index strictly above `threshold` (None: no test, never).
-pub fn flagged(index: &[Option<f64>], threshold: f64) -> Vec<i64> {
-    index
-        .iter()
-        .enumerate()
-        .filter(|(_, i)| i.is_some_and(|i| i > threshold))
-        .map(|(c, _)| c as i64)
-        .collect()
-}
-
-/// The reduced dimension: `dims` (0: clean count / 10, at least 1), never above `d`.
-pub fn target_dims(dims: i64, d: i64, clean: i64) -> i64 {
-    let want = if dims == 0 { (clean / 10).max(1) } else { dims };
-    want.min(d)
-}
-
 impl Detector for Scan {
     fn scan(&self, call: &Call<'_>, model: &[u8], data: Option<&DatasetRef<'_>>) -> Result<Verdict> {
         self.scan_with_clean(call, model, data, None)
@@ -473,11 +188,6 @@ impl Detector for Scan {
             .filter(|d| !d.is_empty())
             .ok_or_else(|| Error::invalid("scan needs the training set (the samples it judges): pass --data DATA"))?;
         let clean = require_clean("scan", clean)?;
-        if clean.len() < 2 {
-            return Err(Error::invalid(
-                "scan needs at least 2 clean images (the global model's covariances)",
-            ));
-        }
         let started = std::time::Instant::now();
         let device = device(call)?;
         let (mut model, pre) = load_model(model_bytes, device, false)?;
@@ -505,171 +215,41 @@ impl Detector for Scan {
             "penultimate features (clean)",
         )?;
         drop(model);
-        let feature_dim = ft.size()[1];
-        let dims = target_dims(p.dims, feature_dim, nc);
-        let both = Tensor::cat(&[ft.to_kind(Kind::Double), fc.to_kind(Kind::Double)], 0);
-        drop((ft, fc));
-        let (both, explained) = if dims < feature_dim {
-            let pc = principal_components(&both, dims);
-            let share = pc.eigenvalues.narrow(0, 0, dims).sum(Kind::Double) / pc.eigenvalues.sum(Kind::Double);
-            (pc.scores, Some(share.double_value(&[])))
-        } else {
-            (both, None)
-        };
-        let clean_counts = to_i64s(&clean_data.y.bincount::<Tensor>(None, k))?;
-        let clean_classes = clean_counts.iter().filter(|&&c| c > 0).count();
-        if clean_classes < 2 {
-            return Err(Error::invalid(format!(
-                "scan needs clean images of at least 2 classes (the identity covariance); the clean subset has {clean_classes}"
-            )));
-        }
-        call.host.check_cancelled()?;
-        call.host.progress("global model", 0, 1);
-        let g = global_model(&both.narrow(0, n, nc), &clean_data.y, k, p.em_iters, p.ridge)?;
-        call.host.progress("global model", 1, 1);
-        let s_e_reg = regularised(&g.s_e, p.ridge);
-        let w = whitener(&s_e_reg);
-        // The local models: the union of the training and the clean samples, centred on its mean.
-        let x = &both - both.mean_dim(0, true, Kind::Double);
-        drop(both);
-        let y_all = Tensor::cat(&[&train_data.y, &clean_data.y], 0);
-        let is_clean = Tensor::cat(
-            &[
-                Tensor::zeros([n], (Kind::Double, device)),
-                Tensor::ones([nc], (Kind::Double, device)),
-            ],
-            0,
-        );
-        let per_class = class_indices(&y_all, k)?;
-        let train_sizes = to_i64s(&train_data.y.bincount::<Tensor>(None, k))?;
         let seed = call.seed.wrapping_add(p.seed);
-        let mut results: Vec<Option<ClassResult>> = Vec::with_capacity(k as usize);
-        for (c, idx) in per_class.into_iter().enumerate() {
-            call.host.check_cancelled()?;
-            call.host.progress("local models", c as u64, k as u64);
-            // One random stream per class: a class's split does not depend on the others.
-            let mut rng = Rng::stream(seed, c as u64);
-            results.push(
-                (train_sizes[c] >= p.min_class_size)
-                    .then(|| local_class(&x, &is_clean, idx, &g, &s_e_reg, &w, &p, &mut rng)),
-            );
-        }
-        call.host.progress("local models", k as u64, k as u64);
-        // One read of every tested class's numbers.
-        let per: Vec<Option<[f64; 6]>> =
-            read_class_stats(&results.iter().map(|r| r.as_ref().map(|r| &r.stats)).collect::<Vec<_>>())?;
-        let j: Vec<Option<f64>> = per.iter().map(|s| s.map(|s| s[0]).filter(|v| v.is_finite())).collect();
-        let values: Vec<f64> = j.iter().flatten().copied().collect();
-        let test = mad_index(&values);
-        let mut index: Vec<Option<f64>> = vec![None; k as usize];
-        if let Some(t) = &test {
-            let mut it = t.index.iter();
-            for (c, v) in j.iter().enumerate() {
-                if v.is_some() {
-                    index[c] = it.next().copied();
-                }
-            }
-        }
-        let targets = flagged(&index, p.threshold);
-        let mut picked = Vec::new();
-        let mut side_of = vec![None; k as usize];
-        for &t in &targets {
-            let r = results[t as usize].as_ref().expect("a flagged class was tested");
-            let s = per[t as usize].expect("stats of a tested class");
-            let side = poisoned_side(p.poisoned_side, [s[2], s[3]], [s[4], s[5]]);
-            side_of[t as usize] = Some(side);
-            let keep = r.assign.eq(side as i64).logical_and(&r.indices.lt(n));
-            picked.push(r.indices.masked_select(&keep));
-        }
-        let mut suspicious = if picked.is_empty() {
-            vec![]
-        } else {
-            to_i64s(&Tensor::cat(&picked, 0))?
-        };
-        suspicious.sort_unstable();
-        let top_class = (0..k as usize)
-            .filter(|&c| index[c].is_some())
-            .max_by(|&a, &b| index[a].unwrap_or(f64::MIN).total_cmp(&index[b].unwrap_or(f64::MIN)));
-        let backdoored = !targets.is_empty();
-        let summary = match (&test, top_class) {
-            (Some(t), Some(c)) => format!(
-                "largest J {:.3} (class {c}), median {:.3}, anomaly index {:.2} (threshold {:.3}): {}",
-                j[c].unwrap_or(f64::NAN),
-                t.median,
-                index[c].unwrap_or(f64::NAN),
-                p.threshold,
-                if backdoored {
-                    format!("flagged class(es) {targets:?}, {} samples", suspicious.len())
-                } else {
-                    "not flagged".to_string()
-                }
-            ),
-            _ => format!(
-                "no outlier test: {} class(es) with at least {} training samples and spread in their J (need 3): not \
-                 flagged",
-                values.len(),
-                p.min_class_size
-            ),
-        };
+        let cfg = p.config();
+        let found = analyse(call, &ft, &train_data.y, &fc, &clean_data.y, k, &cfg, seed)?;
+        drop((ft, fc));
+        let summary = found.summary(&cfg);
         call.host.info(&summary);
-        let s_mu_trace = g.s_mu.trace().double_value(&[]);
-        let s_e_trace = g.s_e.trace().double_value(&[]);
-        let classes: Vec<Value> = (0..k as usize)
-            .map(|c| {
-                let s = per[c];
-                let flagged_samples = side_of[c].zip(s).map(|(side, s)| s[2 + side] as i64).unwrap_or(0);
-                json!({
-                    "class": c,
-                    "samples": train_sizes[c],
-                    "clean_samples": clean_counts[c],
-                    "j": j[c],
-                    "anomaly_index": index[c],
-                    "flagged": targets.contains(&(c as i64)),
-                    "subgroup_sizes": s.map(|s| [s[2] as i64, s[3] as i64]),
-                    "clean_in_subgroups": s.map(|s| [s[4] as i64, s[5] as i64]),
-                    "kept_start": s.map(|s| s[1] as i64),
-                    "split_steps": results[c].as_ref().map(|r| r.steps),
-                    "poisoned_subgroup": side_of[c],
-                    "flagged_samples": flagged_samples,
-                })
-            })
-            .collect();
+        let backdoored = !found.targets.is_empty();
+        let mut details = found.details();
+        let extra = json!({
+            "detector": "scan",
+            "level": "sample",
+            "device": format!("{device:?}").to_lowercase(),
+            "score_name": "anomaly_index",
+            "threshold": p.threshold,
+            "statistic": "j",
+            "training_samples": n,
+            "clean_samples": nc,
+            "ridge": p.ridge,
+            "em_iters": p.em_iters,
+            "split_iters": p.split_iters,
+            "restarts": p.restarts,
+            "poisoned_side": p.poisoned_side,
+            "min_class_size": p.min_class_size,
+            "seed": seed,
+            "summary": summary,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        if let (Some(d), Some(e)) = (details.as_object_mut(), extra.as_object()) {
+            d.extend(e.clone());
+        }
         Ok(Verdict {
             backdoored,
-            target_classes: targets.clone(),
-            details: json!({
-                "detector": "scan",
-                "level": "sample",
-                "device": format!("{device:?}").to_lowercase(),
-                "score_name": "anomaly_index",
-                "score": top_class.and_then(|c| index[c]),
-                "threshold": p.threshold,
-                "statistic": "j",
-                "median_j": test.as_ref().map(|t| t.median),
-                "mad": test.as_ref().map(|t| t.mad),
-                "per_class": classes,
-                "training_samples": n,
-                "clean_samples": nc,
-                "feature_dim": feature_dim,
-                "dims": dims,
-                "reduction": if explained.is_some() { "pca" } else { "none" },
-                "explained_variance": explained,
-                "ridge": p.ridge,
-                "em_iters": p.em_iters,
-                "em_steps": g.iterations,
-                "em_converged": g.converged,
-                "trace_s_mu": s_mu_trace,
-                "trace_s_e": s_e_trace,
-                "split_iters": p.split_iters,
-                "restarts": p.restarts,
-                "poisoned_side": match p.poisoned_side { Side::CleanShare => "clean-share", Side::Smaller => "smaller" },
-                "min_class_size": p.min_class_size,
-                "flagged_samples": suspicious.len(),
-                "seed": seed,
-                "summary": summary,
-                "seconds": started.elapsed().as_secs_f64(),
-            }),
-            suspicious,
+            target_classes: found.targets,
+            details,
+            suspicious: found.suspicious,
         })
     }
 }

@@ -1,13 +1,16 @@
 use audit_nn::tch::Device;
+use audit_nn::tch::{self, Kind, Tensor};
 use audit_nn::zoo::{self, Arch};
-use audit_plugin_common::samples::to_f64s;
+use audit_plugin_common::samples::{to_f64s, to_i64s};
 use audit_plugin_common::testing::{
     planted_model as backdoored_model, planted_set as poisoned_set, poisoned_blocks, precision_recall,
     trained_small_cnn, PLANTED_TARGET as TARGET,
 };
+use audit_sdk::rng::Rng;
 use audit_sdk::schema::{self, Schema};
 use audit_sdk::testing::{self, TestData};
 use audit_sdk::Status;
+use serde_json::Value;
 
 use super::*;
 

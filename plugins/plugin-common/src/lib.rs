@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 pub mod samples;
+pub mod scan;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod triggers;

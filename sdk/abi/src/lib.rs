@@ -66,6 +66,10 @@ pub const AUDIT_CAP_NEEDS_CLEAN_DATA: u64 = 1 << 1;
 pub const AUDIT_CAP_NEEDS_TRAINING_DATA: u64 = 1 << 2;
 /// Capability flag: the plugin needs the model in `AuditRequest::model`.
 pub const AUDIT_CAP_NEEDS_MODEL: u64 = 1 << 3;
+/// Capability flag: the plugin uses a clean (trusted) subset in `AuditRequest::clean` when the
+/// host has one to lend, and runs without it otherwise (`_NEEDS_CLEAN_DATA` makes it required).
+/// Hosts older than this flag ignore it and lend nothing.
+pub const AUDIT_CAP_USES_CLEAN_DATA: u64 = 1 << 4;
 
 /// Log level for `AuditHostApi::log`.
 pub const AUDIT_LOG_ERROR: u32 = 1;

@@ -275,8 +275,13 @@ pub fn run(args: HardenArgs, global: &GlobalArgs) -> Result<i32> {
             if args.run.limit == Some(0) { " (--limit 0)" } else { "" }
         )));
     }
+    // A defense that needs a clean subset gets one or an error; one that only uses it gets one
+    // when the test split can spare it (the evaluation keeps the rest) and --clean-size is not 0.
     let needs_clean = defense.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0;
-    let (eval_pool, clean) = if needs_clean {
+    let uses_clean = defense.capabilities & audit_abi::AUDIT_CAP_USES_CLEAN_DATA != 0
+        && ds.test.len() >= 2
+        && args.run.clean_size != 0;
+    let (eval_pool, clean) = if needs_clean || uses_clean {
         let clean_size = args
             .run
             .clean_size_for(ds.test.len())

@@ -420,7 +420,8 @@ fn run_plugin(dirs: &[(PathBuf, &'static str)], args: PluginRunArgs) -> Result<i
     if set.is_empty() {
         return Err(input_error(format!("{}: the {split_name} split is empty", ds.source)));
     }
-    let clean = (p.capabilities & audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA != 0).then(|| ds.test.head(1000));
+    let wants_clean = audit_abi::AUDIT_CAP_NEEDS_CLEAN_DATA | audit_abi::AUDIT_CAP_USES_CLEAN_DATA;
+    let clean = (p.capabilities & wants_clean != 0 && !ds.test.is_empty()).then(|| ds.test.head(1000));
     let started = std::time::Instant::now();
     let out = p.call(&CallInput {
         op,

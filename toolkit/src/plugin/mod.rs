@@ -96,6 +96,7 @@ pub fn capability_names(caps: u64) -> Vec<&'static str> {
         (abi::AUDIT_CAP_NEEDS_CLEAN_DATA, "needs-clean-data"),
         (abi::AUDIT_CAP_NEEDS_TRAINING_DATA, "needs-training-data"),
         (abi::AUDIT_CAP_NEEDS_MODEL, "needs-model"),
+        (abi::AUDIT_CAP_USES_CLEAN_DATA, "uses-clean-data"),
     ]
     .into_iter()
     .filter(|(bit, _)| caps & bit != 0)
