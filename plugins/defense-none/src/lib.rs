@@ -56,7 +56,8 @@ const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"propertie
 "max_reset_fraction":{"type":"number","default":0.05,"minimum":0,"maximum":1,"description":"share of each monitored layer's neurons reset per round"},
 "none_lr":{"type":"number","default":0.0001,"minimum":0,"description":"learning rate of the paper's fine-tuning after a reset"},
 "retrain_optimizer":{"type":"string","default":"adam","enum":["adam","sgd"],"description":"optimiser of repair=retrain (adam converges in few epochs, also for models whose BatchNormalization was folded away)"},
-"retrain_push_away":{"type":"number","default":1.0,"minimum":0,"description":"repair=retrain: weight of -log(1 - p_label) on the accepted class-wise sides, which stay in the retraining pushed off their label (0: they are only dropped)"},
+"retrain_push_away":{"type":"number","default":1.0,"minimum":0,"description":"repair=retrain: weight of -log(1 - p_label) on the accepted class-wise sides and the clean-label check's suspects, which stay in the retraining pushed off their label (0: they are only dropped)"},
+"retrain_cycles":{"type":"integer","default":3,"minimum":1,"maximum":10,"description":"repair=retrain: the retrain is a cosine cycle of E2 epochs; when, after one, the retrained model fits the kept training samples (eval-mode accuracy) less well than the analysed model did, another cycle of E2 epochs follows (a warm restart), at most this many cycles in all (1: one cycle, whatever the fit; a model without BN, such as a residual network with BN folded, trains slower from scratch than it was trained)"},
 "retrain_lr":{"type":"number","default":0.002,"minimum":0,"description":"learning rate of repair=retrain (cosine schedule)"},
 "e1_lr":{"type":"number","default":0.1,"minimum":0,"description":"learning rate of the E1 epochs (SGD, x0.1 every 80 epochs, as in the paper)"},
 "unlearn_weight":{"type":"number","default":0.2,"minimum":0,"description":"repair=unlearn: weight of the ascending loss on suspects"},
@@ -140,6 +141,7 @@ struct Params {
     paper_with_targets: PaperWithTargets,
     paper_filter: PaperFilter,
     retrain_push_away: f64,
+    retrain_cycles: usize,
     clean_label: CleanLabel,
     clean_label_threshold: f64,
     clean_label_passes: usize,
@@ -1035,6 +1037,7 @@ impl Defense for NoneDefense {
             let mut paper_groups: Vec<Value> = Vec::new();
             let mut accepted_sides: Option<Tensor> = None;
             let mut clean_label = Value::Null;
+            let mut retrain_cycles: Vec<Value> = Vec::new();
             let mut clean_label_classes: Vec<i64> = Vec::new();
             let suspect_mask = match (&acts.features, p.suspects) {
                 (_, Suspects::Paper) => paper_mask,
@@ -1068,6 +1071,8 @@ impl Defense for NoneDefense {
                             clean_label_check(call, &model, &pre, f, &full.y, clean_data.as_ref(), k, &p, seed)?;
                         if let Some(found) = &checked.mask {
                             class_mask = class_mask.logical_or(found);
+                            // Its suspects are pushed off their label in the retraining as well.
+                            accepted_sides = Some(class_mask.shallow_clone());
                         }
                         clean_label = checked.report;
                         clean_label_classes = checked.classes;
@@ -1148,7 +1153,12 @@ impl Defense for NoneDefense {
             if !all_suspects.is_empty() {
                 let _ = keep.index_fill_(0, &Tensor::from_slice(&all_suspects).to_device(device), 0);
             }
-            let mut rest = full.select(&keep.nonzero().flatten(0, -1));
+            let kept_at = keep.nonzero().flatten(0, -1);
+            let kept = full.select(&kept_at);
+            let mut rest = DeviceData {
+                x: kept.x.shallow_clone(),
+                y: kept.y.shallow_clone(),
+            };
             if let (Some(c), true) = (&clean_data, p.clean_label_add_clean && !clean_label_classes.is_empty()) {
                 let of = Tensor::from_slice(&clean_label_classes).to_device(device);
                 let added = c.select(&Tensor::isin(&c.y, &of, false, false).nonzero().flatten(0, -1));
@@ -1163,16 +1173,19 @@ impl Defense for NoneDefense {
             }
             let repaired = match p.repair {
                 Repair::Retrain => {
+                    // The bar: how well the analysed model fits the samples the retrain keeps.
+                    let bar = acts
+                        .probs
+                        .index_select(0, &kept_at)
+                        .argmax(-1, false)
+                        .eq_tensor(&kept.y)
+                        .to_kind(Kind::Double)
+                        .mean(Kind::Double)
+                        .double_value(&[]);
                     model.reinitialize(seed.wrapping_add(round as u64 + 1));
-                    let mut cfg = adam(p.e2);
-                    if p.retrain_optimizer == RetrainOptimizer::Sgd {
-                        cfg = base(p.retrain_lr, false, p.e2);
-                        cfg.schedule = Schedule::Cosine { min_lr: 0.0 };
-                    }
-                    trainer = Trainer::new(&model, cfg).map_err(nn_err)?;
-                    // The accepted class-wise sides (high precision) teach the fresh model that
-                    // their trigger does not mean their label, so the poisoned samples the split
-                    // missed cannot re-teach it.
+                    // The accepted class-wise sides and the clean-label check's suspects (high
+                    // precision) teach the fresh model that their trigger does not mean their
+                    // label, so the poisoned samples they missed cannot re-teach it.
                     let pushed = accepted_sides
                         .as_ref()
                         .filter(|_| p.retrain_push_away > 0.0)
@@ -1181,19 +1194,46 @@ impl Defense for NoneDefense {
                         .as_ref()
                         .filter(|d| !d.is_empty())
                         .map(|d| (d, p.retrain_push_away, ExtraLoss::AwayFromLabel));
-                    train(
-                        call,
-                        &model,
-                        &mut trainer,
-                        &rest,
-                        &pre,
-                        Stretch {
-                            epochs: p.e2,
-                            phase: "retrain",
-                            extra,
-                            class_weights: None,
-                        },
-                    )?
+                    let mut log = Vec::new();
+                    for cycle in 0..p.retrain_cycles {
+                        let mut cfg = adam(p.e2);
+                        if p.retrain_optimizer == RetrainOptimizer::Sgd {
+                            cfg = base(p.retrain_lr, false, p.e2);
+                            cfg.schedule = Schedule::Cosine { min_lr: 0.0 };
+                        }
+                        trainer = Trainer::new(&model, cfg).map_err(nn_err)?;
+                        let phase = if cycle == 0 {
+                            "retrain".to_string()
+                        } else {
+                            format!("retrain cycle {}", cycle + 1)
+                        };
+                        log.extend(train(
+                            call,
+                            &model,
+                            &mut trainer,
+                            &rest,
+                            &pre,
+                            Stretch {
+                                epochs: p.e2,
+                                phase: &phase,
+                                extra,
+                                class_weights: None,
+                            },
+                        )?);
+                        let fit = audit_nn::train::accuracy(&model, &kept, &pre, 512).map_err(nn_err)?;
+                        let again = fit < bar && cycle + 1 < p.retrain_cycles;
+                        host.info(&format!(
+                            "retrain cycle {}: the retrained model fits {fit:.4} of the {} kept training samples, the analysed model {bar:.4}{}",
+                            cycle + 1,
+                            kept.len(),
+                            if again { ": another cycle" } else { "" }
+                        ));
+                        retrain_cycles.push(json!({"cycle": cycle + 1, "epochs": p.e2, "fit": fit, "bar": bar}));
+                        if fit >= bar {
+                            break;
+                        }
+                    }
+                    log
                 }
                 Repair::Unlearn => {
                     trainer.cfg.freeze_bn = true;
@@ -1240,6 +1280,7 @@ impl Defense for NoneDefense {
                 "suspects": suspects,
                 "n_excluded": all_suspects.len(),
                 "repair": p.repair,
+                "retrain_cycles": retrain_cycles,
             }));
         }
         let out = export_hardened(&model, "none", call)?;

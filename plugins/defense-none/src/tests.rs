@@ -145,6 +145,25 @@ fn default_defend_drops_the_poisoned_samples_and_is_deterministic() {
         .collect();
     assert_eq!(accepted, [0], "the target class is detected: {split:?}");
     assert!(r["paper_groups"].is_array());
+    // The retrain runs cycles of E2 epochs until it fits the kept samples as well as the analysed
+    // model did (at most retrain_cycles, 3): every cycle but the last fell short of that bar.
+    let cycles = r["retrain_cycles"].as_array().expect("retrain cycles");
+    assert!((1..=3).contains(&cycles.len()), "{cycles:?}");
+    let fits: Vec<(f64, f64)> = cycles
+        .iter()
+        .map(|c| (c["fit"].as_f64().unwrap(), c["bar"].as_f64().unwrap()))
+        .collect();
+    assert!(fits[..fits.len() - 1].iter().all(|(fit, bar)| fit < bar), "{cycles:?}");
+    assert!(cycles.len() == 3 || fits[fits.len() - 1].0 >= fits[0].1, "{cycles:?}");
+    let epochs = h.report["epochs"].as_array().unwrap();
+    let retrain_epochs = epochs
+        .iter()
+        .filter(|e| e["phase"].as_str().unwrap_or("").starts_with("retrain"))
+        .count();
+    assert_eq!(
+        retrain_epochs,
+        cycles.len() * cycles[0]["epochs"].as_u64().unwrap() as usize
+    );
     let found = recall(&h.dropped, &poisoned);
     assert!(found >= 0.9, "recall {found}, dropped {}", h.dropped.len());
     assert!(h.dropped.len() <= 60, "{} dropped for 30 poisoned", h.dropped.len());
