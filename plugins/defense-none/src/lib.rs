@@ -234,6 +234,14 @@ impl<'a> Stretch<'a> {
             class_weights: None,
         }
     }
+
+    /// Cross-entropy plus, at every step, a batch of `extra`'s samples with its loss.
+    fn with_extra(epochs: usize, phase: &'a str, extra: Option<(&'a DeviceData, f64, ExtraLoss)>) -> Stretch<'a> {
+        Stretch {
+            extra,
+            ..Stretch::plain(epochs, phase)
+        }
+    }
 }
 
 /// The loss on the extra samples of a stretch.
@@ -1207,19 +1215,8 @@ impl Defense for NoneDefense {
                         } else {
                             format!("retrain cycle {}", cycle + 1)
                         };
-                        log.extend(train(
-                            call,
-                            &model,
-                            &mut trainer,
-                            &rest,
-                            &pre,
-                            Stretch {
-                                epochs: p.e2,
-                                phase: &phase,
-                                extra,
-                                class_weights: None,
-                            },
-                        )?);
+                        let stretch = Stretch::with_extra(p.e2, &phase, extra);
+                        log.extend(train(call, &model, &mut trainer, &rest, &pre, stretch)?);
                         let fit = audit_nn::train::accuracy(&model, &kept, &pre, 512).map_err(nn_err)?;
                         let again = fit < bar && cycle + 1 < p.retrain_cycles;
                         host.info(&format!(
@@ -1246,12 +1243,7 @@ impl Defense for NoneDefense {
                         &mut trainer,
                         &rest,
                         &pre,
-                        Stretch {
-                            epochs: p.e2,
-                            phase: "unlearn",
-                            extra,
-                            class_weights: None,
-                        },
+                        Stretch::with_extra(p.e2, "unlearn", extra),
                     )?
                 }
                 Repair::Finetune => {
